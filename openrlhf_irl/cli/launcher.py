@@ -1,0 +1,141 @@
+"""Run OpenRLHF's own training CLIs with a trainer chosen by ``--trainer``.
+
+OpenRLHF 0.11.2 builds its argument parser inside ``if __name__ == "__main__"``, so the launcher runs
+that very module as ``__main__`` (all of its arguments, checks and post-processing stay OpenRLHF's) and
+only (1) adds ``--trainer`` plus the plug-in's arguments to the parser when it parses, and (2) points the
+names the module imports, its trainer and dataset classes, at the plug-in's for the duration of the run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib
+import runpy
+import sys
+from dataclasses import dataclass
+
+from openrlhf_irl import compat
+from openrlhf_irl.registry import TrainerPlugin, UnknownTrainerError, get_trainer
+
+
+@dataclass(frozen=True)
+class TaskCLI:
+    module: str
+    trainer: tuple[str, str]
+    dataset: tuple[str, str]
+
+
+TASKS = {
+    "sft": TaskCLI("openrlhf.cli.train_sft", ("openrlhf.trainer.sft_trainer", "SFTTrainer"), ("openrlhf.datasets", "SFTDataset")),
+    "rm": TaskCLI("openrlhf.cli.train_rm", ("openrlhf.trainer.rm_trainer", "RewardModelTrainer"), ("openrlhf.datasets", "RewardDataset")),
+}
+
+
+@contextlib.contextmanager
+def substitute(module_name: str, attr: str, value):
+    """Temporarily bind ``module_name.attr`` to ``value`` (no-op when ``value`` is None)."""
+    if value is None:
+        yield
+        return
+    module = importlib.import_module(module_name)
+    original = getattr(module, attr)
+    setattr(module, attr, value)
+    try:
+        yield
+    finally:
+        setattr(module, attr, original)
+
+
+class _Parsed(Exception):
+    def __init__(self, args):
+        super().__init__("arguments parsed")
+        self.parsed = args
+
+
+@contextlib.contextmanager
+def plugin_arguments(plugin: TrainerPlugin, stop_after_parse: bool = False):
+    """Make the next ``ArgumentParser.parse_args`` call also accept ``--trainer`` and the plug-in's arguments.
+
+    With ``stop_after_parse`` the call raises :class:`_Parsed` carrying the namespace instead of returning.
+    """
+    original = argparse.ArgumentParser.parse_args
+
+    def parse_args(self, args=None, namespace=None):
+        argparse.ArgumentParser.parse_args = original
+        self.add_argument("--trainer", type=str, default=plugin.name, help="registered trainer (openrlhf.trainers)")
+        plugin.extend_parser(self)
+        parsed = original(self, args, namespace)
+        if stop_after_parse:
+            raise _Parsed(parsed)
+        return parsed
+
+    argparse.ArgumentParser.parse_args = parse_args
+    try:
+        yield
+    finally:
+        argparse.ArgumentParser.parse_args = original
+
+
+@contextlib.contextmanager
+def plugin_classes(task: str, plugin: TrainerPlugin):
+    cli = TASKS[task]
+    with substitute(*cli.trainer, plugin.trainer_class()), substitute(*cli.dataset, plugin.dataset_class()):
+        yield
+
+
+def resolve(task: str, argv: list[str]) -> tuple[TrainerPlugin, list[str]]:
+    """Split ``--trainer NAME`` off ``argv``; exits with the known names if NAME is not registered."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--trainer", default=task)
+    known, _ = pre.parse_known_args(argv)
+    try:
+        return get_trainer(known.trainer, task), argv
+    except UnknownTrainerError as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+@contextlib.contextmanager
+def _as_main(task: str, argv: list[str]):
+    old_argv = sys.argv
+    sys.argv = [TASKS[task].module, *argv]
+    try:
+        yield
+    finally:
+        sys.argv = old_argv
+
+
+def build_args(task: str, argv: list[str]):
+    """Parse ``argv`` with OpenRLHF's own parser for ``task`` (plus the plug-in's arguments) into nested args."""
+    compat.activate()
+    plugin, argv = resolve(task, argv)
+    from openrlhf.utils.config import hierarchize
+
+    try:
+        with _as_main(task, argv), plugin_arguments(plugin, stop_after_parse=True):
+            runpy.run_module(TASKS[task].module, run_name="__main__")
+    except _Parsed as done:
+        return hierarchize(done.parsed)
+    raise RuntimeError(f"{TASKS[task].module} did not parse its arguments")
+
+
+def run(task: str, argv: list[str] | None = None) -> None:
+    """Run OpenRLHF's ``train_<task>`` CLI with the trainer named by ``--trainer``."""
+    compat.activate()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    plugin, argv = resolve(task, argv)
+    with _as_main(task, argv), plugin_arguments(plugin), plugin_classes(task, plugin):
+        runpy.run_module(TASKS[task].module, run_name="__main__")
+
+
+def train(task: str, args) -> None:
+    """Call OpenRLHF's ``train(args)`` for ``task`` with the trainer named by ``args.trainer``."""
+    compat.activate()
+    plugin = get_trainer(getattr(args, "trainer", task), task)
+    cli = TASKS[task]
+    module = importlib.import_module(cli.module)
+    # ``train`` looks its trainer and dataset classes up in the CLI module's own namespace.
+    with substitute(cli.module, cli.trainer[1], plugin.trainer_class()), \
+            substitute(cli.module, cli.dataset[1], plugin.dataset_class()):
+        module.train(args)

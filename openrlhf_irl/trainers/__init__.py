@@ -1,0 +1,1 @@
+"""Trainers registered into OpenRLHF (see :mod:`openrlhf_irl.registry`)."""

@@ -1,0 +1,25 @@
+"""Token-level inverse-RL losses (IQ-Learn), plain and fused with the lm_head."""
+
+from .fused_linear_qv import LinearQV, fused_iq_learn_loss, linear_q_and_v
+from .iq_learn import (
+    IQTokenTerms,
+    iq_learn_loss,
+    iq_per_token_loss,
+    iq_stats,
+    iq_token_terms,
+    logits_q_and_v,
+    token_rewards,
+)
+
+__all__ = [
+    "IQTokenTerms",
+    "iq_token_terms",
+    "iq_per_token_loss",
+    "iq_stats",
+    "iq_learn_loss",
+    "token_rewards",
+    "logits_q_and_v",
+    "linear_q_and_v",
+    "fused_iq_learn_loss",
+    "LinearQV",
+]

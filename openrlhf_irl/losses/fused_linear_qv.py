@@ -1,0 +1,140 @@
+"""Fused lm_head + (q, v): the IQ-Learn loss without materialising [N, vocab] logits.
+
+The IQ-Learn loss depends on the logits l_t = W h_t only through two fp32 scalars per token,
+q_t = l_t[a_t] and v_t = logsumexp(l_t). So, like Liger-Kernel's fused linear cross-entropy, ``linear_q_and_v``
+processes ``chunk_size`` tokens at a time and recomputes the chunk's logits in backward:
+
+    forward : l = (h_c W^T).float();  q = l[a];  v = logsumexp(l)            (optionally H = v - sum p*l, detached)
+    backward: p = exp(l - v);  g = dq * onehot(a) + dv * p;  dh_c = g W;  dW += g^T h_c   (dW in fp32)
+
+Only hidden, weight, labels and v (O(N H + V H + N)) are saved for backward.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from .iq_learn import iq_per_token_loss, iq_stats
+
+__all__ = ["linear_q_and_v", "fused_iq_learn_loss", "LinearQV"]
+
+
+def _chunk_logits(h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return (h @ weight.t()).float()
+
+
+def _valid_labels(labels: torch.Tensor, vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
+    valid = (labels >= 0) & (labels < vocab)
+    return valid, torch.where(valid, labels, torch.zeros_like(labels))
+
+
+class LinearQV(torch.autograd.Function):
+    """(hidden [N, H], weight [V, H], labels [N]) -> q, v, entropy [N] fp32. Labels outside [0, V) give q = 0."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, chunk_size, return_entropy):
+        n, vocab = hidden.shape[0], weight.shape[0]
+        q = torch.zeros(n, dtype=torch.float32, device=hidden.device)
+        v = torch.empty(n, dtype=torch.float32, device=hidden.device)
+        ent = torch.empty(n if return_entropy else 0, dtype=torch.float32, device=hidden.device)
+        for s in range(0, n, chunk_size):
+            e = min(s + chunk_size, n)
+            logits = _chunk_logits(hidden[s:e], weight)
+            valid, index = _valid_labels(labels[s:e], vocab)
+            qc = logits.gather(1, index.unsqueeze(1)).squeeze(1)
+            q[s:e] = torch.where(valid, qc, torch.zeros_like(qc))
+            vc = torch.logsumexp(logits, dim=-1)
+            v[s:e] = vc
+            if return_entropy:
+                p = torch.exp(logits - vc.unsqueeze(1))
+                ent[s:e] = vc - (p * logits).sum(-1)
+        ctx.save_for_backward(hidden, weight, labels, v)
+        ctx.chunk_size = chunk_size
+        ctx.mark_non_differentiable(ent)
+        return q, v, ent
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dq, dv, dent):
+        hidden, weight, labels, v = ctx.saved_tensors
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        if not (need_h or need_w):
+            return None, None, None, None, None
+        n, vocab, chunk = hidden.shape[0], weight.shape[0], ctx.chunk_size
+        dh = torch.empty_like(hidden) if need_h else None
+        dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        dq = dq.float()
+        dv = dv.float()
+        for s in range(0, n, chunk):
+            e = min(s + chunk, n)
+            h = hidden[s:e]
+            g = _chunk_logits(h, weight)
+            g.sub_(v[s:e].unsqueeze(1)).exp_().mul_(dv[s:e].unsqueeze(1))  # dv * softmax
+            valid, index = _valid_labels(labels[s:e], vocab)
+            dqc = torch.where(valid, dq[s:e], torch.zeros_like(dq[s:e]))
+            g.scatter_add_(1, index.unsqueeze(1), dqc.unsqueeze(1))  # + dq * onehot(label)
+            g = g.to(hidden.dtype)
+            if need_h:
+                dh[s:e] = g @ weight
+            if need_w:
+                dw.add_(g.t() @ h)
+        if need_w:
+            dw = dw.to(weight.dtype)
+        return dh, dw, None, None, None
+
+
+def linear_q_and_v(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    chunk_size: int = 1024,
+    return_entropy: bool = False,
+):
+    """q = (hidden @ weight.T)[label], v = logsumexp(hidden @ weight.T), fp32, shape hidden.shape[:-1], computed
+    ``chunk_size`` tokens at a time (full logits never exist, forward or backward). Labels < 0 (or >= vocab) give
+    q = 0 and no gradient through q. With ``return_entropy`` also returns the (detached) softmax entropy."""
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    lead = hidden.shape[:-1]
+    h = hidden.reshape(-1, hidden.shape[-1])
+    lab = labels.reshape(-1)
+    if lab.shape[0] != h.shape[0]:
+        raise ValueError(f"labels {tuple(labels.shape)} do not match hidden {tuple(hidden.shape)}")
+    q, v, ent = LinearQV.apply(h, weight, lab, int(chunk_size), bool(return_entropy))
+    q, v = q.view(lead), v.view(lead)
+    if return_entropy:
+        return q, v, ent.view(lead)
+    return q, v
+
+
+def fused_iq_learn_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    loss_mask: torch.Tensor,
+    terminal_mask: torch.Tensor,
+    *,
+    td_weight: float,
+    gamma: float = 1.0,
+    mle_weight: float = 1.0,
+    chunk_size: int = 1024,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Same loss, stats and gradients as ``iq_learn_loss(hidden @ weight.T, ...)``:
+    L = sum_t[-mle_weight * log pi_t + td_weight * (q_t - gamma V_{t+1})^2] / #response tokens.
+
+    hidden [B, T, H], weight [V, H] (lm_head, no bias). Only response rows go through the lm_head: prompt and
+    padding positions never enter the loss, so their logits are not computed at all.
+    """
+    resp = loss_mask.bool()
+    q_r, v_r, ent_r = linear_q_and_v(
+        hidden[resp], weight, labels[resp], chunk_size=chunk_size, return_entropy=True
+    )
+    q = q_r.new_zeros(resp.shape).masked_scatter(resp, q_r)
+    v = v_r.new_zeros(resp.shape).masked_scatter(resp, v_r)
+    entropy = ent_r.new_zeros(resp.shape).masked_scatter(resp, ent_r)
+    per_token, terms = iq_per_token_loss(
+        q, v, resp, terminal_mask, td_weight=td_weight, gamma=gamma, mle_weight=mle_weight
+    )
+    loss = per_token.sum() / resp.sum().clamp(min=1)
+    return loss, iq_stats(terms, resp, entropy=entropy)

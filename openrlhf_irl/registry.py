@@ -17,6 +17,9 @@ ENTRY_POINT_GROUP = "openrlhf.trainers"
 
 
 def _load(path: str):
+    from openrlhf_irl import compat
+
+    compat.activate()  # plug-in classes import OpenRLHF, which needs the CPU layer on machines without CUDA
     module, _, attr = path.partition(":")
     return getattr(importlib.import_module(module), attr)
 

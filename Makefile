@@ -1,0 +1,19 @@
+# Two entry points for a fresh machine; each creates .venv itself (scripts/bootstrap.sh) and is quick once it exists.
+PY := .venv/bin/python
+
+.PHONY: env demo test test-fast bench
+
+env:
+	@bash scripts/bootstrap.sh
+
+demo: env
+	$(PY) -m openrlhf_irl demo $(ARGS)
+
+test: env
+	$(PY) -m pytest -q -p no:cacheprovider --durations=15 tests
+
+test-fast: env
+	$(PY) -m pytest -q -p no:cacheprovider -m "not slow" tests
+
+bench: env
+	$(PY) benchmarks/iq_vs_mle.py $(ARGS)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
+import importlib.util
 import runpy
 import sys
 from dataclasses import dataclass
@@ -54,7 +55,7 @@ class _Parsed(Exception):
 
 
 @contextlib.contextmanager
-def plugin_arguments(plugin: TrainerPlugin, stop_after_parse: bool = False):
+def plugin_arguments(plugin: TrainerPlugin, stop_after_parse: bool = False, add: bool = True):
     """Make the next ``ArgumentParser.parse_args`` call also accept ``--trainer`` and the plug-in's arguments.
 
     With ``stop_after_parse`` the call raises :class:`_Parsed` carrying the namespace instead of returning.
@@ -63,8 +64,9 @@ def plugin_arguments(plugin: TrainerPlugin, stop_after_parse: bool = False):
 
     def parse_args(self, args=None, namespace=None):
         argparse.ArgumentParser.parse_args = original
-        self.add_argument("--trainer", type=str, default=plugin.name, help="registered trainer (openrlhf.trainers)")
-        plugin.extend_parser(self)
+        if add:
+            self.add_argument("--trainer", type=str, default=plugin.name, help="registered trainer (openrlhf.trainers)")
+            plugin.extend_parser(self)
         parsed = original(self, args, namespace)
         if stop_after_parse:
             raise _Parsed(parsed)
@@ -82,6 +84,11 @@ def plugin_classes(task: str, plugin: TrainerPlugin):
     cli = TASKS[task]
     with substitute(*cli.trainer, plugin.trainer_class()), substitute(*cli.dataset, plugin.dataset_class()):
         yield
+
+
+def openrlhf_resolves_trainers() -> bool:
+    """True for an OpenRLHF with ``patches/0001`` applied: its CLIs take ``--trainer`` themselves."""
+    return importlib.util.find_spec("openrlhf.utils.plugins") is not None
 
 
 def resolve(task: str, argv: list[str]) -> tuple[TrainerPlugin, list[str]]:
@@ -112,8 +119,9 @@ def build_args(task: str, argv: list[str]):
     plugin, argv = resolve(task, argv)
     from openrlhf.utils.config import hierarchize
 
+    add = not openrlhf_resolves_trainers()
     try:
-        with _as_main(task, argv), plugin_arguments(plugin, stop_after_parse=True):
+        with _as_main(task, argv), plugin_arguments(plugin, stop_after_parse=True, add=add):
             runpy.run_module(TASKS[task].module, run_name="__main__")
     except _Parsed as done:
         return hierarchize(done.parsed)
@@ -125,6 +133,10 @@ def run(task: str, argv: list[str] | None = None) -> None:
     compat.activate()
     argv = sys.argv[1:] if argv is None else list(argv)
     plugin, argv = resolve(task, argv)
+    if openrlhf_resolves_trainers():  # patched OpenRLHF: it adds the arguments and picks the classes itself
+        with _as_main(task, argv):
+            runpy.run_module(TASKS[task].module, run_name="__main__")
+        return
     with _as_main(task, argv), plugin_arguments(plugin), plugin_classes(task, plugin):
         runpy.run_module(TASKS[task].module, run_name="__main__")
 
@@ -135,6 +147,9 @@ def train(task: str, args) -> None:
     plugin = get_trainer(getattr(args, "trainer", task), task)
     cli = TASKS[task]
     module = importlib.import_module(cli.module)
+    if openrlhf_resolves_trainers():
+        module.train(args)
+        return
     # ``train`` looks its trainer and dataset classes up in the CLI module's own namespace.
     with substitute(cli.module, cli.trainer[1], plugin.trainer_class()), \
             substitute(cli.module, cli.dataset[1], plugin.dataset_class()):

@@ -1,0 +1,33 @@
+"""Generation backends for sampling jobs: transformers (CPU/GPU), vLLM engines (GPU), a Ray pool of either, and
+teacher-forced scoring (``log pi(y|x)`` and the training-free AfD reward ``log pi_SFT - log pi_init``).
+
+Heavy modules (transformers, Ray, vLLM) are imported on first use of their names.
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+from typing import Any
+
+from .params import Completion, SamplingParams, derive_seed, format_prompt, plan_requests
+
+_LAZY = {
+    "HFGenerator": ".hf",
+    "load_causal_lm": ".hf",
+    "load_tokenizer": ".hf",
+    "VLLMGenerator": ".vllm",
+    "GenerationPool": ".ray_pool",
+    "ensure_ray": ".ray_pool",
+    "resolve_backend": ".ray_pool",
+    "sequence_logprobs": ".scoring",
+    "token_logprob_sums": ".scoring",
+    "LogRatioScorer": ".scoring",
+}
+
+__all__ = ["SamplingParams", "Completion", "format_prompt", "derive_seed", "plan_requests", *_LAZY]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(import_module(_LAZY[name], __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,204 @@
+"""Generation on GPUs with OpenRLHF's vLLM engines (``openrlhf.trainer.ray.vllm_engine.create_vllm_engines``).
+
+Each (prompt, sample) is one request ``engine.generate.remote(prompt_token_ids, sampling_params)`` to one of
+the engines' ``RolloutRayActor`` (async actors: requests run concurrently and are batched by vLLM), with
+``n=1`` and a per-request seed derived from ``(seed, prompt_index, sample_index)``: a sample does not depend on
+which engine ran it nor on what else was requested (so resumed jobs reproduce the same samples up to GPU
+nondeterminism).
+
+``Completion.logprob`` is the sum of the engine's logprobs of the sampled tokens, with the engines built with
+``logprobs_mode="raw_logprobs"``: log-softmax of the raw model logits, i.e. the model at temperature 1 before
+temperature/top-p, computed by the sampler in the engine's dtype (bfloat16) - not a teacher-forced rescoring
+like the HF backend, so expect bf16-level differences. ``finished`` is ``finish_reason == "stop"`` (EOS).
+
+Imports of vLLM and OpenRLHF's engine code are lazy: this module imports on CPU machines, but constructing a
+:class:`VLLMGenerator` there raises a clear error.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterator, List, Optional, Sequence
+
+from .params import Completion, SamplingParams, derive_seed, plan_requests
+from .scoring import encode_prompt
+
+__all__ = ["VLLMGenerator", "require_vllm"]
+
+
+def require_vllm() -> None:
+    """Raise a clear error unless CUDA and vLLM are available."""
+    import torch
+
+    if not torch.cuda.is_available():
+        raise RuntimeError(
+            "the vLLM backend needs a CUDA GPU and none is visible on this machine; use backend='hf' "
+            "(transformers generate on CPU Ray actors) instead"
+        )
+    try:
+        import vllm  # noqa: F401
+    except ImportError as e:
+        raise RuntimeError(
+            "the vLLM backend needs vLLM (pip install 'openrlhf-irl[vllm]'); or use backend='hf'"
+        ) from e
+
+
+def _to_vllm_params(params: SamplingParams, seed: int) -> Any:
+    import vllm
+
+    return vllm.SamplingParams(
+        n=1,
+        temperature=params.temperature,
+        top_p=params.top_p,
+        top_k=-1,
+        max_tokens=params.max_new_tokens,
+        seed=seed,
+        logprobs=1,  # the sampled token's logprob is always included
+        skip_special_tokens=True,
+    )
+
+
+def _completion(prompt_index: int, sample_index: int, request_output: Any) -> Completion:
+    out = request_output.outputs[0]
+    token_ids = list(out.token_ids)
+    logprob = 0.0
+    if out.logprobs is not None:
+        for tok, position in zip(token_ids, out.logprobs):
+            entry = position.get(tok) if position is not None else None
+            if entry is not None:
+                logprob += float(entry.logprob)
+    return Completion(prompt_index, sample_index, out.text, out.finish_reason == "stop", logprob, token_ids)
+
+
+class VLLMGenerator:
+    """``num_engines`` vLLM engines (each ``tensor_parallel_size`` GPUs) behind the HFGenerator interface.
+
+    A LoRA adapter is merged into the base model on the CPU and saved to a temporary directory first
+    (OpenRLHF's engines load a plain checkpoint). Ray must be reachable; it is started locally if needed.
+    """
+
+    def __init__(
+        self,
+        model: str,
+        *,
+        lora: Optional[str] = None,
+        tokenizer: Optional[str] = None,
+        num_engines: int = 1,
+        tensor_parallel_size: int = 1,
+        seed: int = 0,
+        max_model_len: Optional[int] = None,
+        gpu_memory_utilization: float = 0.9,
+        enforce_eager: bool = False,
+        enable_prefix_caching: bool = True,
+        max_in_flight: int = 2048,
+    ) -> None:
+        require_vllm()
+        from openrlhf_irl import compat
+
+        compat.activate()  # a no-op with CUDA; kept so the import below behaves like the rest of the package
+        from openrlhf.trainer.ray.vllm_engine import create_vllm_engines
+
+        from .hf import load_tokenizer
+        from .ray_pool import ensure_ray
+
+        ensure_ray()
+        self._tmpdir = None
+        if lora:
+            model = self._merge_lora(model, lora)
+        self.tokenizer = load_tokenizer(tokenizer or model)
+        self.max_in_flight = max_in_flight
+        self.engines = create_vllm_engines(
+            num_engines,
+            tensor_parallel_size,
+            model,
+            seed,
+            False,  # full_determinism
+            enable_prefix_caching,
+            enforce_eager,
+            max_model_len,
+            gpu_memory_utilization=gpu_memory_utilization,
+            logprobs_mode="raw_logprobs",
+        )
+
+    def _merge_lora(self, model: str, lora: str) -> str:
+        import tempfile
+
+        from .hf import load_causal_lm, load_tokenizer
+
+        self._tmpdir = tempfile.TemporaryDirectory(prefix="openrlhf_irl_merged_")
+        merged = load_causal_lm(model, lora=lora, dtype="bfloat16", device="cpu")
+        merged.save_pretrained(self._tmpdir.name)
+        load_tokenizer(model).save_pretrained(self._tmpdir.name)
+        del merged
+        return self._tmpdir.name
+
+    def generate(
+        self,
+        prompts: Sequence[str],
+        params: SamplingParams,
+        *,
+        prompt_indices: Optional[Sequence[int]] = None,
+        sample_indices: Optional[Sequence[Sequence[int]]] = None,
+    ) -> List[Completion]:
+        """Same contract as :meth:`HFGenerator.generate` (completions in row order)."""
+        if prompt_indices is None:
+            prompt_indices = list(range(len(prompts)))
+        if sample_indices is None:
+            sample_indices = plan_requests(len(prompts), params.n)
+        wanted = [sorted(set(int(s) for s in samples)) for samples in sample_indices]
+        if any(s < 0 or s >= params.n for samples in wanted for s in samples):
+            raise ValueError("sample indices must lie in range(params.n)")
+        skip = {(k, s) for k, samples in enumerate(wanted) for s in range(params.n) if s not in samples}
+        done = {}
+        for batch in self.generate_stream(prompts, params, skip):
+            for c in batch:
+                done[(c.prompt_index, c.sample_index)] = c
+        out = []
+        for k, samples in enumerate(sample_indices):
+            for s in samples:
+                c = done[(k, int(s))]
+                out.append(Completion(int(prompt_indices[k]), c.sample_index, c.text, c.finished, c.logprob, c.token_ids))
+        return out
+
+    def generate_stream(
+        self, prompts: Sequence[str], params: SamplingParams, skip: Optional[set] = None
+    ) -> Iterator[List[Completion]]:
+        """Yield lists of completions as requests finish; ``skip`` holds ``(prompt_index, sample_index)`` pairs
+        not to generate. Requests are spread round-robin over the engines, at most ``max_in_flight`` at a time."""
+        import ray
+
+        plan = plan_requests(len(prompts), params.n, skip)
+        requests = [(i, s) for i, samples in enumerate(plan) for s in samples]
+        token_ids = {}
+        pending = {}
+        next_req = 0
+        while next_req < len(requests) or pending:
+            while next_req < len(requests) and len(pending) < self.max_in_flight:
+                i, s = requests[next_req]
+                if i not in token_ids:
+                    token_ids[i] = encode_prompt(self.tokenizer, prompts[i])
+                engine = self.engines[next_req % len(self.engines)]
+                ref = engine.generate.remote(token_ids[i], _to_vllm_params(params, derive_seed(params.seed, i, s)))
+                pending[ref] = (i, s)
+                next_req += 1
+            ready, rest = ray.wait(list(pending), num_returns=1)
+            if rest:  # collect everything else already done, without waiting
+                more, _ = ray.wait(rest, num_returns=len(rest), timeout=0)
+                ready += more
+            batch = []
+            for ref in ready:
+                i, s = pending.pop(ref)
+                batch.append(_completion(i, s, ray.get(ref)))
+            yield batch
+
+    def close(self) -> None:
+        import ray
+
+        for engine in getattr(self, "engines", []):
+            try:
+                ray.kill(engine)
+            except Exception:  # pragma: no cover - best effort
+                pass
+        self.engines = []
+        if self._tmpdir is not None:
+            self._tmpdir.cleanup()
+            self._tmpdir = None

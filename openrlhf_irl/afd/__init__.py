@@ -1,0 +1,1 @@
+"""AfD (alignment from demonstrations): extrapolation over a demo-vs-sample reward."""

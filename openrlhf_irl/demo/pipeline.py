@@ -22,7 +22,9 @@ import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 
-INPUT_TEMPLATE = "{} "  # the pre-training corpus joins prompt and answer with one space
+# Prompt and answer are joined by a newline in every stage: a trailing space in the prompt would be tokenized apart
+# from the answer's first word by byte-level BPE, so generation would start from a state never seen in training.
+INPUT_TEMPLATE = "{}\n"
 
 
 @dataclass
@@ -122,7 +124,7 @@ class Demo:
                            [{"prompt": p} for p in dict.fromkeys(task["train_prompts"])])
         atomic_write_jsonl(self.path("data", "eval_prompts.jsonl"), [{"prompt": p} for p in eval_prompts])
         atomic_write_jsonl(self.path("data", "demos_eval.jsonl"), demo_eval)
-        self.corpus = pretrain_corpus(tcfg)
+        self.corpus = pretrain_corpus(tcfg, sep="\n")
         print(f"{len(task['demonstrations'])} demonstrations, {len(eval_prompts)} eval prompts, "
               f"{len(self.corpus)} pre-training lines")
 

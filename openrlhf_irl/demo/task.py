@@ -314,9 +314,9 @@ def build_task(cfg: TaskConfig) -> dict[str, Any]:
     }
 
 
-def pretrain_corpus(cfg: TaskConfig) -> list[str]:
+def pretrain_corpus(cfg: TaskConfig, sep: str = " ") -> list[str]:
     """Text for tokenizer training and brief pre-training of the initial policy:
-    ``"<prompt> <random_response>"`` lines (fluent format, bad content), with a few
+    ``"<prompt><sep><random_response>"`` lines (fluent format, bad content), with a few
     bare number lists for digit coverage. Deterministic in ``cfg.seed``, on a seed
     stream separate from ``build_task``'s."""
     rng = random.Random(cfg.seed * 1_000_003 + 1)
@@ -328,5 +328,5 @@ def pretrain_corpus(cfg: TaskConfig) -> list[str]:
                                  rng.randint(0, MAX_TARGET)))
         else:
             p = make_prompts(1, rng)[0]
-            lines.append(f"{p} {random_response(p, rng)}")
+            lines.append(f"{p}{sep}{random_response(p, rng)}")
     return lines

@@ -55,7 +55,7 @@ class _Parsed(Exception):
 
 
 @contextlib.contextmanager
-def plugin_arguments(plugin: TrainerPlugin, stop_after_parse: bool = False, add: bool = True):
+def plugin_arguments(plugin: TrainerPlugin | None, stop_after_parse: bool = False, add: bool = True):
     """Make the next ``ArgumentParser.parse_args`` call also accept ``--trainer`` and the plug-in's arguments.
 
     With ``stop_after_parse`` the call raises :class:`_Parsed` carrying the namespace instead of returning.
@@ -104,13 +104,26 @@ def resolve(task: str, argv: list[str]) -> tuple[TrainerPlugin, list[str]]:
 
 
 @contextlib.contextmanager
-def _as_main(task: str, argv: list[str]):
+def _as_main(task_or_module: str, argv: list[str]):
     old_argv = sys.argv
-    sys.argv = [TASKS[task].module, *argv]
+    sys.argv = [TASKS[task_or_module].module if task_or_module in TASKS else task_or_module, *argv]
     try:
         yield
     finally:
         sys.argv = old_argv
+
+
+def parse_module_args(module: str, argv: list[str]):
+    """Parse ``argv`` with the parser an OpenRLHF CLI module builds under ``__main__`` (nested args, no plug-ins)."""
+    from openrlhf.utils.config import hierarchize
+
+    compat.activate()
+    try:
+        with _as_main(module, argv), plugin_arguments(None, stop_after_parse=True, add=False):
+            runpy.run_module(module, run_name="__main__")
+    except _Parsed as done:
+        return hierarchize(done.parsed)
+    raise RuntimeError(f"{module} did not parse its arguments")
 
 
 def build_args(task: str, argv: list[str]):

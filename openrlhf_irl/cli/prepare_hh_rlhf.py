@@ -1,0 +1,46 @@
+"""``python -m openrlhf_irl.cli.prepare_hh_rlhf``: local HH-RLHF JSONL -> prompts.jsonl + demos.jsonl for AfD."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections import Counter
+
+from openrlhf_irl.datasets.hh_rlhf import load_hh_rlhf
+from openrlhf_irl.utils.jsonl import DataError, atomic_write_jsonl
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m openrlhf_irl.cli.prepare_hh_rlhf", description=__doc__.splitlines()[0])
+    p.add_argument("--input", required=True, help="HH-RLHF JSONL (gunzip the hub's .jsonl.gz first)")
+    p.add_argument("--output-dir", required=True)
+    p.add_argument("--key", default="chosen", help="conversation field whose last assistant turn is the demo")
+    p.add_argument("--max-records", type=int, default=None)
+    p.add_argument("--lenient", action="store_true", help="skip and count bad records instead of failing")
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    skipped = Counter()
+    try:
+        records = load_hh_rlhf(args.input, key=args.key, lenient=args.lenient, skipped=skipped)
+    except DataError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    records = records[: args.max_records] if args.max_records else records
+    seen, prompts = set(), []
+    for r in records:
+        if r["prompt"] not in seen:
+            seen.add(r["prompt"])
+            prompts.append({"prompt": r["prompt"]})
+    os.makedirs(args.output_dir, exist_ok=True)
+    atomic_write_jsonl(os.path.join(args.output_dir, "demos.jsonl"), records)
+    atomic_write_jsonl(os.path.join(args.output_dir, "prompts.jsonl"), prompts)
+    print(f"{len(records)} demonstrations, {len(prompts)} unique prompts, skipped: {dict(skipped) or 'none'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -103,9 +103,12 @@ def test_trainer_loss_equals_reference_loss_on_a_batch_with_eos_and_truncation(a
         fwd = trainer.policy_forward(inputs, attention_mask=attn)
         got = trainer.loss_fn(fwd, mask)
         logits = actor(inputs, attention_mask=attn, return_output=True)["logits"][:, :-1]
-        ref, _ = iq_learn_loss(logits, labels, mask, mask & (labels == tok.eos_token_id),
-                               td_weight=0.5, gamma=gamma, mle_weight=0.7)
+        ref, ref_stats = iq_learn_loss(logits, labels, mask, mask & (labels == tok.eos_token_id),
+                                       td_weight=0.5, gamma=gamma, mle_weight=0.7)
     torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-6)
+    stats = trainer.loss_fn.pop_stats()  # entropy over all response tokens (fewer than the 256 sampled for logging)
+    for key in ("nll", "td", "value", "reward", "entropy"):
+        assert stats[key] == pytest.approx(ref_stats[key], rel=1e-5, abs=1e-6), key
 
 
 def test_fused_trainer_forward_matches_plain_loss_and_gradients(actor_and_tok):

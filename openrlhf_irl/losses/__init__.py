@@ -3,6 +3,7 @@
 from .fused_linear_qv import LinearQV, fused_iq_learn_loss, linear_q_and_v
 from .iq_learn import (
     IQTokenTerms,
+    entropy_from_logits,
     iq_learn_loss,
     iq_per_token_loss,
     iq_stats,
@@ -19,6 +20,7 @@ __all__ = [
     "iq_learn_loss",
     "token_rewards",
     "logits_q_and_v",
+    "entropy_from_logits",
     "linear_q_and_v",
     "fused_iq_learn_loss",
     "LinearQV",

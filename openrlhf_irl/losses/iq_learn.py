@@ -34,6 +34,7 @@ __all__ = [
     "iq_learn_loss",
     "token_rewards",
     "logits_q_and_v",
+    "entropy_from_logits",
 ]
 
 
@@ -127,7 +128,7 @@ def logits_q_and_v(
 
 
 @torch.no_grad()
-def _entropy_from_logits(logits: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+def entropy_from_logits(logits: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """H_t = v_t - sum_a p_t[a] * l_t[a] (fp32, detached)."""
     logits = logits.detach().float()
     p = torch.exp(logits - v.detach().unsqueeze(-1))
@@ -154,7 +155,7 @@ def iq_learn_loss(
         q, v, loss_mask, terminal_mask, td_weight=td_weight, gamma=gamma, mle_weight=mle_weight
     )
     loss = per_token.sum() / loss_mask.sum().clamp(min=1)
-    stats = iq_stats(terms, loss_mask, entropy=_entropy_from_logits(logits, v))
+    stats = iq_stats(terms, loss_mask, entropy=entropy_from_logits(logits, v))
     return loss, stats
 
 

@@ -26,8 +26,14 @@ import torch.nn as nn
 from openrlhf.models import aggregate_loss
 from openrlhf.trainer.sft_trainer import SFTTrainer
 
-from openrlhf_irl.losses import iq_per_token_loss, iq_stats, iq_token_terms, linear_q_and_v, logits_q_and_v
-from openrlhf_irl.losses.iq_learn import _entropy_from_logits
+from openrlhf_irl.losses import (
+    entropy_from_logits,
+    iq_per_token_loss,
+    iq_stats,
+    iq_token_terms,
+    linear_q_and_v,
+    logits_q_and_v,
+)
 
 
 @dataclass(frozen=True)
@@ -44,6 +50,7 @@ class IQConfig:
     n_samples: int = 1
     max_new_tokens: int = 64
     temperature: float = 1.0
+    entropy_sample_tokens: int = 256
 
     @classmethod
     def from_args(cls, args) -> "IQConfig":
@@ -69,16 +76,31 @@ class PolicyForward:
     chunk_size: int = 1024
 
     def q_and_v(self, loss_mask: torch.Tensor):
-        """(q, v, entropy) [B, T-1] fp32; entropy is detached, for logging."""
+        """(q, v) [B, T-1] fp32, differentiable."""
         if self.logits is not None:
-            q, v = logits_q_and_v(self.logits, self.labels, loss_mask)
-            return q, v, _entropy_from_logits(self.logits, v)
+            return logits_q_and_v(self.logits, self.labels, loss_mask)
         mask = loss_mask.bool()
-        q_r, v_r, h_r = linear_q_and_v(
-            self.hidden[mask], self.weight, self.labels[mask], self.chunk_size, return_entropy=True
-        )
-        q, v, entropy = (torch.zeros(mask.shape, dtype=torch.float32, device=mask.device) for _ in range(3))
-        return q.index_put((mask,), q_r), v.index_put((mask,), v_r), entropy.index_put((mask,), h_r)
+        q_r, v_r = linear_q_and_v(self.hidden[mask], self.weight, self.labels[mask], self.chunk_size)
+        zeros = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
+        return zeros.index_put((mask,), q_r), zeros.index_put((mask,), v_r)
+
+    @torch.no_grad()
+    def mean_entropy(self, loss_mask: torch.Tensor, v: torch.Tensor, max_tokens: int) -> float:
+        """Mean policy entropy over (at most ``max_tokens`` evenly spaced) response tokens, for logging.
+
+        A sample keeps logging off the hot path: a full entropy pass costs as much as the loss's own pass over the
+        vocabulary.
+        """
+        mask = loss_mask.bool()
+        n = int(mask.sum())
+        if n == 0 or max_tokens <= 0:
+            return 0.0
+        pick = torch.linspace(0, n - 1, steps=min(n, max_tokens), device=mask.device).long()
+        if self.logits is not None:
+            rows = self.logits[mask][pick]
+        else:
+            rows = self.hidden[mask][pick] @ self.weight.T
+        return float(entropy_from_logits(rows, v.detach()[mask][pick]).mean())
 
 
 def terminal_mask(labels: torch.Tensor, loss_mask: torch.Tensor, eos_token_id: int) -> torch.Tensor:
@@ -97,7 +119,7 @@ class IQLearnSFTLoss(nn.Module):
     def forward(self, fwd: PolicyForward, loss_mask, dp_size=1, batch_num_tokens=None, global_batch_size=None):
         trainer, cfg = self.trainer, self.trainer.iq_config
         mask = loss_mask.bool()
-        q, v, entropy = fwd.q_and_v(mask)
+        q, v = fwd.q_and_v(mask)
         td_weight = cfg.td_weight_at(trainer.optimizer_steps) if trainer.model.training else cfg.td_weight
         per_token, terms = iq_per_token_loss(
             q, v, mask, terminal_mask(fwd.labels, mask, trainer.eos_token_id),
@@ -107,7 +129,8 @@ class IQLearnSFTLoss(nn.Module):
             per_token, loss_mask, dp_size=dp_size, batch_num_tokens=batch_num_tokens,
             global_batch_size=global_batch_size,
         )
-        stats = iq_stats(terms, mask, entropy)
+        stats = iq_stats(terms, mask)
+        stats["entropy"] = fwd.mean_entropy(mask, v, cfg.entropy_sample_tokens)
         stats["td_weight"] = td_weight
         if trainer.model.training and cfg.online_mix > 0:
             online_loss, online_stats = trainer.online_value_term(fwd, terms, mask, td_weight)
@@ -187,7 +210,7 @@ class IQLearnTrainer(SFTTrainer):
         samples = self._policy_samples(expert_fwd.sequences, expert_mask)
         fwd = self.policy_forward(samples["sequences"], attention_mask=samples["attention_mask"])
         mask = samples["loss_mask"]
-        q, v, _ = fwd.q_and_v(mask)
+        q, v = fwd.q_and_v(mask)
         terms = iq_token_terms(q, v, mask, terminal_mask(fwd.labels, mask, self.eos_token_id), gamma=cfg.gamma)
 
         def value_gap(t):

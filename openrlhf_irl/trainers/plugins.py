@@ -28,6 +28,8 @@ def add_iq_learn_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--irl.n_samples", type=int, default=1, help="policy samples per prompt per round")
     group.add_argument("--irl.max_new_tokens", type=int, default=64, help="length cap of policy samples")
     group.add_argument("--irl.temperature", type=float, default=1.0, help="sampling temperature of policy samples")
+    group.add_argument("--irl.entropy_sample_tokens", type=int, default=256,
+                       help="response tokens per micro-batch whose policy entropy is logged (0 = none)")
     group.add_argument("--irl.keep_truncation", action=argparse.BooleanOptionalAction, default=True,
                        help="keep the last real token of responses cut by max_len instead of OpenRLHF's forced "
                             "EOS, so truncated responses are not treated as terminal")

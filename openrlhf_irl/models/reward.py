@@ -1,0 +1,99 @@
+"""Score (prompt, response) pairs with a reward model saved by OpenRLHF's ``train_rm`` (``--trainer rm`` or
+``afd_rm``), loaded with OpenRLHF's own loader, the one PPO's ``--reward_pretrain`` uses.
+
+Text is built exactly as the training datasets build it (OpenRLHF's ``RewardDataset`` and
+:class:`~openrlhf_irl.datasets.labeled_reward.LabeledRewardDataset`): the prompt through OpenRLHF's
+``preprocess_data`` (``input_template`` or the tokenizer's chat template), then ``prompt + response`` with trailing
+newlines stripped and ``" " + EOS`` appended, tokenised without special tokens. For an ``afd_rm`` model the score
+is the classifier's logit ``log D - log(1 - D)`` (unless ``normalize_reward``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, List, Optional, Sequence
+
+import torch
+
+from openrlhf_irl import compat
+
+__all__ = ["RewardScorer"]
+
+
+class RewardScorer:
+    """A reward model from ``model_path`` and the text formatting it was trained with.
+
+    ``normalize_reward`` applies the ``(r - mean) / std`` stored in its config.json at training (as PPO's
+    ``--reward.normalize_enable`` would); off by default, so an AfD model returns its logit. ``max_length``
+    cuts the text as training did with ``--data.max_len`` (last token forced to EOS); None keeps it whole.
+    """
+
+    def __init__(
+        self,
+        model_path: str,
+        *,
+        device: str = "cpu",
+        batch_size: int = 8,
+        input_template: Optional[str] = None,
+        apply_chat_template: bool = False,
+        tokenizer_chat_template: Optional[str] = None,
+        normalize_reward: bool = False,
+        max_length: Optional[int] = None,
+        param_dtype: str = "bf16",
+        attn_implementation: str = "eager",
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        compat.activate()
+        from openrlhf.models import get_llm_for_sequence_regression
+        from openrlhf.utils import get_tokenizer
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(model_path, trust_remote_code=True)
+        self.value_head_prefix = getattr(config, "value_head_prefix", "score")
+        self.model = get_llm_for_sequence_regression(
+            model_path, "reward", normalize_reward=normalize_reward, param_dtype=param_dtype,
+            attn_implementation=attn_implementation, value_head_prefix=self.value_head_prefix,
+        ).to(device).eval()
+        self.tokenizer = get_tokenizer(model_path, self.model, "left", None)
+        if tokenizer_chat_template:
+            self.tokenizer.chat_template = tokenizer_chat_template
+        self.device = device
+        self.batch_size = batch_size
+        self.input_template = input_template
+        self.apply_chat_template = apply_chat_template
+        self.max_length = max_length
+
+    def format(self, prompt: Any, response: Any) -> str:
+        """The text the model scores: prompt handling of OpenRLHF's ``preprocess_data``, then ``RewardDataset``'s."""
+        from openrlhf.datasets.reward_dataset import preprocess_data
+
+        from openrlhf_irl.datasets.labeled_reward import reward_text
+
+        chat = self.tokenizer.apply_chat_template if self.apply_chat_template else None
+        prompt, response, _, _ = preprocess_data(
+            {"prompt": prompt, "response": response}, self.input_template, "prompt", "response", "response", chat
+        )
+        return reward_text(prompt, response, self.tokenizer.eos_token)
+
+    @torch.no_grad()
+    def score_texts(self, texts: Sequence[str]) -> List[float]:
+        """Rewards of already formatted texts, in left-padded batches of ``batch_size``."""
+        from openrlhf.utils.utils import zero_pad_sequences
+
+        from openrlhf_irl.datasets.labeled_reward import tokenize_reward_text
+
+        out: List[float] = []
+        for start in range(0, len(texts), self.batch_size):
+            batch = texts[start : start + self.batch_size]
+            encoded = [tokenize_reward_text(self.tokenizer, t, self.max_length) for t in batch]
+            input_ids = zero_pad_sequences([ids for ids, _ in encoded], side="left", value=self.tokenizer.pad_token_id)
+            attention_mask = zero_pad_sequences([mask for _, mask in encoded], side="left")
+            rewards = self.model(input_ids.to(self.device), attention_mask=attention_mask.to(self.device))
+            out.extend(float(r) for r in rewards.float().cpu())
+        return out
+
+    def score(self, prompts: Sequence[Any], responses: Sequence[Any]) -> List[float]:
+        """One reward per (prompt, response) pair."""
+        if len(prompts) != len(responses):
+            raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
+        return self.score_texts([self.format(p, r) for p, r in zip(prompts, responses)])

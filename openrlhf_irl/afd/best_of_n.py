@@ -43,6 +43,36 @@ def oracle_curve(groups: Sequence[Sequence[dict]], ns: Sequence[int], golden_key
     return best_of_n_curve(groups, ns, golden_key, golden_key)
 
 
+def group_by_prompt(records: Sequence[dict]) -> list[list[dict]]:
+    """Candidates per prompt (first-seen prompt order), each list in sample order."""
+    groups: dict[str, list[dict]] = {}
+    for rec in sorted(records, key=lambda r: r["sample_index"]):
+        groups.setdefault(rec["prompt"], []).append(rec)
+    return list(groups.values())
+
+
+def score_and_select(records: list[dict], scorers: dict[str, Callable[[list[dict]], list[float]]],
+                     ns: Sequence[int], golden: Scorer | None = None) -> dict:
+    """Add a column per scorer (and ``golden``) to ``records``; Best-of-N curves and selections for each N.
+
+    Returns ``{"groups", "selected": {scorer: {N: [record per prompt]}}, "curves": {scorer: {N: golden}}}``
+    (curves only with a golden reward; they then include the golden-ranked oracle).
+    """
+    for name, score in scorers.items():
+        for rec, value in zip(records, score(records)):
+            rec[name] = value
+    if golden is not None:
+        for rec, value in zip(records, golden([r["prompt"] for r in records], [r["response"] for r in records])):
+            rec["golden"] = value
+    groups = group_by_prompt(records)
+    selected = {name: {n: [max(g[:n], key=lambda c: c[name]) for g in groups] for n in ns} for name in scorers}
+    result = {"groups": groups, "selected": selected}
+    if golden is not None:
+        result["curves"] = {name: best_of_n_curve(groups, ns, name) for name in scorers}
+        result["curves"]["oracle (golden)"] = oracle_curve(groups, ns)
+    return result
+
+
 def plot_curves(curves: dict[str, dict[int, float]], path: str, *, title: str = "Best-of-N",
                 baselines: dict[str, float] | None = None) -> None:
     """Golden reward against N (log2 axis), one line per scorer, dashed horizontal lines for baselines."""

@@ -11,9 +11,8 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections import defaultdict
 
-from openrlhf_irl.afd.best_of_n import best_of_n_curve, load_golden, oracle_curve, parse_ns, plot_curves
+from openrlhf_irl.afd.best_of_n import load_golden, parse_ns, plot_curves, score_and_select
 from openrlhf_irl.cli import sample as sample_cli
 from openrlhf_irl.utils.jsonl import DataError, atomic_write_json, atomic_write_jsonl, read_jsonl
 
@@ -64,26 +63,23 @@ def _sample(args, n_max: int, path: str) -> None:
         raise SystemExit(code)
 
 
-def score_samples(records: list[dict], args) -> list[str]:
-    """Adds one score column per scorer to ``records``; returns the column names."""
-    prompts, responses = [r["prompt"] for r in records], [r["response"] for r in records]
+def build_scorers(args) -> dict:
+    """Scorers over sample records: each reward model, and the log-ratio (EOS counted for finished samples)."""
     fmt = dict(apply_chat_template=args.apply_chat_template, input_template=args.input_template)
-    names = []
+    scorers = {}
     for path in args.reward_model:
         from openrlhf_irl.models.reward import RewardScorer
 
-        name = f"rm:{os.path.basename(os.path.normpath(path))}"
-        for r, s in zip(records, RewardScorer(path, batch_size=args.batch_size, **fmt).score(prompts, responses)):
-            r[name] = s
-        names.append(name)
+        rm = RewardScorer(path, batch_size=args.batch_size, **fmt)
+        scorers[f"rm:{os.path.basename(os.path.normpath(path))}"] = (
+            lambda recs, rm=rm: rm.score([r["prompt"] for r in recs], [r["response"] for r in recs]))
     if args.log_ratio_init:
         from openrlhf_irl.generation.scoring import LogRatioScorer
 
-        scorer = LogRatioScorer(args.policy, args.log_ratio_init, sft_lora=args.lora, batch_size=args.batch_size, **fmt)
-        for r, s in zip(records, scorer.score(prompts, responses, add_eos=[r["finished"] for r in records])):
-            r["log_ratio"] = s
-        names.append("log_ratio")
-    return names
+        ratio = LogRatioScorer(args.policy, args.log_ratio_init, sft_lora=args.lora, batch_size=args.batch_size, **fmt)
+        scorers["log_ratio"] = lambda recs: ratio.score([r["prompt"] for r in recs], [r["response"] for r in recs],
+                                                        add_eos=[r["finished"] for r in recs])
+    return scorers
 
 
 def main(argv=None) -> int:
@@ -104,27 +100,19 @@ def main(argv=None) -> int:
     except DataError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    scorers = score_samples(records, args)
     golden = load_golden(args.golden) if args.golden else None
-    if golden:
-        for r, g in zip(records, golden([r["prompt"] for r in records], [r["response"] for r in records])):
-            r["golden"] = g
+    out = score_and_select(records, build_scorers(args), ns, golden)
     atomic_write_jsonl(os.path.join(args.output_dir, "scored.jsonl"), records)
-
-    groups = defaultdict(list)
-    for r in sorted(records, key=lambda r: r["sample_index"]):
-        groups[r["prompt"]].append(r)
-    groups = list(groups.values())
-    selected = [{"prompt": g[0]["prompt"], "scorer": s, **{k: best[k] for k in ("response", s, "golden") if k in best}}
-                for s in scorers for g in groups for best in [max(g, key=lambda c: c[s])]]
+    selected = [{"prompt": rec["prompt"], "scorer": name, "N": n, "response": rec["response"], "score": rec[name],
+                 **({"golden": rec["golden"]} if golden else {})}
+                for name, by_n in out["selected"].items() for n, recs in by_n.items() for rec in recs]
     atomic_write_jsonl(os.path.join(args.output_dir, "selected.jsonl"), selected)
-    result = {"ns": ns, "n_prompts": len(groups), "scorers": scorers}
+    result = {"ns": ns, "n_prompts": len(out["groups"]), "scorers": list(out["selected"])}
     if golden:
-        result["curves"] = {s: best_of_n_curve(groups, ns, s) for s in scorers}
-        result["curves"]["oracle (golden)"] = oracle_curve(groups, ns)
-        plot_curves(result["curves"], os.path.join(args.output_dir, "best_of_n.png"),
-                    title=f"Best-of-N, {len(groups)} prompts")
-        for name, curve in result["curves"].items():
+        result["curves"] = out["curves"]
+        plot_curves(out["curves"], os.path.join(args.output_dir, "best_of_n.png"),
+                    title=f"Best-of-N, {len(out['groups'])} prompts")
+        for name, curve in out["curves"].items():
             print(f"{name:>24}: " + "  ".join(f"N={n}: {v:.4f}" for n, v in curve.items()))
     atomic_write_json(os.path.join(args.output_dir, "best_of_n.json"), result)
     print(f"wrote {args.output_dir}/best_of_n.json")

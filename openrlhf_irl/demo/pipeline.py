@@ -193,40 +193,28 @@ class Demo:
                    "--eval.dataset", labels_path)
 
     def best_of_n(self):
-        from openrlhf_irl.afd.best_of_n import best_of_n_curve, oracle_curve
-        from openrlhf_irl.demo.task import golden_reward
+        from openrlhf_irl.afd.best_of_n import score_and_select
+        from openrlhf_irl.demo.task import golden_reward_batch
         from openrlhf_irl.generation.scoring import LogRatioScorer
         from openrlhf_irl.models.reward import RewardScorer
         from openrlhf_irl.utils.jsonl import atomic_write_jsonl, read_jsonl
 
         cfg = self.cfg
-        n_max = max(cfg.bon_ns)
         out = self.sample(self.path("models", "sft_mle"), self.path("data", "eval_prompts.jsonl"),
-                          self.path("samples", "bon_sft.jsonl"), n_max, "sft")
-        records = sorted((r for _, r in read_jsonl(out)), key=lambda r: (r["prompt"], r["sample_index"]))
-        prompts, responses = [r["prompt"] for r in records], [r["response"] for r in records]
-        scorers = {
-            "rm_bt": RewardScorer(self.path("models", "rm_bt"), input_template=INPUT_TEMPLATE).score,
-            "rm_afd": RewardScorer(self.path("models", "rm_afd"), input_template=INPUT_TEMPLATE).score,
-            "log_ratio": lambda p, r: LogRatioScorer(self.path("models", "sft_mle"), self.path("models", "init"),
-                                                     input_template=INPUT_TEMPLATE).score(
-                p, r, add_eos=[x["finished"] for x in records]),
-        }
-        for name, score in scorers.items():
-            for rec, s in zip(records, score(prompts, responses)):
-                rec[name] = s
-        for rec in records:
-            rec["golden"] = golden_reward(rec["prompt"], rec["response"])
+                          self.path("samples", "bon_sft.jsonl"), max(cfg.bon_ns), "sft")
+        records = [r for _, r in read_jsonl(out)]
+        ratio = LogRatioScorer(self.path("models", "sft_mle"), self.path("models", "init"),
+                               input_template=INPUT_TEMPLATE)
+        scorers = {"log_ratio": lambda recs: ratio.score([r["prompt"] for r in recs], [r["response"] for r in recs],
+                                                         add_eos=[r["finished"] for r in recs])}
+        for name in ("rm_bt", "rm_afd"):
+            rm = RewardScorer(self.path("models", name), input_template=INPUT_TEMPLATE, batch_size=64)
+            scorers[name] = lambda recs, rm=rm: rm.score([r["prompt"] for r in recs], [r["response"] for r in recs])
+        result = score_and_select(records, scorers, cfg.bon_ns, golden_reward_batch)
         atomic_write_jsonl(self.path("samples", "bon_scored.jsonl"), records)
-        groups = defaultdict(list)
-        for rec in records:
-            groups[rec["prompt"]].append(rec)
-        groups = list(groups.values())
-        curves = {name: best_of_n_curve(groups, cfg.bon_ns, name) for name in scorers}
-        curves["oracle (golden)"] = oracle_curve(groups, cfg.bon_ns)
-        selected = {name: {n: [max(g[:n], key=lambda c: c[name])["response"] for g in groups] for n in cfg.bon_ns}
-                    for name in scorers}
-        return curves, selected
+        selected = {name: {n: [r["response"] for r in recs] for n, recs in by_n.items()}
+                    for name, by_n in result["selected"].items()}
+        return result["curves"], selected
 
     def evaluate_policies(self):
         """Golden reward and diversity of init, MLE SFT, IQ-Learn SFT samples and of the demonstrator."""

@@ -23,6 +23,7 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from openrlhf.models import aggregate_loss
 from openrlhf.trainer.sft_trainer import SFTTrainer
 
@@ -70,7 +71,7 @@ class PolicyForward:
 
     sequences: torch.Tensor  # [B, T] input tokens
     labels: torch.Tensor
-    logits: Optional[torch.Tensor] = None  # [B, T-1, V] fp32 (plain loss)
+    logits: Optional[torch.Tensor] = None  # [B, T, V] fp32 (plain loss; the last position predicts nothing)
     hidden: Optional[torch.Tensor] = None  # [B, T-1, H] (fused loss)
     weight: Optional[torch.Tensor] = None  # [V, H] lm_head weight (fused loss)
     chunk_size: int = 1024
@@ -78,7 +79,11 @@ class PolicyForward:
     def q_and_v(self, loss_mask: torch.Tensor):
         """(q, v) [B, T-1] fp32, differentiable."""
         if self.logits is not None:
-            return logits_q_and_v(self.logits, self.labels, loss_mask)
+            # Reduce the full [B, T, V] logits and slice the [B, T] results: reducing the strided [:, :-1] view
+            # would make backward zero-fill and copy a whole [B, T, V] gradient.
+            pad = (0, 1)
+            q, v = logits_q_and_v(self.logits, F.pad(self.labels, pad), F.pad(loss_mask.bool(), pad))
+            return q[:, :-1], v[:, :-1]
         mask = loss_mask.bool()
         q_r, v_r = linear_q_and_v(self.hidden[mask], self.weight, self.labels[mask], self.chunk_size)
         zeros = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
@@ -89,18 +94,15 @@ class PolicyForward:
         """Mean policy entropy over (at most ``max_tokens`` evenly spaced) response tokens, for logging.
 
         A sample keeps logging off the hot path: a full entropy pass costs as much as the loss's own pass over the
-        vocabulary.
+        vocabulary. Only the picked rows are gathered.
         """
-        mask = loss_mask.bool()
-        n = int(mask.sum())
-        if n == 0 or max_tokens <= 0:
+        rows, cols = loss_mask.bool().nonzero(as_tuple=True)
+        if len(rows) == 0 or max_tokens <= 0:
             return 0.0
-        pick = torch.linspace(0, n - 1, steps=min(n, max_tokens), device=mask.device).long()
-        if self.logits is not None:
-            rows = self.logits[mask][pick]
-        else:
-            rows = self.hidden[mask][pick] @ self.weight.T
-        return float(entropy_from_logits(rows, v.detach()[mask][pick]).mean())
+        pick = torch.linspace(0, len(rows) - 1, steps=min(len(rows), max_tokens), device=rows.device).long()
+        rows, cols = rows[pick], cols[pick]
+        logits = self.logits[rows, cols] if self.logits is not None else self.hidden[rows, cols] @ self.weight.T
+        return float(entropy_from_logits(logits, v.detach()[rows, cols]).mean())
 
 
 def terminal_mask(labels: torch.Tensor, loss_mask: torch.Tensor, eos_token_id: int) -> torch.Tensor:
@@ -200,7 +202,7 @@ class IQLearnTrainer(SFTTrainer):
         else:
             output = self._actor_forward(sequences, attention_mask=attention_mask, return_output=True,
                                          ring_attn_group=ring_attn_group)
-            fwd = PolicyForward(sequences, labels, logits=output["logits"][:, :-1])
+            fwd = PolicyForward(sequences, labels, logits=output["logits"])
         return (fwd, output) if return_output else fwd
 
     # ---- online variant -----------------------------------------------------------------------------------------

@@ -43,11 +43,11 @@ class DemoConfig:
     vocab_size: int = 300
     # training
     pretrain_epochs: int = 1
-    sft_epochs: int = 3
-    sft_lr: float = 1e-3
+    sft_epochs: int = 16
+    sft_lr: float = 3e-3
     td_weight: float = 0.05
     rm_epochs: int = 2
-    micro_batch_size: int = 16
+    micro_batch_size: int = 32
     batch_size: int = 32
     # sampling / AfD / evaluation
     afd_prompts: int = 400

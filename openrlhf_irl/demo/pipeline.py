@@ -47,11 +47,12 @@ class DemoConfig:
     sft_lr: float = 3e-3
     td_weight: float = 0.05
     rm_epochs: int = 2
+    rm_backbone: str = "sft_mle"  # the reward models start from this policy (value head added)
     micro_batch_size: int = 32
     batch_size: int = 32
     # sampling / AfD / evaluation
-    afd_prompts: int = 400
-    afd_samples_per_prompt: int = 2
+    afd_prompts: int | None = None  # None: every unique training prompt
+    afd_samples_per_prompt: int = 16
     eval_samples_per_prompt: int = 4
     bon_ns: tuple = (1, 2, 4, 8, 16)
     max_new_tokens: int = 24
@@ -186,10 +187,10 @@ class Demo:
         atomic_write_jsonl(pairs_path, pairs)
         atomic_write_jsonl(labels_path, labels)
         rm_flags = ("--data.prompt_key", "prompt", "--data.input_template", INPUT_TEMPLATE)
-        init = self.path("models", "init")
-        self.train("rm", "rm", init, pairs_path, self.path("models", "rm_bt"), cfg.rm_epochs, 1e-3, *rm_flags,
+        backbone = self.path("models", cfg.rm_backbone)
+        self.train("rm", "rm", backbone, pairs_path, self.path("models", "rm_bt"), cfg.rm_epochs, 1e-3, *rm_flags,
                    "--eval.dataset", pairs_path)
-        self.train("rm", "afd_rm", init, labels_path, self.path("models", "rm_afd"), cfg.rm_epochs, 1e-3, *rm_flags,
+        self.train("rm", "afd_rm", backbone, labels_path, self.path("models", "rm_afd"), cfg.rm_epochs, 1e-3, *rm_flags,
                    "--eval.dataset", labels_path)
 
     def best_of_n(self):

@@ -21,13 +21,29 @@ def diversity(responses: list[str]) -> dict[str, float]:
             "self_bleu": self_bleu(responses)}
 
 
+def within_prompt_self_bleu(samples: list[tuple]) -> float:
+    """Mean over prompts of the self-BLEU of that prompt's samples: how varied one prompt's answers are."""
+    by_prompt: dict[str, list[str]] = {}
+    for prompt, response, _ in samples:
+        by_prompt.setdefault(prompt, []).append(response)
+    values = [self_bleu(rs) for rs in by_prompt.values() if len(rs) > 1]
+    return sum(values) / len(values) if values else float("nan")
+
+
 def summarise(policy_rows: dict, curves: dict, selected: dict) -> list[dict]:
-    """One row per policy and per (scorer, N) of Best-of-N: golden mean + diversity of its response set."""
+    """One row per policy and per (scorer, N) of Best-of-N.
+
+    ``golden`` is the mean over all of a row's samples. Distinct-n and self-BLEU are computed on one response per
+    prompt (a policy's first sample, Best-of-N's selection), so every row is measured on the same kind of set;
+    policies also get ``within_self_bleu``, the self-BLEU among the samples of one prompt, averaged over prompts.
+    """
     rows = []
     for name, samples in policy_rows.items():
         goldens = [g for _, _, g in samples]
+        first = list({p: r for p, r, _ in reversed(samples)}.values())
         rows.append({"row": POLICY_LABELS.get(name, name), "kind": "policy", "n": len(samples),
-                     "golden": sum(goldens) / len(goldens), **diversity([r for _, r, _ in samples])})
+                     "golden": sum(goldens) / len(goldens), **diversity(first),
+                     "within_self_bleu": within_prompt_self_bleu(samples)})
     for scorer, by_n in selected.items():
         for n, responses in by_n.items():
             rows.append({"row": f"Best-of-{n} ({scorer})", "kind": "best_of_n", "scorer": scorer, "N": n,
@@ -38,11 +54,12 @@ def summarise(policy_rows: dict, curves: dict, selected: dict) -> list[dict]:
 
 
 def format_table(rows: list[dict]) -> str:
-    head = f"| {'row':<34} | {'golden':>7} | {'distinct-1':>10} | {'distinct-2':>10} | {'self-BLEU':>9} |"
+    head = (f"| {'row':<34} | {'golden':>7} | {'distinct-1':>10} | {'distinct-2':>10} | {'self-BLEU':>9} "
+            f"| {'self-BLEU within prompt':>23} |")
     lines = [head, "|" + "|".join("-" * (len(c)) for c in head.split("|")[1:-1]) + "|"]
     for r in rows:
-        cells = [f"{r.get(k, float('nan')):>{w}.3f}" if k in r else " " * (w - 1) + "-"
-                 for k, w in (("distinct_1", 10), ("distinct_2", 10), ("self_bleu", 9))]
+        cells = [f"{r[k]:>{w}.3f}" if k in r else " " * (w - 1) + "-"
+                 for k, w in (("distinct_1", 10), ("distinct_2", 10), ("self_bleu", 9), ("within_self_bleu", 23))]
         lines.append(f"| {r['row']:<34} | {r['golden']:>7.3f} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -55,7 +72,8 @@ def reading(rows: list[dict]) -> list[str]:
     if mle and iq:
         d = iq["golden"] - mle["golden"]
         out.append(f"IQ-Learn SFT vs MLE SFT: golden {iq['golden']:.3f} vs {mle['golden']:.3f} ({d:+.3f}); "
-                   f"self-BLEU {iq['self_bleu']:.3f} vs {mle['self_bleu']:.3f} (lower = more diverse).")
+                   f"self-BLEU within a prompt {iq['within_self_bleu']:.3f} vs {mle['within_self_bleu']:.3f} "
+                   f"(lower = more diverse).")
     if init and mle:
         out.append(f"SFT moved the policy from {init['golden']:.3f} (initial) to {mle['golden']:.3f}; "
                    f"the demonstrator scores {demo['golden']:.3f}." if demo else "")
@@ -87,7 +105,9 @@ def build_report(root: str, cfg, policy_rows: dict, curves: dict, selected: dict
     md = [
         f"# openrlhf-irl demo report ({'quick' if cfg.quick else 'full'}, seed {cfg.seed})", "",
         "Golden reward (0-1, higher is better) and diversity of each policy's samples on the evaluation prompts, "
-        "and of the responses Best-of-N selects from the MLE SFT policy's samples.", "",
+        "and of the responses Best-of-N selects from the MLE SFT policy's samples. Distinct-n and self-BLEU use one "
+        "response per prompt for every row; 'self-BLEU within prompt' compares a policy's samples for the same "
+        "prompt (lower = more diverse).", "",
         table, "", "![Best-of-N](best_of_n.png)", "", "![Policies](policies.png)", "",
         "## What the numbers say", "", *[f"- {s}" for s in sentences], "",
         "## Stage timings (s)", "", *[f"- {k}: {v}" for k, v in timings.items()], "",

@@ -88,7 +88,12 @@ def mean_response_nll(model_dir: str, records: list[dict]) -> float:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    if os.path.exists(os.path.join(model_dir, "adapter_config.json")):  # a LoRA checkpoint: adapter + base model
+        from peft import AutoPeftModelForCausalLM
+
+        model = AutoPeftModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).merge_and_unload().eval()
+    else:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     total, count = 0.0, 0
     with torch.no_grad():
         for r in records:

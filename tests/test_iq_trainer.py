@@ -184,12 +184,15 @@ def test_packing_is_refused_with_a_clear_message(tiny_model):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", ["offline_fused", "online_zero3"])
+@pytest.mark.parametrize("mode", ["offline_fused", "online_zero3", "lora_checkpointing_fused"])
 def test_irl_iq_trains_under_deepspeed_and_reloads(tiny_model, sft_data, tmp_path, mode):
     out = str(tmp_path / mode)
     extra = ["--trainer", "irl_iq", "--irl.td_weight", "0.1", "--irl.td_warmup_steps", "2", "--eval.dataset", sft_data]
     if mode == "offline_fused":
         extra += ["--irl.fused_loss", "--irl.fused_chunk_size", "32"]
+    elif mode == "lora_checkpointing_fused":
+        extra += ["--irl.fused_loss", "--ds.lora.rank", "16", "--ds.lora.alpha", "32",
+                  "--model.gradient_checkpointing_enable", "--adam.lr", "1e-2"]
     else:
         extra += ["--irl.online_mix", "0.1", "--irl.n_samples", "2", "--irl.max_new_tokens", "6",
                   "--irl.online_refresh_steps", "2", "--irl.chi2_on_policy"]
@@ -203,4 +206,7 @@ def test_irl_iq_trains_under_deepspeed_and_reloads(tiny_model, sft_data, tmp_pat
     if mode == "online_zero3":
         assert "iq_policy_value_gap" in proc.stderr + proc.stdout
     records = counting_records()
-    assert mean_response_nll(out, records) < 0.7 * mean_response_nll(tiny_model, records)
+    before, after = mean_response_nll(tiny_model, records), mean_response_nll(out, records)
+    # LoRA adapters on a randomly initialised model learn slowly (OpenRLHF's own SFT with the same adapters reaches
+    # the same NLL, about 0.91 of the start, in this budget)
+    assert after < (0.95 if mode.startswith("lora") else 0.7) * before, (before, after)

@@ -16,6 +16,7 @@ import sys
 from typing import List, Optional
 
 from openrlhf_irl.datasets.afd import FORMATS, VARIANTS, build_afd_dataset, format_report
+from openrlhf_irl.cli.common import positive_int
 from openrlhf_irl.utils.jsonl import DataError, atomic_write_jsonl
 
 #: input source -> (flag, argparse dest)
@@ -24,13 +25,6 @@ _INPUTS = {
     "init": ("--init-samples", "init_samples"),
     "sft": ("--sft-samples", "sft_samples"),
 }
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -54,9 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-empty", action="store_true", help="keep empty (whitespace-only) responses")
     p.add_argument("--lenient", action="store_true",
                    help="skip and count bad lines, unmatched prompts and too-long prompts instead of failing")
-    p.add_argument("--max-pairs-per-prompt", type=_positive_int, help="cap on pairs per prompt (pairs format)")
+    p.add_argument("--max-pairs-per-prompt", type=positive_int, help="cap on pairs per prompt (pairs format)")
     p.add_argument("--tokenizer", help="local tokenizer path for --max-prompt-len")
-    p.add_argument("--max-prompt-len", type=_positive_int, help="max prompt length in tokens (needs --tokenizer)")
+    p.add_argument("--max-prompt-len", type=positive_int, help="max prompt length in tokens (needs --tokenizer)")
     p.add_argument("--seed", type=int, default=0, help="pairing shuffle seed (default: %(default)s)")
     return p
 

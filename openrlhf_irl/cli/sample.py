@@ -25,14 +25,8 @@ from collections import Counter
 from typing import Dict, List, Optional, Set, Tuple
 
 from openrlhf_irl.generation.params import SamplingParams, format_prompt, plan_requests
+from openrlhf_irl.cli.common import positive_int
 from openrlhf_irl.utils.jsonl import DataError, append_jsonl, data_error, read_jsonl, read_jsonl_tolerant_tail
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,20 +43,20 @@ def build_parser() -> argparse.ArgumentParser:
     fmt.add_argument("--apply-chat-template", action="store_true",
                      help="render each prompt as one user message with the tokenizer's chat template")
     fmt.add_argument("--input-template", help="format string with a {} slot for the prompt, e.g. 'User: {}\\nAssistant: '")
-    p.add_argument("--n-samples", type=_positive_int, default=1, help="samples per prompt (default: %(default)s)")
+    p.add_argument("--n-samples", type=positive_int, default=1, help="samples per prompt (default: %(default)s)")
     p.add_argument("--temperature", type=float, default=1.0, help="default: %(default)s (0 = greedy)")
     p.add_argument("--top-p", type=float, default=0.95, help="default: %(default)s")
-    p.add_argument("--max-new-tokens", type=_positive_int, default=128, help="default: %(default)s")
-    p.add_argument("--num-actors", type=_positive_int, default=2,
+    p.add_argument("--max-new-tokens", type=positive_int, default=128, help="default: %(default)s")
+    p.add_argument("--num-actors", type=positive_int, default=2,
                    help="Ray actors (hf) or vLLM engines (vllm) (default: %(default)s)")
     p.add_argument("--backend", choices=("auto", "hf", "vllm"), default="auto",
                    help="auto: vllm when CUDA and vLLM are available, else hf (default: %(default)s)")
     p.add_argument("--policy-name", required=True, help="value of the records' 'policy' field, e.g. init or sft")
     p.add_argument("--output", required=True, help="output JSONL (appended to; an existing file is resumed)")
     p.add_argument("--seed", type=int, default=0, help="default: %(default)s")
-    p.add_argument("--batch-size", type=_positive_int, default=8,
+    p.add_argument("--batch-size", type=positive_int, default=8,
                    help="sequences per generate call / shard (hf backend) (default: %(default)s)")
-    p.add_argument("--max-prompts", type=_positive_int, help="use only the first K unique prompts")
+    p.add_argument("--max-prompts", type=positive_int, help="use only the first K unique prompts")
     return p
 
 

@@ -1,6 +1,6 @@
 """Token-level inverse-RL losses (IQ-Learn), plain and fused with the lm_head."""
 
-from .fused_linear_qv import LinearQV, fused_iq_learn_loss, linear_q_and_v
+from .fused_linear_qv import LinearQV, fused_iq_learn_loss, linear_q_and_v, masked_linear_q_and_v
 from .iq_learn import (
     IQTokenTerms,
     entropy_from_logits,
@@ -22,6 +22,7 @@ __all__ = [
     "logits_q_and_v",
     "entropy_from_logits",
     "linear_q_and_v",
+    "masked_linear_q_and_v",
     "fused_iq_learn_loss",
     "LinearQV",
 ]

@@ -108,6 +108,16 @@ def linear_q_and_v(
     return q, v
 
 
+def masked_linear_q_and_v(hidden, weight, labels, mask, chunk_size: int = 1024, return_entropy: bool = False):
+    """``linear_q_and_v`` on the rows where ``mask`` [B, T] is set; results scattered back to [B, T] (0 elsewhere).
+
+    Only those rows go through the lm_head: prompt and padding positions never get logits.
+    """
+    resp = mask.bool()
+    outs = linear_q_and_v(hidden[resp], weight, labels[resp], chunk_size=chunk_size, return_entropy=return_entropy)
+    return tuple(x.new_zeros(resp.shape).masked_scatter(resp, x) for x in outs)
+
+
 def fused_iq_learn_loss(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -127,12 +137,7 @@ def fused_iq_learn_loss(
     padding positions never enter the loss, so their logits are not computed at all.
     """
     resp = loss_mask.bool()
-    q_r, v_r, ent_r = linear_q_and_v(
-        hidden[resp], weight, labels[resp], chunk_size=chunk_size, return_entropy=True
-    )
-    q = q_r.new_zeros(resp.shape).masked_scatter(resp, q_r)
-    v = v_r.new_zeros(resp.shape).masked_scatter(resp, v_r)
-    entropy = ent_r.new_zeros(resp.shape).masked_scatter(resp, ent_r)
+    q, v, entropy = masked_linear_q_and_v(hidden, weight, labels, resp, chunk_size, return_entropy=True)
     per_token, terms = iq_per_token_loss(
         q, v, resp, terminal_mask, td_weight=td_weight, gamma=gamma, mle_weight=mle_weight
     )

@@ -32,8 +32,8 @@ from openrlhf_irl.losses import (
     iq_per_token_loss,
     iq_stats,
     iq_token_terms,
-    linear_q_and_v,
     logits_q_and_v,
+    masked_linear_q_and_v,
 )
 
 
@@ -84,10 +84,7 @@ class PolicyForward:
             pad = (0, 1)
             q, v = logits_q_and_v(self.logits, F.pad(self.labels, pad), F.pad(loss_mask.bool(), pad))
             return q[:, :-1], v[:, :-1]
-        mask = loss_mask.bool()
-        q_r, v_r = linear_q_and_v(self.hidden[mask], self.weight, self.labels[mask], self.chunk_size)
-        zeros = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
-        return zeros.index_put((mask,), q_r), zeros.index_put((mask,), v_r)
+        return masked_linear_q_and_v(self.hidden, self.weight, self.labels, loss_mask, self.chunk_size)
 
     @torch.no_grad()
     def mean_entropy(self, loss_mask: torch.Tensor, v: torch.Tensor, max_tokens: int) -> float:

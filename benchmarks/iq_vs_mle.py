@@ -9,8 +9,8 @@ Methods (all: forward + loss + backward + ``torch.optim.AdamW`` step + ``loss.it
   mle_liger MLE with Liger-Kernel's fused linear cross-entropy on the response rows (CUDA + liger_kernel only)
 
 Ablations (``--ablations``; same loss and gradients, only the logging or the tensor layout differs): the plain loss
-with its logged entropy on every response token (``entropy_sample_tokens`` = all) and on none (0); the plain loss
-with q, v reduced from the unsliced [B, T, V] logits and sliced afterwards; the fused loss with no entropy logged.
+with its logged entropy on every response token (``entropy_sample_tokens`` = all) and on none (0); the fused loss with
+no entropy logged.
 
 Timing: ``--warmup`` steps per method, then ``--steps`` timed steps, methods interleaved round-robin (the starting
 method rotates every round) so that load drift on a shared machine hits all of them alike; medians reported.
@@ -161,18 +161,6 @@ def make_batches(cfg: BenchConfig, seed: int):
 
 
 # ---- methods --------------------------------------------------------------------------------------------------
-class _UnslicedForward(PolicyForward):
-    """Ablation: q and v from the unsliced [B, T, V] logits, then the [B, T] results sliced, instead of reducing the
-    strided ``logits[:, :-1]`` view (whose backward zero-fills and copies a full [B, T, V] gradient). Same loss."""
-
-    full_logits = None
-
-    def q_and_v(self, loss_mask):
-        pad = torch.nn.functional.pad
-        q, v = logits_q_and_v(self.full_logits, pad(self.labels, (0, 1)), pad(loss_mask.bool(), (0, 1)))
-        return q[:, :-1], v[:, :-1]
-
-
 def bare_trainer(actor, **cfg) -> IQLearnTrainer:
     """The real ``IQLearnTrainer`` forward and loss on a plain Actor, without OpenRLHF's trainer set-up
     (as ``tests/test_iq_trainer.py::bare_trainer``)."""
@@ -202,17 +190,14 @@ def make_methods(actor, cfg: BenchConfig, ablations: bool) -> list[Method]:
         logp, _ = actor(inputs, attention_mask=attn, return_output=True, return_logprobs=True)
         return sft_loss(logp, loss_mask[:, :-1])
 
-    def iq(fused: bool, entropy_tokens: int | None = None, unsliced: bool = False):
+    def iq(fused: bool, entropy_tokens: int | None = None):
         kw = {} if entropy_tokens is None else {"entropy_sample_tokens": entropy_tokens}
         trainer = bare_trainer(actor, td_weight=TD_WEIGHT, fused_loss=fused, fused_chunk_size=cfg.fused_chunk_size,
                                **kw)
 
         def loss(inputs, attn, loss_mask):
-            fwd, output = trainer.policy_forward(inputs, attention_mask=attn, return_output=True,
+            fwd, _ = trainer.policy_forward(inputs, attention_mask=attn, return_output=True,
                                                  return_logprobs=True)
-            if unsliced:
-                fwd = _UnslicedForward(**{f.name: getattr(fwd, f.name) for f in dataclasses.fields(fwd)})
-                fwd.full_logits = output["logits"]
             out = trainer.loss_fn(fwd, loss_mask[:, :-1])
             trainer.loss_fn.pop_stats()  # the trainer pops them at logging steps; keep the lists from growing
             return out
@@ -234,8 +219,6 @@ def make_methods(actor, cfg: BenchConfig, ablations: bool) -> list[Method]:
             Method("iq_plain_fullent", "ablation: IQ plain, entropy logged on all response tokens",
                    iq(False, entropy_tokens=all_tokens), ablation=True),
             Method("iq_plain_noent", "ablation: IQ plain, no entropy logged", iq(False, entropy_tokens=0),
-                   ablation=True),
-            Method("iq_plain_unsliced", "ablation: IQ plain, q/v on unsliced logits", iq(False, unsliced=True),
                    ablation=True),
             Method("iq_fused_noent", "ablation: IQ fused, no entropy logged", iq(True, entropy_tokens=0),
                    ablation=True),

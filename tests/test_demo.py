@@ -54,3 +54,17 @@ def test_quick_demo_end_to_end(tmp_path):
     assert {"prompt", "response", "policy", "sample_index", "finished", "logprob"} <= samples[0].keys()
     assert len({(s["prompt"], s["sample_index"]) for s in samples}) == len(samples)
     assert os.path.getsize(out / "data" / "afd_pairs.jsonl") > 0
+
+    # the Best-of-N CLI on the demo's policies and reward model, with the golden reward as a module:function
+    bon = out / "bon_cli"
+    proc = run_python(["-m", "openrlhf_irl.cli.best_of_n", "--policy", str(out / "models" / "sft_mle"),
+                       "--log-ratio-init", str(out / "models" / "init"), "--reward-model", str(out / "models" / "rm_afd"),
+                       "--golden", "openrlhf_irl.demo.task:golden_reward", "--prompts", str(out / "data" / "eval_prompts.jsonl"),
+                       "--input-template", "{}\n", "--n", "1,2,4", "--max-new-tokens", "12", "--num-actors", "2",
+                       "--max-prompts", "4", "--output-dir", str(bon)], timeout=600)
+    assert_ok(proc)
+    result = json.loads((bon / "best_of_n.json").read_text())
+    assert result["n_prompts"] == 4 and set(result["curves"]) == {"rm:rm_afd", "log_ratio", "oracle (golden)"}
+    assert (bon / "best_of_n.png").stat().st_size > 0
+    selected = [json.loads(line) for line in (bon / "selected.jsonl").read_text().splitlines()]
+    assert len(selected) == 2 * 3 * 4  # scorers x N values x prompts

@@ -134,8 +134,8 @@ def _plot_policies(rows: list[dict], path: str) -> None:
     names = [r["row"].replace(" (noisy expert)", "\n(noisy expert)") for r in policies]
     axes[0].bar(names, [r["golden"] for r in policies], color="tab:blue")
     axes[0].set_title("golden reward")
-    axes[1].bar(names, [r["self_bleu"] for r in policies], color="tab:orange")
-    axes[1].set_title("self-BLEU (lower = more diverse)")
+    axes[1].bar(names, [r["within_self_bleu"] for r in policies], color="tab:orange")
+    axes[1].set_title("self-BLEU among one prompt's samples (lower = more diverse)", fontsize=10)
     for ax in axes:
         ax.tick_params(axis="x", labelsize=7, rotation=20)
         ax.grid(axis="y", alpha=0.3)

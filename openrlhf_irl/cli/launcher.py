@@ -91,67 +91,64 @@ def openrlhf_resolves_trainers() -> bool:
     return importlib.util.find_spec("openrlhf.utils.plugins") is not None
 
 
-def resolve(task: str, argv: list[str]) -> tuple[TrainerPlugin, list[str]]:
-    """Split ``--trainer NAME`` off ``argv``; exits with the known names if NAME is not registered."""
+def resolve(task: str, argv: list[str]) -> TrainerPlugin:
+    """The plug-in named by ``--trainer`` in ``argv``; exits with the known names if it is not registered."""
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--trainer", default=task)
     known, _ = pre.parse_known_args(argv)
     try:
-        return get_trainer(known.trainer, task), argv
+        return get_trainer(known.trainer, task)
     except UnknownTrainerError as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
 
 
 @contextlib.contextmanager
-def _as_main(task_or_module: str, argv: list[str]):
+def _as_main(module: str, argv: list[str]):
     old_argv = sys.argv
-    sys.argv = [TASKS[task_or_module].module if task_or_module in TASKS else task_or_module, *argv]
+    sys.argv = [module, *argv]
     try:
         yield
     finally:
         sys.argv = old_argv
 
 
-def parse_module_args(module: str, argv: list[str]):
-    """Parse ``argv`` with the parser an OpenRLHF CLI module builds under ``__main__`` (nested args, no plug-ins)."""
+def _parse_as_main(module: str, argv: list[str], plugin: TrainerPlugin | None = None, add: bool = False):
     from openrlhf.utils.config import hierarchize
 
-    compat.activate()
     try:
-        with _as_main(module, argv), plugin_arguments(None, stop_after_parse=True, add=False):
+        with _as_main(module, argv), plugin_arguments(plugin, stop_after_parse=True, add=add):
             runpy.run_module(module, run_name="__main__")
     except _Parsed as done:
         return hierarchize(done.parsed)
     raise RuntimeError(f"{module} did not parse its arguments")
 
 
+def parse_module_args(module: str, argv: list[str]):
+    """Parse ``argv`` with the parser an OpenRLHF CLI module builds under ``__main__`` (nested args, no plug-ins)."""
+    compat.activate()
+    return _parse_as_main(module, argv)
+
+
 def build_args(task: str, argv: list[str]):
     """Parse ``argv`` with OpenRLHF's own parser for ``task`` (plus the plug-in's arguments) into nested args."""
     compat.activate()
-    plugin, argv = resolve(task, argv)
-    from openrlhf.utils.config import hierarchize
-
-    add = not openrlhf_resolves_trainers()
-    try:
-        with _as_main(task, argv), plugin_arguments(plugin, stop_after_parse=True, add=add):
-            runpy.run_module(TASKS[task].module, run_name="__main__")
-    except _Parsed as done:
-        return hierarchize(done.parsed)
-    raise RuntimeError(f"{TASKS[task].module} did not parse its arguments")
+    plugin = resolve(task, argv)
+    return _parse_as_main(TASKS[task].module, argv, plugin, add=not openrlhf_resolves_trainers())
 
 
 def run(task: str, argv: list[str] | None = None) -> None:
     """Run OpenRLHF's ``train_<task>`` CLI with the trainer named by ``--trainer``."""
     compat.activate()
     argv = sys.argv[1:] if argv is None else list(argv)
-    plugin, argv = resolve(task, argv)
+    plugin = resolve(task, argv)
+    module = TASKS[task].module
     if openrlhf_resolves_trainers():  # patched OpenRLHF: it adds the arguments and picks the classes itself
-        with _as_main(task, argv):
-            runpy.run_module(TASKS[task].module, run_name="__main__")
+        with _as_main(module, argv):
+            runpy.run_module(module, run_name="__main__")
         return
-    with _as_main(task, argv), plugin_arguments(plugin), plugin_classes(task, plugin):
-        runpy.run_module(TASKS[task].module, run_name="__main__")
+    with _as_main(module, argv), plugin_arguments(plugin), plugin_classes(task, plugin):
+        runpy.run_module(module, run_name="__main__")
 
 
 def train(task: str, args) -> None:

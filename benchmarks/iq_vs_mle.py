@@ -57,8 +57,7 @@ compat.activate()  # CPU: flash-attn stand-ins so that `import openrlhf.models` 
 
 from openrlhf.models import Actor, SFTLoss  # noqa: E402
 
-from openrlhf_irl.losses import logits_q_and_v  # noqa: E402
-from openrlhf_irl.trainers.iq_learn import IQConfig, IQLearnSFTLoss, IQLearnTrainer, PolicyForward  # noqa: E402
+from openrlhf_irl.trainers.iq_learn import IQConfig, IQLearnSFTLoss, IQLearnTrainer  # noqa: E402
 
 PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
 TD_WEIGHT = 0.1

@@ -19,8 +19,7 @@ import json
 import os
 import random
 import time
-from collections import defaultdict
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 # Prompt and answer are joined by a newline in every stage: a trailing space in the prompt would be tokenized apart
 # from the answer's first word by byte-level BPE, so generation would start from a state never seen in training.
@@ -57,7 +56,6 @@ class DemoConfig:
     bon_ns: tuple = (1, 2, 4, 8, 16)
     max_new_tokens: int = 24
     num_actors: int = 2
-    stages_done: list = field(default_factory=list)
 
     @classmethod
     def make(cls, output_dir: str, seed: int = 0, quick: bool = False) -> "DemoConfig":

@@ -1,18 +1,54 @@
-"""Policy samples for the online IQ-Learn term: generate from the training model, return teacher-forcing tensors."""
+"""Policy samples for the online IQ-Learn term, as teacher-forcing tensors.
+
+Both samplers (transformers' ``generate`` in-process, OpenRLHF's vLLM engines) end in :func:`pack_policy_samples`,
+so the trainer sees the same layout whichever produced the tokens.
+"""
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
+
+
+def pack_policy_samples(prompts: Sequence[torch.Tensor], completions: Sequence[Sequence[int]], *, pad_id: int,
+                        device=None) -> dict[str, torch.Tensor]:
+    """Left-pad prompts, right-pad completions; row i is ``prompts[i] + completions[i]``.
+
+    A completion holds its sampled tokens, ending in EOS when the episode terminated (truncated ones simply stop).
+    Returns ``sequences`` [N, L], ``attention_mask`` [N, L] and the shifted ``loss_mask`` [N, L-1] (position t
+    predicts ``sequences[:, t+1]``) marking completion tokens.
+    """
+    if len(prompts) != len(completions):
+        raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
+    device = device if device is not None else (prompts[0].device if len(prompts) else "cpu")
+    width = max(len(p) for p in prompts)
+    gen_width = max(1, max(len(c) for c in completions))
+    n = len(prompts)
+    sequences = torch.full((n, width + gen_width), pad_id, dtype=torch.long, device=device)
+    attention = torch.zeros((n, width + gen_width), dtype=torch.long, device=device)
+    loss_mask = torch.zeros((n, width + gen_width - 1), dtype=torch.bool, device=device)
+    for i, (prompt, completion) in enumerate(zip(prompts, completions)):
+        sequences[i, width - len(prompt):width] = prompt.to(device)
+        attention[i, width - len(prompt):width + len(completion)] = 1
+        if len(completion):
+            sequences[i, width:width + len(completion)] = torch.as_tensor(list(completion), dtype=torch.long)
+            loss_mask[i, width - 1:width - 1 + len(completion)] = True
+    return {"sequences": sequences, "attention_mask": attention, "loss_mask": loss_mask}
+
+
+def cut_after_eos(tokens: Sequence[int], eos_id: int) -> list[int]:
+    """Tokens up to and including the first EOS (all of them if there is none)."""
+    tokens = list(tokens)
+    return tokens[: tokens.index(eos_id) + 1] if eos_id in tokens else tokens
 
 
 @torch.no_grad()
 def sample_completions(model, tokenizer, prompts: list[torch.Tensor], *, n: int = 1, max_new_tokens: int = 64,
                        temperature: float = 1.0) -> dict[str, torch.Tensor]:
-    """Sample ``n`` completions per prompt with transformers' ``generate``.
+    """Sample ``n`` completions per prompt with transformers' ``generate``; see :func:`pack_policy_samples`.
 
-    Returns ``sequences`` [N, L] (left-padded prompt + completion, pad after EOS), ``attention_mask`` [N, L] and the
-    shifted ``loss_mask`` [N, L-1] marking completion tokens up to and including EOS (a completion that reached
-    ``max_new_tokens`` without EOS is kept whole and is not terminal).
+    A completion that reached ``max_new_tokens`` without EOS is kept whole and is not terminal.
     """
     device = next(model.parameters()).device
     pad_id, eos_id = tokenizer.pad_token_id, tokenizer.eos_token_id
@@ -27,13 +63,5 @@ def sample_completions(model, tokenizer, prompts: list[torch.Tensor], *, n: int 
         input_ids=input_ids, attention_mask=attention, do_sample=True, temperature=temperature, top_p=1.0, top_k=0,
         max_new_tokens=max_new_tokens, pad_token_id=pad_id, eos_token_id=eos_id, use_cache=True,
     )
-    generated = out[:, width:]
-    steps = torch.arange(generated.shape[1], device=device)
-    is_eos = generated == eos_id
-    length = torch.where(is_eos.any(1), is_eos.int().argmax(1) + 1, generated.shape[1])
-    response = steps.unsqueeze(0) < length.unsqueeze(1)
-    sequences = torch.cat([input_ids, generated.masked_fill(~response, pad_id)], dim=1)
-    attention_mask = torch.cat([attention, response.long()], dim=1)
-    loss_mask = torch.zeros((len(rows), sequences.shape[1] - 1), dtype=torch.bool, device=device)
-    loss_mask[:, width - 1:] = response
-    return {"sequences": sequences, "attention_mask": attention_mask, "loss_mask": loss_mask}
+    completions = [cut_after_eos(row, eos_id) for row in out[:, width:].tolist()]
+    return pack_policy_samples(rows, completions, pad_id=pad_id, device=device)

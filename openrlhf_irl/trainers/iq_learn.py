@@ -172,6 +172,11 @@ class IQLearnTrainer(SFTTrainer):
         model.forward = self.policy_forward
         self._online_samples = None
         self._online_refreshed_at = None
+        self.policy_sampler = None
+        if self.iq_config.online_mix > 0:
+            from openrlhf_irl.generation.online import build_policy_sampler
+
+            self.policy_sampler = build_policy_sampler(self.args, self.tokenizer)
 
     # ---- model side -------------------------------------------------------------------------------------------
     @property
@@ -229,29 +234,18 @@ class IQLearnTrainer(SFTTrainer):
         return loss, stats
 
     def _policy_samples(self, sequences, loss_mask):
-        """Samples from the prompts of the current micro-batch, refreshed every ``online_refresh_steps`` steps."""
+        """Samples from the prompts of the current micro-batch, refreshed every ``online_refresh_steps`` steps.
+
+        ``self.policy_sampler`` (``--irl.sampler``) draws them: transformers' generate on the live model, or
+        OpenRLHF's vLLM engines after a weight push. Every rank refreshes at the same optimizer steps (collective).
+        """
         cfg = self.iq_config
         step = self.optimizer_steps
         if self._online_samples is None or step - self._online_refreshed_at >= cfg.online_refresh_steps:
-            self._online_samples = self._generate(prompt_rows(sequences, loss_mask))
+            self.policy_sampler.refresh(self.model.model, zero_stage=self.strategy.stage)
+            self._online_samples = self.policy_sampler.sample(prompt_rows(sequences, loss_mask))
             self._online_refreshed_at = step
         return self._online_samples
-
-    @torch.no_grad()
-    def _generate(self, prompts: list[torch.Tensor]):
-        """Sample ``n_samples`` completions per prompt from the current policy (transformers' generate)."""
-        from openrlhf_irl.generation.policy_samples import sample_completions
-
-        hf_model = self._hf_model()
-        was_training = hf_model.training
-        hf_model.eval()
-        try:
-            return sample_completions(
-                hf_model, self.tokenizer, prompts, n=self.iq_config.n_samples,
-                max_new_tokens=self.iq_config.max_new_tokens, temperature=self.iq_config.temperature,
-            )
-        finally:
-            hf_model.train(was_training)
 
     # ---- logging hooks of SFTTrainer.fit ---------------------------------------------------------------------------
     def save_logs_and_checkpoints(self, args, global_step, step_bar, logs_dict=None, client_states=None):

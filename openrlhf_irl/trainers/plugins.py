@@ -28,6 +28,21 @@ def add_iq_learn_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--irl.n_samples", type=int, default=1, help="policy samples per prompt per round")
     group.add_argument("--irl.max_new_tokens", type=int, default=64, help="length cap of policy samples")
     group.add_argument("--irl.temperature", type=float, default=1.0, help="sampling temperature of policy samples")
+    group.add_argument("--irl.sampler", type=str, default="auto",
+                       help="who draws the online samples: auto (vLLM engines when CUDA and vLLM are there, else "
+                            "transformers' generate), hf, vllm, or module:callable returning a PolicySampler")
+    group.add_argument("--irl.vllm_num_engines", type=int, default=1, help="OpenRLHF vLLM engines for online samples")
+    group.add_argument("--irl.vllm_tensor_parallel_size", type=int, default=1, help="GPUs per vLLM engine")
+    group.add_argument("--irl.vllm_gpu_memory_utilization", type=float, default=0.3,
+                       help="share of an engine GPU's memory vLLM may take (the default leaves room for training "
+                            "on the same GPU)")
+    group.add_argument("--irl.vllm_weight_sync", choices=("cuda_ipc", "nccl"), default="cuda_ipc",
+                       help="cuda_ipc: engines on the training GPUs (a local Ray); nccl: engines on GPUs of their "
+                            "own (a Ray cluster named by RAY_ADDRESS), weights broadcast from rank 0")
+    group.add_argument("--irl.vllm_enable_sleep", action="store_true", default=False,
+                       help="let the engines release GPU memory between sampling rounds")
+    group.add_argument("--irl.vllm_enforce_eager", action="store_true", default=False,
+                       help="disable CUDA graphs in the engines")
     group.add_argument("--irl.entropy_sample_tokens", type=int, default=256,
                        help="response tokens per micro-batch whose policy entropy is logged (0 = none)")
     group.add_argument("--irl.keep_truncation", action=argparse.BooleanOptionalAction, default=True,

@@ -1,0 +1,211 @@
+"""Online policy samplers: packing, the vLLM output rules, weight export (LoRA, ZeRO-3), and the engine sampler with
+its weight push against a CPU double of OpenRLHF's engine (``tests/support/cpu_engine.py``)."""
+
+from __future__ import annotations
+
+import json
+import os
+from types import SimpleNamespace
+
+import pytest
+import torch
+from conftest import REPO, assert_ok, counting_records, mean_response_nll, run_python, sft_flags
+
+from openrlhf_irl.generation.online import (
+    HFPolicySampler,
+    PolicySampler,
+    build_policy_sampler,
+    completion_tokens,
+    resolve_sampler,
+)
+from openrlhf_irl.generation.policy_samples import pack_policy_samples
+from openrlhf_irl.generation.weight_sync import count_policy_weights, policy_weights
+
+SUPPORT = str(REPO / "tests" / "support")
+
+
+def test_pack_policy_samples_by_hand():
+    prompts = [torch.tensor([7, 8, 9]), torch.tensor([5])]
+    out = pack_policy_samples(prompts, [[11, 2], [12, 13, 14]], pad_id=0)
+    assert out["sequences"].tolist() == [[7, 8, 9, 11, 2, 0], [0, 0, 5, 12, 13, 14]]
+    assert out["attention_mask"].tolist() == [[1, 1, 1, 1, 1, 0], [0, 0, 1, 1, 1, 1]]
+    # position t predicts token t+1: completions start at position 2 (the last prompt token)
+    assert out["loss_mask"].long().tolist() == [[0, 0, 1, 1, 0], [0, 0, 1, 1, 1]]
+    with pytest.raises(ValueError, match="2 prompts but 1 completions"):
+        pack_policy_samples(prompts, [[1]], pad_id=0)
+
+
+def _request_output(tokens, reason):
+    return SimpleNamespace(outputs=[SimpleNamespace(token_ids=tokens, finish_reason=reason)])
+
+
+def test_completion_tokens_end_in_eos_exactly_when_the_episode_ended():
+    eos = 2
+    assert completion_tokens(_request_output([5, 6, 2], "stop"), eos) == [5, 6, 2]
+    assert completion_tokens(_request_output([5, 6], "stop"), eos) == [5, 6, 2]  # engine left EOS out
+    assert completion_tokens(_request_output([5, 6, 7], "length"), eos) == [5, 6, 7]  # truncated: non-terminal
+    assert completion_tokens(_request_output([5, 2, 9], "stop"), eos) == [5, 2]
+
+
+def test_policy_weights_fold_lora_in_like_merge_and_unload(tiny_model):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():  # LoRA starts with B = 0; make the adapters matter
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.5)
+    exported = dict(policy_weights(peft_model, dtype=torch.float64))
+    assert count_policy_weights(peft_model) == len(exported)
+    merged = dict(peft_model.merge_and_unload().named_parameters())
+    assert exported.keys() == merged.keys()
+    assert not any("lora" in k or "base_layer" in k for k in exported)
+    for name, tensor in merged.items():
+        assert exported[name].dtype == torch.float64
+        torch.testing.assert_close(exported[name].float(), tensor, rtol=1e-6, atol=1e-6)
+    plain = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    q = "model.layers.0.self_attn.q_proj.weight"
+    assert not torch.allclose(exported[q].float(), dict(plain.named_parameters())[q])  # the delta is in
+
+
+def _irl_args(**irl):
+    defaults = dict(sampler="auto", n_samples=2, max_new_tokens=4, temperature=1.0, vllm_num_engines=1)
+    return SimpleNamespace(irl=SimpleNamespace(**{**defaults, **irl}), train=SimpleNamespace(seed=3),
+                           model=SimpleNamespace(model_name_or_path="unused"))
+
+
+def _not_a_sampler(args, tokenizer):
+    return object()
+
+
+def test_sampler_choice_and_errors(tiny_model):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    if not torch.cuda.is_available():
+        assert resolve_sampler("auto") == "hf"
+    assert isinstance(build_policy_sampler(_irl_args(sampler="hf"), tok), HFPolicySampler)
+    with pytest.raises(ValueError, match="module:callable"):
+        build_policy_sampler(_irl_args(sampler="vllm_engines"), tok)
+    with pytest.raises(ValueError, match="cannot import 'nope'"):
+        build_policy_sampler(_irl_args(sampler="test_online_sampler:nope"), tok)
+    with pytest.raises(TypeError, match="not a PolicySampler"):
+        build_policy_sampler(_irl_args(sampler="test_online_sampler:_not_a_sampler"), tok)
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="needs a CUDA GPU"):
+            build_policy_sampler(_irl_args(sampler="vllm"), tok)
+    assert issubclass(HFPolicySampler, PolicySampler)
+
+
+ENGINE_SCRIPT = r"""
+import os, sys, json, torch
+import torch.distributed as dist
+from openrlhf_irl import compat
+compat.activate()
+import deepspeed, ray
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from cpu_engine import CPUEngine, GlooBroadcastGroup, sampling_params
+from openrlhf_irl.generation.online import VLLMPolicySampler
+from openrlhf_irl.generation.policy_samples import pack_policy_samples
+from openrlhf_irl.generation.weight_sync import EngineWeightSync, policy_weights
+
+MODEL = sys.argv[1]
+deepspeed.init_distributed(dist_backend="gloo")
+rank = dist.get_rank()
+tok = AutoTokenizer.from_pretrained(MODEL)
+
+def perturbed(seed):
+    model = AutoModelForCausalLM.from_pretrained(MODEL, dtype=torch.float32)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.2 * torch.randn(p.shape, generator=gen))
+    return model
+
+policy = perturbed(1)  # the trainer's policy has moved away from the checkpoint the engines load
+engine, *_ = deepspeed.initialize(model=policy, config={"train_micro_batch_size_per_gpu": 1,
+                                                        "zero_optimization": {"stage": 3}})
+assert all(p.numel() == 0 or hasattr(p, "ds_id") for p in engine.module.parameters())  # partitioned
+engines = []
+if rank == 0:
+    ray.init(address="local", num_cpus=2, include_dashboard=False)
+    engines = [CPUEngine.remote(MODEL) for _ in range(2)]
+sync = EngineWeightSync(engines, mode="nccl", engine_dtype=torch.float32, group_factory=GlooBroadcastGroup)
+sampler = VLLMPolicySampler(engines, tok, n=2, max_new_tokens=5, temperature=0.0, weight_sync=sync,
+                            params_factory=sampling_params)
+sampler.refresh(engine, zero_stage=3)
+full = {n: t.clone() for n, t in policy_weights(engine, zero_stage=3)}  # collective gather
+reference = perturbed(1).eval()
+if rank == 0:
+    for e in engines:
+        got = ray.get(e.weights.remote())
+        assert got.keys() == full.keys()
+        for n, t in full.items():
+            assert torch.equal(got[n], t), n
+            assert torch.equal(t, dict(reference.named_parameters())[n]), n
+
+texts = [["count from 3", "count from 41"], ["count from 17"]][rank]
+prompts = [torch.tensor(tok(f"User: {t}\nAssistant: ")["input_ids"]) for t in texts]
+out = sampler.sample(prompts)
+completions = []
+for p in prompts:
+    with torch.no_grad():
+        g = reference.generate(p[None], attention_mask=torch.ones(1, len(p), dtype=torch.long), do_sample=False,
+                               max_new_tokens=5, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    c = g[0, len(p):].tolist()
+    c = c[: c.index(tok.eos_token_id) + 1] if tok.eos_token_id in c else c
+    completions += [c, c]  # n=2 greedy samples
+expected = pack_policy_samples([p for p in prompts for _ in range(2)], completions, pad_id=tok.pad_token_id)
+for k in expected:
+    assert torch.equal(out[k], expected[k]), (rank, k, out[k], expected[k])
+dist.barrier()
+sys.stdout.write(f"ok{rank} rows={len(out['sequences'])}\n"); sys.stdout.flush()
+os._exit(0)
+"""
+
+
+@pytest.mark.slow
+def test_engine_sampler_pushes_zero3_weights_and_samples_per_rank(tiny_model, tmp_path):
+    """Two ZeRO-3 ranks, two engines: after one push the engines hold exactly the gathered policy, and greedy
+    samples (prompts gathered from both ranks, answers scattered back) equal the policy's own generate."""
+    script = tmp_path / "engine_sampler.py"
+    script.write_text(ENGINE_SCRIPT)
+    env = {"PYTHONPATH": os.pathsep.join([SUPPORT, os.environ.get("PYTHONPATH", "")])}
+    proc = run_python(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
+                       tiny_model], timeout=300, env=env)
+    assert_ok(proc)
+    assert "ok0 rows=4" in proc.stdout and "ok1 rows=2" in proc.stdout
+
+
+@pytest.mark.slow
+def test_irl_iq_online_through_engine_sampler(tiny_model, sft_data, tmp_path):
+    """The trainer's online term drawn from engines (CPU doubles) under two ZeRO-3 ranks: weights are pushed once
+    per refresh, every sample request is answered, and training still lowers the NLL."""
+    out, log = str(tmp_path / "online_engine"), tmp_path / "engine.jsonl"
+    flags = sft_flags(tiny_model, sft_data, out)
+    flags[flags.index("--ds.zero_stage") + 1] = "3"
+    flags[flags.index("--train.max_epochs") + 1] = "3"
+    extra = ["--trainer", "irl_iq", "--irl.td_weight", "0.1", "--irl.online_mix", "0.1", "--irl.n_samples", "2",
+             "--irl.max_new_tokens", "6", "--irl.online_refresh_steps", "2", "--irl.sampler",
+             "cpu_engine:make_sampler"]
+    env = {"PYTHONPATH": os.pathsep.join([SUPPORT, os.environ.get("PYTHONPATH", "")]), "CPU_ENGINE_LOG": str(log)}
+    proc = run_python(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                       "-m", "openrlhf_irl.cli.train_sft", *flags, *extra], timeout=600, env=env)
+    assert_ok(proc)
+    events = [json.loads(line) for line in log.read_text().splitlines()]
+    syncs = [e for e in events if e["event"] == "sync"]
+    generated = [e for e in events if e["event"] == "generate"]
+    # 48 records, batch 8 -> 6 optimizer steps per epoch, 3 epochs = 18 steps; a refresh every 2 steps
+    assert len(syncs) == 9, len(syncs)
+    from transformers import AutoModelForCausalLM
+
+    n_params = len(list(AutoModelForCausalLM.from_pretrained(tiny_model).parameters()))
+    assert all(s["tensors"] == n_params for s in syncs)
+    # each refresh: both ranks' micro-batch prompts (4 each) x n_samples 2
+    assert len(generated) == 9 * 2 * 4 * 2, len(generated)
+    assert all(1 <= g["completion_len"] <= 6 for g in generated)
+    records = counting_records()
+    assert mean_response_nll(out, records) < 0.8 * mean_response_nll(tiny_model, records)

@@ -38,8 +38,8 @@ deepspeed --num_gpus "$NUM_GPUS" --module openrlhf_irl.cli.train_sft \
    --logger.logging_steps 1 \
    --eval.steps -1
 
-# Online variant: add policy samples to the value term (alpha_mix = 0.1 in the paper):
-#   --irl.online_mix 0.1 --irl.online_refresh_steps 8 --irl.n_samples 1 --irl.max_new_tokens 256
+# Online variant (policy samples from vLLM engines in the value term, alpha_mix = 0.1 in the paper):
+#   see iq_learn_sft_online.sh
 # Per-token rewards of the trained policy, and their rank correlation with a reference score column:
 python -m openrlhf_irl.cli.extract_reward \
    --model "$OUT" \

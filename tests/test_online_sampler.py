@@ -126,9 +126,10 @@ def perturbed(seed):
     return model
 
 policy = perturbed(1)  # the trainer's policy has moved away from the checkpoint the engines load
-engine, *_ = deepspeed.initialize(model=policy, config={"train_micro_batch_size_per_gpu": 1,
-                                                        "zero_optimization": {"stage": 3}})
-assert all(p.numel() == 0 or hasattr(p, "ds_id") for p in engine.module.parameters())  # partitioned
+# threshold 0: partition every parameter (by default DeepSpeed keeps a tiny model's small tensors whole)
+engine, *_ = deepspeed.initialize(model=policy, config={"train_micro_batch_size_per_gpu": 1, "zero_optimization": {
+    "stage": 3, "stage3_param_persistence_threshold": 0}})
+assert all(p.numel() == 0 for p in engine.module.parameters())  # every rank holds shards only
 engines = []
 if rank == 0:
     ray.init(address="local", num_cpus=2, include_dashboard=False)
@@ -180,21 +181,73 @@ def test_engine_sampler_pushes_zero3_weights_and_samples_per_rank(tiny_model, tm
     assert "ok0 rows=4" in proc.stdout and "ok1 rows=2" in proc.stdout
 
 
+HF_ZERO3_SCRIPT = r"""
+import os, sys, torch
+import torch.distributed as dist
+from types import SimpleNamespace
+from openrlhf_irl import compat
+compat.activate()
+import deepspeed
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from openrlhf_irl.generation.online import HFPolicySampler
+
+MODEL = sys.argv[1]
+deepspeed.init_distributed(dist_backend="gloo")
+rank = dist.get_rank()
+tok = AutoTokenizer.from_pretrained(MODEL)
+model = AutoModelForCausalLM.from_pretrained(MODEL, dtype=torch.float32)
+engine, *_ = deepspeed.initialize(model=model, config={"train_micro_batch_size_per_gpu": 1, "zero_optimization": {
+    "stage": 3, "stage3_param_persistence_threshold": 0}})
+assert all(p.numel() == 0 for p in model.parameters())  # shards only: every forward gathers collectively
+prompt = torch.tensor(tok("User: count from 3\nAssistant: ")["input_ids"])
+with deepspeed.zero.GatheredParameters(list(model.parameters())), torch.no_grad():
+    first = int(model(prompt[None]).logits[0, -1].argmax())  # the token a near-greedy sample emits first
+# Rank 0 treats that token as EOS, so its samples end after one step; rank 1's run the full 8 steps. Without
+# synced_gpus rank 0 would leave generate while rank 1 waits in a ZeRO-3 gather forever.
+eos = first if rank == 0 else tok.eos_token_id
+stub = SimpleNamespace(pad_token_id=tok.pad_token_id, eos_token_id=eos)
+sampler = HFPolicySampler(stub, n=1, max_new_tokens=8, temperature=1e-4)
+sampler.refresh(engine, zero_stage=3)
+out = sampler.sample([prompt])
+length = int(out["loss_mask"].sum())
+assert length == (1 if rank == 0 else 8) or (rank == 1 and out["sequences"][0, -1] == tok.eos_token_id), length
+dist.barrier()
+sys.stdout.write(f"ok{rank} len={length}\n"); sys.stdout.flush()
+os._exit(0)
+"""
+
+
+@pytest.mark.slow
+def test_hf_sampler_keeps_zero3_ranks_in_step(tiny_model, tmp_path):
+    script = tmp_path / "hf_zero3.py"
+    script.write_text(HF_ZERO3_SCRIPT)
+    proc = run_python(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
+                       tiny_model], timeout=180)
+    assert_ok(proc)
+    assert "ok0 len=1" in proc.stdout and "ok1 len=" in proc.stdout
+
+
+def _online_two_rank_run(tiny_model, sft_data, out, sampler, env=None, timeout=600):
+    flags = sft_flags(tiny_model, sft_data, out)
+    flags[flags.index("--ds.zero_stage") + 1] = "3"
+    flags[flags.index("--train.max_epochs") + 1] = "3"
+    extra = ["--trainer", "irl_iq", "--irl.td_weight", "0.1", "--irl.online_mix", "0.1", "--irl.n_samples", "2",
+             "--irl.max_new_tokens", "6", "--irl.online_refresh_steps", "2", "--irl.sampler", sampler]
+    env = {"PYTHONPATH": os.pathsep.join([SUPPORT, os.environ.get("PYTHONPATH", "")]), **(env or {})}
+    proc = run_python(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                       "-m", "openrlhf_irl.cli.train_sft", *flags, *extra], timeout=timeout, env=env)
+    assert_ok(proc)
+    records = counting_records()
+    assert mean_response_nll(out, records) < 0.8 * mean_response_nll(tiny_model, records)
+    return proc
+
+
 @pytest.mark.slow
 def test_irl_iq_online_through_engine_sampler(tiny_model, sft_data, tmp_path):
     """The trainer's online term drawn from engines (CPU doubles) under two ZeRO-3 ranks: weights are pushed once
     per refresh, every sample request is answered, and training still lowers the NLL."""
     out, log = str(tmp_path / "online_engine"), tmp_path / "engine.jsonl"
-    flags = sft_flags(tiny_model, sft_data, out)
-    flags[flags.index("--ds.zero_stage") + 1] = "3"
-    flags[flags.index("--train.max_epochs") + 1] = "3"
-    extra = ["--trainer", "irl_iq", "--irl.td_weight", "0.1", "--irl.online_mix", "0.1", "--irl.n_samples", "2",
-             "--irl.max_new_tokens", "6", "--irl.online_refresh_steps", "2", "--irl.sampler",
-             "cpu_engine:make_sampler"]
-    env = {"PYTHONPATH": os.pathsep.join([SUPPORT, os.environ.get("PYTHONPATH", "")]), "CPU_ENGINE_LOG": str(log)}
-    proc = run_python(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                       "-m", "openrlhf_irl.cli.train_sft", *flags, *extra], timeout=600, env=env)
-    assert_ok(proc)
+    _online_two_rank_run(tiny_model, sft_data, out, "cpu_engine:make_sampler", env={"CPU_ENGINE_LOG": str(log)})
     events = [json.loads(line) for line in log.read_text().splitlines()]
     syncs = [e for e in events if e["event"] == "sync"]
     generated = [e for e in events if e["event"] == "generate"]
@@ -207,5 +260,3 @@ def test_irl_iq_online_through_engine_sampler(tiny_model, sft_data, tmp_path):
     # each refresh: both ranks' micro-batch prompts (4 each) x n_samples 2
     assert len(generated) == 9 * 2 * 4 * 2, len(generated)
     assert all(1 <= g["completion_len"] <= 6 for g in generated)
-    records = counting_records()
-    assert mean_response_nll(out, records) < 0.8 * mean_response_nll(tiny_model, records)

@@ -42,12 +42,22 @@ class PolicySampler:
 
 
 class HFPolicySampler(PolicySampler):
+    """transformers' ``generate`` on the training model itself.
+
+    Under ZeRO-3 every forward pass gathers shards collectively, so generation runs with ``synced_gpus``: a rank
+    whose samples all ended keeps stepping until the others are done (transformers only switches this on by itself
+    while an ``HfDeepSpeedConfig`` is alive, and OpenRLHF's ``Actor`` drops its own after loading).
+    """
+
     def __init__(self, tokenizer, *, n: int = 1, max_new_tokens: int = 64, temperature: float = 1.0):
         self.tokenizer, self.n, self.max_new_tokens, self.temperature = tokenizer, n, max_new_tokens, temperature
         self._model = None
+        self._synced = False
 
     def refresh(self, model: nn.Module, *, zero_stage: int = 0) -> None:
         self._model = getattr(model, "module", model)
+        distributed = torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
+        self._synced = zero_stage == 3 and distributed
 
     @torch.no_grad()
     def sample(self, prompts: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -57,7 +67,8 @@ class HFPolicySampler(PolicySampler):
         self._model.eval()
         try:
             return sample_completions(self._model, self.tokenizer, list(prompts), n=self.n,
-                                      max_new_tokens=self.max_new_tokens, temperature=self.temperature)
+                                      max_new_tokens=self.max_new_tokens, temperature=self.temperature,
+                                      synced_gpus=self._synced)
         finally:
             self._model.train(was_training)
 

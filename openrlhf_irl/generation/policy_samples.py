@@ -45,10 +45,11 @@ def cut_after_eos(tokens: Sequence[int], eos_id: int) -> list[int]:
 
 @torch.no_grad()
 def sample_completions(model, tokenizer, prompts: list[torch.Tensor], *, n: int = 1, max_new_tokens: int = 64,
-                       temperature: float = 1.0) -> dict[str, torch.Tensor]:
+                       temperature: float = 1.0, synced_gpus: bool = False) -> dict[str, torch.Tensor]:
     """Sample ``n`` completions per prompt with transformers' ``generate``; see :func:`pack_policy_samples`.
 
-    A completion that reached ``max_new_tokens`` without EOS is kept whole and is not terminal.
+    A completion that reached ``max_new_tokens`` without EOS is kept whole and is not terminal. ``synced_gpus``:
+    keep running forward passes until every rank is done (needed when the weights are ZeRO-3 shards).
     """
     device = next(model.parameters()).device
     pad_id, eos_id = tokenizer.pad_token_id, tokenizer.eos_token_id
@@ -62,6 +63,7 @@ def sample_completions(model, tokenizer, prompts: list[torch.Tensor], *, n: int 
     out = model.generate(
         input_ids=input_ids, attention_mask=attention, do_sample=True, temperature=temperature, top_p=1.0, top_k=0,
         max_new_tokens=max_new_tokens, pad_token_id=pad_id, eos_token_id=eos_id, use_cache=True,
+        synced_gpus=synced_gpus,
     )
     completions = [cut_after_eos(row, eos_id) for row in out[:, width:].tolist()]
     return pack_policy_samples(rows, completions, pad_id=pad_id, device=device)

@@ -210,3 +210,22 @@ def test_irl_iq_trains_under_deepspeed_and_reloads(tiny_model, sft_data, tmp_pat
     # LoRA adapters on a randomly initialised model learn slowly (OpenRLHF's own SFT with the same adapters reaches
     # the same NLL, about 0.91 of the start, in this budget)
     assert after < (0.95 if mode.startswith("lora") else 0.7) * before, (before, after)
+    if mode == "offline_fused":
+        assert_loads_as_ppo_actor(out)
+
+
+def assert_loads_as_ppo_actor(path: str) -> None:
+    """OpenRLHF's PPO builds its actor (and reference model) as ``Actor(path)``: that must give the saved weights."""
+    from transformers import AutoModelForCausalLM
+
+    actor = Actor(path, attn_implementation="eager", param_dtype="bf16")
+    actor.model.float().eval()
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(path)
+    ids = torch.tensor([tok("User: count from 7\nAssistant: 7 8 9 10")["input_ids"]])
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        actor_logprobs = actor(ids, attention_mask=mask, return_logprobs=True)
+        logits = hf(ids, attention_mask=mask).logits.float()
+    expected = torch.log_softmax(logits[:, :-1], -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+    torch.testing.assert_close(actor_logprobs.float(), expected, rtol=1e-4, atol=1e-4)

@@ -100,22 +100,34 @@ def test_sampler_choice_and_errors(tiny_model):
     assert issubclass(HFPolicySampler, PolicySampler)
 
 
-ENGINE_SCRIPT = r"""
-import os, sys, json, torch
+# Shared head of the two-rank scripts: gloo DeepSpeed, the tiny model's tokenizer, and ZeRO-3 with every tensor
+# partitioned (by default DeepSpeed keeps a tiny model's small tensors whole, so no forward would gather).
+ZERO3_PRELUDE = r"""
+import os, sys, torch
 import torch.distributed as dist
 from openrlhf_irl import compat
 compat.activate()
-import deepspeed, ray
+import deepspeed
 from transformers import AutoModelForCausalLM, AutoTokenizer
-from cpu_engine import CPUEngine, GlooBroadcastGroup, sampling_params
-from openrlhf_irl.generation.online import VLLMPolicySampler
-from openrlhf_irl.generation.policy_samples import pack_policy_samples
-from openrlhf_irl.generation.weight_sync import EngineWeightSync, policy_weights
 
 MODEL = sys.argv[1]
 deepspeed.init_distributed(dist_backend="gloo")
 rank = dist.get_rank()
 tok = AutoTokenizer.from_pretrained(MODEL)
+
+def zero3(model):
+    engine, *_ = deepspeed.initialize(model=model, config={"train_micro_batch_size_per_gpu": 1, "zero_optimization": {
+        "stage": 3, "stage3_param_persistence_threshold": 0}})
+    assert all(p.numel() == 0 for p in model.parameters())  # every rank holds shards only
+    return engine
+"""
+
+ENGINE_SCRIPT = ZERO3_PRELUDE + r"""
+import ray
+from cpu_engine import CPUEngine, GlooBroadcastGroup, sampling_params
+from openrlhf_irl.generation.online import VLLMPolicySampler
+from openrlhf_irl.generation.policy_samples import pack_policy_samples
+from openrlhf_irl.generation.weight_sync import EngineWeightSync, policy_weights
 
 def perturbed(seed):
     model = AutoModelForCausalLM.from_pretrained(MODEL, dtype=torch.float32)
@@ -126,10 +138,7 @@ def perturbed(seed):
     return model
 
 policy = perturbed(1)  # the trainer's policy has moved away from the checkpoint the engines load
-# threshold 0: partition every parameter (by default DeepSpeed keeps a tiny model's small tensors whole)
-engine, *_ = deepspeed.initialize(model=policy, config={"train_micro_batch_size_per_gpu": 1, "zero_optimization": {
-    "stage": 3, "stage3_param_persistence_threshold": 0}})
-assert all(p.numel() == 0 for p in engine.module.parameters())  # every rank holds shards only
+engine = zero3(policy)
 engines = []
 if rank == 0:
     ray.init(address="local", num_cpus=2, include_dashboard=False)
@@ -181,24 +190,12 @@ def test_engine_sampler_pushes_zero3_weights_and_samples_per_rank(tiny_model, tm
     assert "ok0 rows=4" in proc.stdout and "ok1 rows=2" in proc.stdout
 
 
-HF_ZERO3_SCRIPT = r"""
-import os, sys, torch
-import torch.distributed as dist
+HF_ZERO3_SCRIPT = ZERO3_PRELUDE + r"""
 from types import SimpleNamespace
-from openrlhf_irl import compat
-compat.activate()
-import deepspeed
-from transformers import AutoModelForCausalLM, AutoTokenizer
 from openrlhf_irl.generation.online import HFPolicySampler
 
-MODEL = sys.argv[1]
-deepspeed.init_distributed(dist_backend="gloo")
-rank = dist.get_rank()
-tok = AutoTokenizer.from_pretrained(MODEL)
 model = AutoModelForCausalLM.from_pretrained(MODEL, dtype=torch.float32)
-engine, *_ = deepspeed.initialize(model=model, config={"train_micro_batch_size_per_gpu": 1, "zero_optimization": {
-    "stage": 3, "stage3_param_persistence_threshold": 0}})
-assert all(p.numel() == 0 for p in model.parameters())  # shards only: every forward gathers collectively
+engine = zero3(model)
 prompt = torch.tensor(tok("User: count from 3\nAssistant: ")["input_ids"])
 with deepspeed.zero.GatheredParameters(list(model.parameters())), torch.no_grad():
     first = int(model(prompt[None]).logits[0, -1].argmax())  # the token a near-greedy sample emits first

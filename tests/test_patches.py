@@ -25,7 +25,8 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 PATCH_DIR = REPO / "patches"
 PATCHES = sorted(PATCH_DIR.glob("*.patch"))
-EXPECTED_PATCHES = ["0001-cli-pluggable-trainers.patch", "0002-device-agnostic-cpu.patch"]
+EXPECTED_PATCHES = ["0001-cli-pluggable-trainers.patch", "0002-device-agnostic-cpu.patch",
+                    "0003-rm-trainer-training-step.patch"]
 
 # Rendezvous variables a launcher (torchrun, deepspeed) would set; stripped from the parent environment.
 LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
@@ -156,11 +157,20 @@ def cli_inputs(tmp_path_factory) -> SimpleNamespace:
             a = rng.randint(1, 60)
             f.write(json.dumps({"prompt": f"count from {a}", "response": " ".join(str(a + j) for j in range(4))}))
             f.write("\n")
-    return SimpleNamespace(root=root, model=model, data=str(data))
+    pairs, labels = root / "pairs.jsonl", root / "labels.jsonl"
+    with open(pairs, "w") as fp, open(labels, "w") as fl:
+        for _ in range(24):
+            a = rng.randint(1, 60)
+            good = " ".join(str(a + j) for j in range(4))
+            bad = " ".join(str(rng.randint(100, 999)) for _ in range(4))
+            fp.write(json.dumps({"prompt": f"count from {a}", "chosen": good, "rejected": bad}) + "\n")
+            fl.write(json.dumps({"prompt": f"count from {a}", "response": good, "label": 1}) + "\n")
+            fl.write(json.dumps({"prompt": f"count from {a}", "response": bad, "label": 0}) + "\n")
+    return SimpleNamespace(root=root, model=model, data=str(data), pairs=str(pairs), labels=str(labels))
 
 
-def _run_patched_train_sft(patched: Path, inputs: SimpleNamespace, out: Path | None, *extra: str,
-                           module: str = "openrlhf.cli.train_sft"):
+def _run_patched(patched: Path, inputs: SimpleNamespace, module: str, argv: list[str]):
+    """``python -m module argv`` with the patched copy first on the path, compat off, no CUDA, one process."""
     env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS and k != "DS_ACCELERATOR"}
     env.update(
         PYTHONPATH=os.pathsep.join([str(patched), *filter(None, [os.environ.get("PYTHONPATH")])]),
@@ -174,16 +184,29 @@ def _run_patched_train_sft(patched: Path, inputs: SimpleNamespace, out: Path | N
         # one process, as `torchrun --nproc_per_node 1` would set it up
         RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()),
     )
-    flags = [] if out is None else [
-        "--model.model_name_or_path", inputs.model, "--data.dataset", inputs.data,
-        "--data.input_key", "prompt", "--data.output_key", "response", "--data.max_len", "64",
+    return subprocess.run([sys.executable, "-m", module, *argv], cwd=inputs.root,
+                          env=env, capture_output=True, text=True, timeout=900)
+
+
+def _common_flags(inputs: SimpleNamespace, out: Path, data: str) -> list[str]:
+    return [
+        "--model.model_name_or_path", inputs.model, "--data.dataset", data, "--data.max_len", "64",
         "--train.micro_batch_size", "4", "--train.batch_size", "8", "--train.max_epochs", "1",
         "--ds.zero_stage", "2", "--ds.attn_implementation", "eager", "--ds.param_dtype", "bf16",
         "--adam.lr", "1e-3", "--ckpt.output_dir", str(out), "--ckpt.path", str(out) + "_ckpt",
-        "--data.max_samples", "32",
     ]
-    return subprocess.run([sys.executable, "-m", module, *extra, *flags], cwd=inputs.root,
-                          env=env, capture_output=True, text=True, timeout=900)
+
+
+def _run_patched_train_sft(patched: Path, inputs: SimpleNamespace, out: Path | None, *extra: str,
+                           module: str = "openrlhf.cli.train_sft"):
+    flags = [] if out is None else [*_common_flags(inputs, out, inputs.data), "--data.input_key", "prompt",
+                                    "--data.output_key", "response", "--data.max_samples", "32"]
+    return _run_patched(patched, inputs, module, [*extra, *flags])
+
+
+def _run_patched_train_rm(patched: Path, inputs: SimpleNamespace, out: Path, data: str, *extra: str):
+    flags = [*_common_flags(inputs, out, data), "--data.prompt_key", "prompt", "--eval.dataset", data]
+    return _run_patched(patched, inputs, "openrlhf.cli.train_rm", [*extra, *flags])
 
 
 def _assert_trained_and_saved(proc, out: Path) -> str:
@@ -229,3 +252,29 @@ def test_plugin_launcher_defers_to_a_patched_openrlhf(patched_openrlhf, cli_inpu
                                   module="openrlhf_irl.cli.train_sft")
     output = _assert_trained_and_saved(proc, out)
     assert re.search(r"\biq_\w+=", output)
+
+
+def _assert_reward_model_saved(proc, out: Path) -> str:
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{output[-8000:]}"
+    config = json.loads((out / "config.json").read_text())
+    assert config["value_head_prefix"] == "score" and "mean" in config and "std" in config
+    return output
+
+
+@pytest.mark.slow
+def test_patched_train_rm_without_trainer_flag_trains_as_before(patched_openrlhf, cli_inputs):
+    out = cli_inputs.root / "out_rm"
+    output = _assert_reward_model_saved(_run_patched_train_rm(patched_openrlhf, cli_inputs, out, cli_inputs.pairs),
+                                        out)
+    assert "chosen_reward=" in output and "acc_mean" in output
+
+
+@pytest.mark.slow
+def test_patched_rm_trainer_runs_afd_classifier_through_its_own_fit(patched_openrlhf, cli_inputs):
+    """With 0003, afd_rm keeps OpenRLHF's fit and only supplies training_step (no re-stated loop)."""
+    out = cli_inputs.root / "out_afd_rm"
+    proc = _run_patched_train_rm(patched_openrlhf, cli_inputs, out, cli_inputs.labels, "--trainer", "afd_rm")
+    output = _assert_reward_model_saved(proc, out)
+    assert "RewardModelTrainer.fit drives training_step" in output
+    assert "pos_reward=" in output and "chosen_reward=" not in output

@@ -9,8 +9,10 @@ classifier's logit, the loss per micro-batch is
 
 (computed in fp32; ``--model.loss_type`` names pairwise losses and does not apply).
 
-OpenRLHF 0.11.2's ``RewardModelTrainer.fit``/``evaluate`` unpack chosen/rejected pairs inline, so this trainer
-re-states those two loops over ``(input_ids, attention_mask, labels)`` batches from
+OpenRLHF 0.11.2's ``RewardModelTrainer.fit``/``evaluate`` unpack chosen/rejected pairs inline. With
+``patches/0003`` (``RewardModelTrainer.training_step``) OpenRLHF's own ``fit`` runs and calls this trainer's
+:meth:`training_step`; on a stock 0.11.2 this trainer re-states the loop of ``fit``. ``evaluate`` is this
+trainer's own (classifier metrics) over ``(input_ids, attention_mask, labels)`` batches from
 :class:`~openrlhf_irl.datasets.labeled_reward.LabeledRewardDataset`, with OpenRLHF's own calls and semantics:
 ``strategy.backward`` / ``optimizer_step`` / ``all_reduce`` / ``all_gather``, the accumulation-step logging and
 :meth:`save_logs_and_checkpoints` (evaluation, DeepSpeed and HF checkpoints), and ``evaluate`` storing the
@@ -108,6 +110,10 @@ class AfDRewardTrainer(RewardModelTrainer):
 
     # ---- the loop of RewardModelTrainer.fit, over labelled batches ------------------------------------------
     def fit(self, args, consumed_samples=0, num_update_steps_per_epoch=None):
+        if "training_step" in vars(RewardModelTrainer):  # OpenRLHF with patches/0003: its loop calls ours
+            self.strategy.print("AfD: OpenRLHF's RewardModelTrainer.fit drives training_step")
+            return super().fit(args, consumed_samples, num_update_steps_per_epoch)
+        # stock OpenRLHF 0.11.2: the same loop as its fit, with the step in training_step
         if num_update_steps_per_epoch is None:
             num_update_steps_per_epoch = len(self.train_dataloader)
         if num_update_steps_per_epoch <= 0:

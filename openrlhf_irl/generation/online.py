@@ -98,7 +98,7 @@ class VLLMPolicySampler(PolicySampler):
     ``init_process_group``, ``update_weight``, ``update_weight_cuda_ipc``, ``reset_prefix_cache``).
 
     ``engines`` exist on rank 0 only (other ranks pass ``[]``). Each round uses fresh per-request seeds
-    ``derive_seed(seed + round, global_row, sample)``, so a run is reproducible up to GPU nondeterminism.
+    ``derive_seed(seed, round, global_row, sample)``, so a run is reproducible up to GPU nondeterminism.
     ``params_factory(temperature=, max_new_tokens=, seed=)`` builds one request's sampling parameters.
     """
 
@@ -167,7 +167,7 @@ class VLLMPolicySampler(PolicySampler):
         for row, prompt in enumerate(prompts):
             for s in range(self.n):
                 params = self.params_factory(temperature=self.temperature, max_new_tokens=self.max_new_tokens,
-                                             seed=derive_seed(self.seed + self.rounds, row, s))
+                                             seed=derive_seed(self.seed, self.rounds, row, s))
                 refs.append(self.engines[len(refs) % len(self.engines)].generate.remote(prompt, params))
         outputs = ray.get(refs)
         self.rounds += 1

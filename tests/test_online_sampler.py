@@ -224,27 +224,29 @@ def test_hf_sampler_keeps_zero3_ranks_in_step(tiny_model, tmp_path):
     assert "ok0 len=1" in proc.stdout and "ok1 len=" in proc.stdout
 
 
-def _online_two_rank_run(tiny_model, sft_data, out, sampler, env=None, timeout=600):
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", ["zero3", "lora_zero2"])
+def test_irl_iq_online_through_engine_sampler(tiny_model, sft_data, tmp_path, layout):
+    """The trainer's online term drawn from engines (CPU doubles) under two ranks: weights are pushed once per
+    refresh under the base model's names (ZeRO-3 shards gathered; LoRA adapters folded in, or the engine would
+    reject the names), every sample request is answered, and training still lowers the NLL."""
+    out, log = str(tmp_path / layout), tmp_path / "engine.jsonl"
     flags = sft_flags(tiny_model, sft_data, out)
-    flags[flags.index("--ds.zero_stage") + 1] = "3"
     flags[flags.index("--train.max_epochs") + 1] = "3"
+    if layout == "zero3":
+        flags[flags.index("--ds.zero_stage") + 1] = "3"
+    else:
+        flags += ["--ds.lora.rank", "16", "--ds.lora.alpha", "32", "--adam.lr", "1e-2"]
     extra = ["--trainer", "irl_iq", "--irl.td_weight", "0.1", "--irl.online_mix", "0.1", "--irl.n_samples", "2",
-             "--irl.max_new_tokens", "6", "--irl.online_refresh_steps", "2", "--irl.sampler", sampler]
-    env = {"PYTHONPATH": os.pathsep.join([SUPPORT, os.environ.get("PYTHONPATH", "")]), **(env or {})}
+             "--irl.max_new_tokens", "6", "--irl.online_refresh_steps", "2", "--irl.sampler", "cpu_engine:make_sampler"]
+    env = {"PYTHONPATH": os.pathsep.join([SUPPORT, os.environ.get("PYTHONPATH", "")]), "CPU_ENGINE_LOG": str(log)}
     proc = run_python(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                       "-m", "openrlhf_irl.cli.train_sft", *flags, *extra], timeout=timeout, env=env)
+                       "-m", "openrlhf_irl.cli.train_sft", *flags, *extra], timeout=600, env=env)
     assert_ok(proc)
     records = counting_records()
-    assert mean_response_nll(out, records) < 0.8 * mean_response_nll(tiny_model, records)
-    return proc
-
-
-@pytest.mark.slow
-def test_irl_iq_online_through_engine_sampler(tiny_model, sft_data, tmp_path):
-    """The trainer's online term drawn from engines (CPU doubles) under two ZeRO-3 ranks: weights are pushed once
-    per refresh, every sample request is answered, and training still lowers the NLL."""
-    out, log = str(tmp_path / "online_engine"), tmp_path / "engine.jsonl"
-    _online_two_rank_run(tiny_model, sft_data, out, "cpu_engine:make_sampler", env={"CPU_ENGINE_LOG": str(log)})
+    # LoRA on a random model learns slowly (see test_iq_trainer)
+    assert mean_response_nll(out, records) < (0.95 if layout.startswith("lora") else 0.8) * mean_response_nll(
+        tiny_model, records)
     events = [json.loads(line) for line in log.read_text().splitlines()]
     syncs = [e for e in events if e["event"] == "sync"]
     generated = [e for e in events if e["event"] == "generate"]

@@ -48,9 +48,6 @@ class IQConfig:
     online_mix: float = 0.0
     online_refresh_steps: int = 1
     chi2_on_policy: bool = False
-    n_samples: int = 1
-    max_new_tokens: int = 64
-    temperature: float = 1.0
     entropy_sample_tokens: int = 256
 
     @classmethod

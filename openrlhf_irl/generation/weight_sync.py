@@ -160,6 +160,9 @@ class EngineWeightSync:
 
         total = count_policy_weights(model)
         rank_0 = self._is_rank_0()
+        if self.mode == "nccl" and not rank_0 and zero_stage != 3:
+            self._barrier()  # only rank 0 sends, and nothing needs gathering
+            return total
         cache_refs = [e.reset_prefix_cache.remote() for e in self.engines] if rank_0 and self.reset_prefix_cache else []
         for count, (name, tensor) in enumerate(policy_weights(model, zero_stage=zero_stage, dtype=self.engine_dtype), 1):
             last = count == total

@@ -1,5 +1,6 @@
-"""Generation backends for sampling jobs: transformers (CPU/GPU), vLLM engines (GPU), a Ray pool of either, and
-teacher-forced scoring (``log pi(y|x)`` and the training-free AfD reward ``log pi_SFT - log pi_init``).
+"""Generation backends for sampling jobs: transformers (CPU/GPU), vLLM engines (GPU), a Ray pool of either; the
+online IQ-Learn samplers with their engine weight push; and teacher-forced scoring (``log pi(y|x)`` and the
+training-free AfD reward ``log pi_SFT - log pi_init``).
 
 Heavy modules (transformers, Ray, vLLM) are imported on first use of their names.
 """
@@ -22,6 +23,12 @@ _LAZY = {
     "sequence_logprobs": ".scoring",
     "token_logprob_sums": ".scoring",
     "LogRatioScorer": ".scoring",
+    "PolicySampler": ".online",
+    "HFPolicySampler": ".online",
+    "VLLMPolicySampler": ".online",
+    "build_policy_sampler": ".online",
+    "EngineWeightSync": ".weight_sync",
+    "policy_weights": ".weight_sync",
 }
 
 __all__ = ["SamplingParams", "Completion", "format_prompt", "derive_seed", "plan_requests", *_LAZY]

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 from functools import wraps
 
 import torch
+
+from openrlhf_irl.utils.distributed import free_port
 
 SUPPORTED_OPENRLHF_VERSIONS = ("0.11.2",)
 ENV_SWITCH = "OPENRLHF_IRL_COMPAT"
@@ -72,12 +73,6 @@ def _make_cuda_device_calls_harmless() -> None:
     torch.cuda.empty_cache = lambda: None
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def init_cpu_process_group(timeout=None) -> None:
     """Start torch.distributed on gloo (single process when no launcher set the rendezvous variables)."""
     import deepspeed
@@ -88,7 +83,7 @@ def init_cpu_process_group(timeout=None) -> None:
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.setdefault("MASTER_PORT", str(free_port("127.0.0.1")))
     kwargs = {"dist_backend": "gloo", "auto_mpi_discovery": False}
     if timeout is not None:
         kwargs["timeout"] = timeout

@@ -20,6 +20,8 @@ from typing import Callable, Sequence
 import torch
 import torch.nn as nn
 
+from openrlhf_irl.utils.distributed import rank_and_world
+
 from .params import derive_seed
 from .policy_samples import cut_after_eos, pack_policy_samples, sample_completions
 
@@ -56,8 +58,7 @@ class HFPolicySampler(PolicySampler):
 
     def refresh(self, model: nn.Module, *, zero_stage: int = 0) -> None:
         self._model = getattr(model, "module", model)
-        distributed = torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
-        self._synced = zero_stage == 3 and distributed
+        self._synced = zero_stage == 3 and rank_and_world()[1] > 1
 
     @torch.no_grad()
     def sample(self, prompts: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -113,12 +114,6 @@ class VLLMPolicySampler(PolicySampler):
         self.enable_sleep = enable_sleep
         self.rounds = 0
 
-    @staticmethod
-    def _rank_and_world() -> tuple[int, int]:
-        if torch.distributed.is_initialized():
-            return torch.distributed.get_rank(), torch.distributed.get_world_size()
-        return 0, 1
-
     def _engine_call(self, method: str, *args, **kwargs):
         import ray
 
@@ -126,15 +121,15 @@ class VLLMPolicySampler(PolicySampler):
             return ray.get([getattr(e, method).remote(*args, **kwargs) for e in self.engines])
 
     def refresh(self, model: nn.Module, *, zero_stage: int = 0) -> None:
-        if self.enable_sleep and self._rank_and_world()[0] == 0:
+        if self.enable_sleep and rank_and_world()[0] == 0:
             self._engine_call("wake_up", ["weights"])
         if self.weight_sync is not None:
             self.weight_sync.push(model, zero_stage=zero_stage)
-        if self.enable_sleep and self._rank_and_world()[0] == 0:
+        if self.enable_sleep and rank_and_world()[0] == 0:
             self._engine_call("wake_up", ["kv_cache"])
 
     def sample(self, prompts: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
-        rank, world = self._rank_and_world()
+        rank, world = rank_and_world()
         local = [p.tolist() for p in prompts]
         if world > 1:
             per_rank = [None] * world
@@ -209,9 +204,8 @@ def build_vllm_sampler(args, tokenizer) -> VLLMPolicySampler:
     from .weight_sync import EngineWeightSync
 
     irl = args.irl
-    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
     engines = []
-    if rank == 0:
+    if rank_and_world()[0] == 0:
         from openrlhf.trainer.ray.vllm_engine import create_vllm_engines
 
         ensure_ray()

@@ -10,11 +10,12 @@ the engines always hold plain HF-named weights of the current policy.
 
 from __future__ import annotations
 
-import socket
 from typing import Callable, Iterator, Optional, Sequence
 
 import torch
 import torch.nn as nn
+
+from openrlhf_irl.utils.distributed import free_port, rank_and_world
 
 WEIGHT_SYNC_MODES = ("nccl", "cuda_ipc")
 
@@ -72,7 +73,11 @@ def policy_weights(model: nn.Module, *, zero_stage: int = 0, dtype: Optional[tor
       iterate, in the same order; ranks other than 0 may ignore the values.
     * Tensors are detached; ``dtype`` casts them (vLLM engines run in bfloat16).
     """
-    for name, param, layer in _export_plan(model):
+    yield from _export(_export_plan(model), zero_stage, dtype)
+
+
+def _export(plan, zero_stage: int, dtype: Optional[torch.dtype]) -> Iterator[tuple[str, torch.Tensor]]:
+    for name, param, layer in plan:
         gathered = [param] if layer is None else list(layer.parameters())
         with _gathered(gathered, zero_stage), torch.no_grad():
             tensor = param.detach()
@@ -83,21 +88,11 @@ def policy_weights(model: nn.Module, *, zero_stage: int = 0, dtype: Optional[tor
             yield name, tensor.to(dtype) if dtype is not None else tensor
 
 
-def count_policy_weights(model: nn.Module) -> int:
-    return len(_export_plan(model))
-
-
 def openrlhf_nccl_group(master_address: str, master_port: int, rank: int, world_size: int):
     """OpenRLHF's stateless NCCL group (vLLM's ``PyNcclCommunicator``), as its PPO actor builds it."""
     from openrlhf.utils.distributed_util import stateless_init_process_group
 
     return stateless_init_process_group(master_address, master_port, rank, world_size, torch.cuda.current_device())
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("", 0))
-        return sock.getsockname()[1]
 
 
 def node_ip() -> str:
@@ -128,7 +123,7 @@ class EngineWeightSync:
         self.engine_dtype = engine_dtype
         self.reset_prefix_cache = reset_prefix_cache
         self._group = None
-        if mode == "nccl" and self._is_rank_0():
+        if mode == "nccl" and rank_and_world()[0] == 0:
             import ray
 
             address, port = node_ip(), free_port()
@@ -143,10 +138,6 @@ class EngineWeightSync:
         self._barrier()
 
     @staticmethod
-    def _is_rank_0() -> bool:
-        return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
-
-    @staticmethod
     def _barrier() -> None:
         if torch.distributed.is_initialized():
             torch.distributed.barrier()
@@ -158,13 +149,14 @@ class EngineWeightSync:
         """
         import ray
 
-        total = count_policy_weights(model)
-        rank_0 = self._is_rank_0()
+        plan = _export_plan(model)
+        total = len(plan)
+        rank_0 = rank_and_world()[0] == 0
         if self.mode == "nccl" and not rank_0 and zero_stage != 3:
             self._barrier()  # only rank 0 sends, and nothing needs gathering
             return total
         cache_refs = [e.reset_prefix_cache.remote() for e in self.engines] if rank_0 and self.reset_prefix_cache else []
-        for count, (name, tensor) in enumerate(policy_weights(model, zero_stage=zero_stage, dtype=self.engine_dtype), 1):
+        for count, (name, tensor) in enumerate(_export(plan, zero_stage, self.engine_dtype), 1):
             last = count == total
             if self.mode == "cuda_ipc":
                 self._push_ipc(name, tensor, last)
@@ -187,7 +179,7 @@ class EngineWeightSync:
         weight = tensor.clone()  # a private copy: gathered ZeRO-3 storage is released after the yield
         handles = [None] * torch.distributed.get_world_size()
         torch.distributed.all_gather_object(handles, {get_physical_gpu_id(): reduce_tensor(weight)})
-        if self._is_rank_0():
+        if rank_and_world()[0] == 0:
             by_gpu = {gpu: handle for h in handles for gpu, handle in h.items()}
             ray.get([e.update_weight_cuda_ipc.remote(name, dtype=weight.dtype, shape=tuple(weight.shape),
                                                      ipc_handles=by_gpu, empty_cache=last) for e in self.engines])

@@ -99,10 +99,10 @@ def make_sampler(args, tokenizer):
     from openrlhf_irl.generation.online import VLLMPolicySampler, training_seed
     from openrlhf_irl.generation.ray_pool import ensure_ray
     from openrlhf_irl.generation.weight_sync import EngineWeightSync
+    from openrlhf_irl.utils.distributed import rank_and_world
 
-    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
     engines = []
-    if rank == 0:
+    if rank_and_world()[0] == 0:
         ensure_ray(num_cpus=1)
         log = os.environ.get("CPU_ENGINE_LOG")
         engines = [CPUEngine.remote(args.model.model_name_or_path, log) for _ in range(args.irl.vllm_num_engines)]

@@ -44,6 +44,11 @@ measurably beat the demonstrator.
 Measured mean golden reward (seeded, 2000-4000 prompts): random 0.04, expert
 0.68 at noise 0.4 (0.73 at 0.3, 0.64 at 0.5, 0.87 at 0), best 1.0. Best-of-16
 over expert samples: 0.98 picking by golden reward, 0.83 by the style terms alone.
+Held-out evaluation: :func:`split_prompts` sets aside a quarter of each k's targets (seeded); ``build_task``
+and ``pretrain_corpus`` draw every training prompt from the rest and evaluation prompts from the held-out side
+only, so a policy is scored on (k, T) combinations it never saw in pre-training, SFT, AfD sampling or reward-model
+training.
+
 Texts are short: with a 300-token byte-level BPE trained on ``pretrain_corpus``
 prompts are <= 7 tokens, demonstrations <= 14 (mean ~8), random answers <= 16.
 """
@@ -65,6 +70,7 @@ __all__ = [
     "target_range",
     "all_prompts",
     "make_prompts",
+    "split_prompts",
     "golden_reward",
     "golden",
     "golden_reward_batch",
@@ -106,6 +112,9 @@ class TaskConfig:
     expert_noise: float = 0.4  # P(sum slip); P(count slip) = expert_noise / 2
     expert_sort_prob: float = 0.5  # the expert's "mediocre style": sorts half of the time
     n_pretrain: int = 4000  # lines of pre-training text
+    # share of each k's targets held out of every training stage (pre-training, SFT, AfD sampling, reward
+    # models): evaluation prompts come only from these; 0 draws evaluation prompts from the training prompts
+    held_out_fraction: float = 0.25
 
 
 # --------------------------------------------------------------------------- prompts
@@ -144,14 +153,46 @@ def all_prompts() -> list[str]:
     return out
 
 
-def make_prompts(n: int, rng: RngLike = None) -> list[str]:
-    """``n`` prompts drawn (with replacement) uniformly over k, then over the target."""
+def make_prompts(n: int, rng: RngLike = None, pool: Optional[list[str]] = None) -> list[str]:
+    """``n`` prompts drawn (with replacement) uniformly over k, then over the target; with ``pool``, only prompts
+    of the pool (uniformly over the k values present in it, then over its targets for that k)."""
     rng = _rng(rng)
-    out = []
-    for _ in range(n):
-        k = rng.randint(*K_RANGE)
-        out.append(format_prompt(k, rng.randint(*target_range(k))))
-    return out
+    if pool is None:
+        out = []
+        for _ in range(n):
+            k = rng.randint(*K_RANGE)
+            out.append(format_prompt(k, rng.randint(*target_range(k))))
+        return out
+    by_k: dict[int, list[str]] = {}
+    for p in pool:
+        parsed = parse_prompt(p)
+        if parsed is None:
+            raise ValueError(f"not a task prompt: {p!r}")
+        by_k.setdefault(parsed[0], []).append(p)
+    if not by_k:
+        raise ValueError("make_prompts: empty prompt pool")
+    ks = sorted(by_k)
+    return [rng.choice(by_k[rng.choice(ks)]) for _ in range(n)]
+
+
+def split_prompts(seed: int, held_out_fraction: float = 0.25) -> tuple[list[str], list[str]]:
+    """(training prompts, held-out prompts): for each k, ``round(held_out_fraction * targets)`` of its targets
+    (at least one when the fraction is > 0), chosen at random with ``seed``, are held out. Disjoint, and
+    together every prompt of the task."""
+    if not 0.0 <= held_out_fraction < 1.0:
+        raise ValueError(f"held_out_fraction must be in [0, 1), got {held_out_fraction}")
+    rng = random.Random(seed * 7_919 + 17)
+    train, held = [], []
+    for k in range(K_RANGE[0], K_RANGE[1] + 1):
+        lo, hi = target_range(k)
+        targets = list(range(lo, hi + 1))
+        rng.shuffle(targets)
+        n_held = int(held_out_fraction * len(targets) + 0.5)
+        if held_out_fraction > 0:
+            n_held = max(1, n_held)
+        held.extend(format_prompt(k, t) for t in sorted(targets[:n_held]))
+        train.extend(format_prompt(k, t) for t in sorted(targets[n_held:]))
+    return train, held
 
 
 # --------------------------------------------------------------------------- reward
@@ -293,10 +334,19 @@ def random_response(prompt: str, rng: RngLike = None) -> str:
 
 
 def build_task(cfg: TaskConfig) -> dict[str, Any]:
-    """Train/eval prompts and expert demonstrations, deterministic in ``cfg.seed``."""
+    """Train/eval prompts and expert demonstrations, deterministic in ``cfg.seed``.
+
+    With ``held_out_fraction > 0`` (the default) training prompts are drawn from the training side of
+    :func:`split_prompts` and evaluation prompts from its held-out side only, so no evaluation prompt is ever
+    trained on; ``held_out_prompts`` lists every held-out prompt once.
+    """
     rng = random.Random(cfg.seed)
-    train = make_prompts(cfg.n_train_prompts, random.Random(rng.getrandbits(64)))
-    evals = make_prompts(cfg.n_eval_prompts, random.Random(rng.getrandbits(64)))
+    if cfg.held_out_fraction > 0:
+        train_pool, held_pool = split_prompts(cfg.seed, cfg.held_out_fraction)
+    else:
+        train_pool = held_pool = None
+    train = make_prompts(cfg.n_train_prompts, random.Random(rng.getrandbits(64)), pool=train_pool)
+    evals = make_prompts(cfg.n_eval_prompts, random.Random(rng.getrandbits(64)), pool=held_pool)
     erng = random.Random(rng.getrandbits(64))
     demos = [
         {
@@ -310,6 +360,7 @@ def build_task(cfg: TaskConfig) -> dict[str, Any]:
         "config": cfg,
         "train_prompts": train,
         "eval_prompts": evals,
+        "held_out_prompts": list(held_pool or []),
         "demonstrations": demos,
     }
 
@@ -318,8 +369,10 @@ def pretrain_corpus(cfg: TaskConfig, sep: str = " ") -> list[str]:
     """Text for tokenizer training and brief pre-training of the initial policy:
     ``"<prompt><sep><random_response>"`` lines (fluent format, bad content), with a few
     bare number lists for digit coverage. Deterministic in ``cfg.seed``, on a seed
-    stream separate from ``build_task``'s."""
+    stream separate from ``build_task``'s. Its prompts come from the training side of the
+    held-out split only (the same split as ``build_task``'s)."""
     rng = random.Random(cfg.seed * 1_000_003 + 1)
+    pool = split_prompts(cfg.seed, cfg.held_out_fraction)[0] if cfg.held_out_fraction > 0 else None
     lines = []
     for i in range(cfg.n_pretrain):
         if i % 10 == 9:
@@ -327,6 +380,6 @@ def pretrain_corpus(cfg: TaskConfig, sep: str = " ") -> list[str]:
             lines.append(_render([rng.randint(0, MAX_TARGET) for _ in range(n)],
                                  rng.randint(0, MAX_TARGET)))
         else:
-            p = make_prompts(1, rng)[0]
+            p = make_prompts(1, rng, pool=pool)[0]
             lines.append(f"{p}{sep}{random_response(p, rng)}")
     return lines

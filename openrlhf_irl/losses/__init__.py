@@ -1,5 +1,6 @@
 """Token-level inverse-RL losses (IQ-Learn), plain and fused with the lm_head."""
 
+from .fused_iq_objective import HeadTransform, IQTermWeights, iq_weighted_loss, linear_iq_objective, token_weights_of
 from .fused_linear_qv import LinearQV, fused_iq_learn_loss, linear_q_and_v, masked_linear_q_and_v
 from .iq_learn import (
     IQTokenTerms,
@@ -25,4 +26,9 @@ __all__ = [
     "masked_linear_q_and_v",
     "fused_iq_learn_loss",
     "LinearQV",
+    "linear_iq_objective",
+    "IQTermWeights",
+    "HeadTransform",
+    "iq_weighted_loss",
+    "token_weights_of",
 ]

@@ -1,0 +1,289 @@
+"""Single-pass fused lm_head + IQ-Learn objective: input and weight gradients computed in the forward pass.
+
+Every IQ-Learn objective the trainer uses is a per-token weighted sum of the terms of ``IQTokenTerms``:
+
+    L = sum_t [ w_lp,t log pi_t + w_r,t r_t + w_r2,t r_t^2 + w_v,t v_t + w_n,t V'_t ]            (IQTermWeights)
+
+with q_t = l_t[a_t], v_t = logsumexp(l_t), log pi_t = q_t - v_t, V'_t = v_{t+1} where t links to a next response
+token (0 after a terminal step, and r_t, r_t^2 only where t has a TD term), r_t = q_t - gamma V'_t. The offline loss
+with OpenRLHF's normalisers w_t is w_lp = -mle_weight w, w_r2 = lambda w. Its gradient wrt the logits of row t is
+
+    dL/dl_t = A_t onehot(a_t) + B_t softmax(l_t)
+    A_t = w_lp,t + w_r,t + 2 w_r2,t r_t                                  (needs v_{t+1}: added after all chunks)
+    B_t = -w_lp,t + w_v,t + [t-1 links to t] (w_n,t-1 - gamma w_r,t-1 - 2 gamma w_r2,t-1 r_{t-1})
+
+(REFERENCE section 1 with w_lp = -w, w_r2 = lambda w: A = w(-1 + 2 lambda r_t), B = w(1 - 2 lambda gamma r_{t-1})).
+B_t needs only q_{t-1} and v_t, known once row t's chunk of logits exists, so the dense part B_t p_t goes into
+dh_c = g W and dW += g^T h_c right away, and the one-column part A_t is added after the last chunk:
+dh_t += A_t W[a_t], dW[a_t] += A_t h_t. Three lm_head-sized matmuls per chunk (logits, dh, dW), as a fused
+cross-entropy, instead of the four of the two-pass ``LinearQV`` (logits again in backward). Backward only scales
+the saved gradients by the incoming grad.
+
+Output-head transforms (``HeadTransform``): logits = softcap * tanh(scale * (h W^T) / softcap) or scale * (h W^T);
+then dl/dz = scale * (1 - (l / softcap)^2).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple, Optional
+
+import torch
+
+from .iq_learn import IQTokenTerms, iq_token_terms
+
+__all__ = ["IQTermWeights", "FusedIQOutput", "HeadTransform", "LinearIQObjective", "linear_iq_objective", "iq_weighted_loss",
+           "token_weights_of"]
+
+
+@dataclass(frozen=True)
+class HeadTransform:
+    """logits = softcap * tanh(scale * z / softcap) (softcap set) or scale * z, with z = hidden @ weight.T."""
+
+    scale: float = 1.0
+    softcap: Optional[float] = None
+
+    @property
+    def identity(self) -> bool:
+        return self.scale == 1.0 and self.softcap is None
+
+    def apply(self, z: torch.Tensor) -> torch.Tensor:
+        """The transform on fp32 pre-logits (differentiable; for references and the plain path)."""
+        z = z * self.scale if self.scale != 1.0 else z
+        if self.softcap is not None:
+            z = self.softcap * torch.tanh(z / self.softcap)
+        return z
+
+
+class IQTermWeights(NamedTuple):
+    """Per-token weights [B, T] (None = 0) of the ``IQTokenTerms`` fields in L (module docstring)."""
+
+    log_probs: Optional[torch.Tensor] = None
+    rewards: Optional[torch.Tensor] = None
+    rewards_sq: Optional[torch.Tensor] = None
+    values: Optional[torch.Tensor] = None
+    next_values: Optional[torch.Tensor] = None
+
+
+def iq_weighted_loss(terms: IQTokenTerms, weights: IQTermWeights) -> torch.Tensor:
+    """The plain (autograd) form of L: sum_t of the weighted terms. r and r^2 count only where td_mask is set."""
+    total = terms.values.new_zeros(())
+    td = terms.td_mask
+    pairs = [(weights.log_probs, terms.log_probs), (weights.rewards, terms.rewards * td),
+             (weights.rewards_sq, terms.rewards.square() * td), (weights.values, terms.values),
+             (weights.next_values, terms.next_values)]
+    for w, x in pairs:
+        if w is not None:
+            total = total + (w.float() * x).sum()
+    return total
+
+
+def token_weights_of(reduce, like: torch.Tensor) -> torch.Tensor:
+    """w_t = d reduce(x) / d x_t for a linear reduction ``reduce`` of a per-token tensor (e.g. OpenRLHF's
+    ``aggregate_loss`` with its normalisers): the weights the single-pass op needs before any loss exists."""
+    with torch.enable_grad():
+        x = torch.zeros(like.shape, dtype=torch.float32, device=like.device, requires_grad=True)
+        (w,) = torch.autograd.grad(reduce(x), x)
+    return w
+
+
+def _chunk_logits(h, weight, head: HeadTransform):
+    z = (h @ weight.t()).float()
+    if head.scale != 1.0:
+        z.mul_(head.scale)
+    if head.softcap is not None:
+        z.div_(head.softcap).tanh_().mul_(head.softcap)
+    return z
+
+
+class LinearIQObjective(torch.autograd.Function):
+    """Flattened rows: hidden [N, H], weight [V, H], labels [N] (outside [0, V): q = 0, no one-hot part), per-row
+    fp32 coefficients cq, cv, cn, c2 [N] and ``link`` [N] (row t's next value is row t+1's v):
+
+        L = sum_t cq q_t + cv v_t + cn link_t v_{t+1} + c2 r_t^2,   r_t = q_t - gamma link_t v_{t+1}
+
+    Returns (L, q, v, entropy of the ``entropy_rows`` rows); only L is differentiable."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, cq, cv, cn, c2, link, gamma, head, chunk_size, need_h, need_w,
+                entropy_rows):
+        n, vocab = hidden.shape[0], weight.shape[0]
+        dev = hidden.device
+        q = torch.zeros(n, dtype=torch.float32, device=dev)
+        v = torch.zeros(n, dtype=torch.float32, device=dev)
+        dlab = torch.ones(n, dtype=torch.float32, device=dev)  # dl/dz at the label column (softcap)
+        valid = (labels >= 0) & (labels < vocab)
+        index = torch.where(valid, labels, torch.zeros_like(labels))
+        lf = link.float()
+        # coefficients of row t-1 that reach v_t
+        first = cn.new_zeros(min(n, 1))
+        prev_n = torch.cat([first, (cn * lf)[:-1]])
+        prev_c2 = torch.cat([first, (c2 * lf)[:-1]])
+        dh = torch.empty_like(hidden) if need_h else None
+        dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        ent = []
+        q_prev = q.new_zeros(1)
+        for s in range(0, n, chunk_size):
+            e = min(s + chunk_size, n)
+            h = hidden[s:e]
+            logits = _chunk_logits(h, weight, head)
+            qc = logits.gather(1, index[s:e, None]).squeeze(1)
+            qc = torch.where(valid[s:e], qc, torch.zeros_like(qc))
+            vc = torch.logsumexp(logits, dim=-1)
+            q[s:e], v[s:e] = qc, vc
+            if entropy_rows is not None:
+                sel = entropy_rows[s:e]
+                if bool(sel.any()):
+                    ls = logits[sel]
+                    ent.append(vc[sel] - (torch.softmax(ls, -1) * ls).sum(-1))
+            if not (need_h or need_w):
+                continue
+            # B_t for the chunk's rows; r_{t-1} = q_{t-1} - gamma v_t
+            r_prev = torch.cat([q_prev, qc[:-1]]) - gamma * vc
+            b = cv[s:e] + prev_n[s:e] - 2.0 * gamma * prev_c2[s:e] * r_prev
+            q_prev = qc[-1:]
+            g = logits.sub(vc[:, None]).exp_().mul_(b[:, None])  # B_t softmax(l_t)
+            if head.softcap is not None or head.scale != 1.0:
+                if head.softcap is not None:
+                    dz = logits.div_(head.softcap).square_().neg_().add_(1.0)
+                    dlab[s:e] = dz.gather(1, index[s:e, None]).squeeze(1) * head.scale
+                    g.mul_(dz)
+                else:
+                    dlab[s:e] = head.scale
+                if head.scale != 1.0:
+                    g.mul_(head.scale)
+            del logits
+            g = g.to(hidden.dtype)
+            if need_h:
+                dh[s:e] = g @ weight
+            if need_w:
+                dw.add_(g.t() @ h)
+        v_next = torch.cat([v[1:], v.new_zeros(min(n, 1))]) * lf
+        r = q - gamma * v_next
+        loss = (cq * q).sum() + (cv * v).sum() + (cn * v_next).sum() + (c2 * r.square()).sum()
+        if need_h or need_w:
+            a = torch.where(valid, (cq + 2.0 * c2 * r) * dlab, torch.zeros_like(r))
+            if need_h:
+                dh.add_((a[:, None] * weight[index].float()).to(hidden.dtype))
+            if need_w:
+                dw.index_add_(0, index, a[:, None] * hidden.float())
+                dw = dw.to(weight.dtype)
+        ctx.save_for_backward(*(t for t in (dh, dw) if t is not None))
+        ctx.has = (need_h, need_w)
+        entropy = torch.cat(ent) if ent else q.new_zeros(0)
+        ctx.mark_non_differentiable(q, v, entropy)
+        return loss, q, v, entropy
+
+    @staticmethod
+    def backward(ctx, dloss, dq, dv, dent):
+        saved = list(ctx.saved_tensors)
+        need_h, need_w = ctx.has
+        dh = saved.pop(0) if need_h else None
+        dw = saved.pop(0) if need_w else None
+        if dh is not None and ctx.needs_input_grad[0]:
+            dh = dh * dloss.to(dh.dtype)
+        else:
+            dh = None
+        if dw is not None and ctx.needs_input_grad[1]:
+            dw = dw * dloss.to(dw.dtype)
+        else:
+            dw = None
+        return (dh, dw) + (None,) * 12
+
+
+class FusedIQOutput(NamedTuple):
+    loss: torch.Tensor  # L, differentiable wrt hidden and weight
+    terms: IQTokenTerms  # of the detached (q, v), for stats
+    entropy: torch.Tensor  # [k] policy entropy of the ``entropy_mask`` rows (row-major), detached
+    q: torch.Tensor  # [B, T] detached
+    v: torch.Tensor  # [B, T] detached
+    bootstrap_values: Optional[torch.Tensor]  # [B, T] V after each ``bootstrap_mask`` token (0 elsewhere), detached
+
+
+def linear_iq_objective(hidden, weight, labels, loss_mask, terminal_mask, weights: IQTermWeights, *,
+                        gamma: float = 1.0, head: HeadTransform = HeadTransform(), chunk_size: int = 1024,
+                        entropy_mask: Optional[torch.Tensor] = None,
+                        bootstrap_mask: Optional[torch.Tensor] = None) -> FusedIQOutput:
+    """L (see module docstring) from hidden states and the lm_head weight [V, H] in one pass over the vocabulary.
+
+    ``hidden`` [B, T_h, H] with T_h >= T: position t predicts ``labels[:, t]`` ([B, T]). Only response rows
+    (``loss_mask``) go through the lm_head, plus, for each token of ``bootstrap_mask`` (a response cut by a length
+    limit), the state after it, ``hidden[:, t + 1]``, whose value is V(s_{t+1}) of that token. A response token's
+    next value is v of the row's next response position (the next token, or the start of the next assistant
+    segment across a user turn), else the bootstrap value, 0 after a terminal token, else it has no TD term; the
+    weights of r and r^2 count only on tokens with a TD term.
+    """
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    resp = loss_mask.bool()
+    batch, width = resp.shape
+    if hidden.shape[1] < width:
+        raise ValueError(f"hidden {tuple(hidden.shape)} is shorter than labels {tuple(labels.shape)}")
+    term = terminal_mask.bool() & resp
+    rows = torch.zeros(hidden.shape[:2], dtype=torch.bool, device=resp.device)
+    rows[:, :width] = resp
+    boot = None
+    if bootstrap_mask is not None:
+        boot = bootstrap_mask.bool() & resp & ~term
+        boot_at = torch.zeros_like(rows)
+        boot_at[:, :width] = boot
+        if boot_at[:, -1].any():
+            raise ValueError("bootstrap_mask needs the hidden state after the last label position")
+        rows[:, 1:] |= boot_at[:, :-1]
+    is_resp = torch.zeros_like(rows)
+    is_resp[:, :width] = resp
+    is_term = torch.zeros_like(rows)
+    is_term[:, :width] = term
+    # compressed (row-major) rows: row i's next state is row i + 1 when both lie in the same sequence
+    flat_b = torch.arange(batch, device=resp.device)[:, None].expand_as(rows)[rows]
+    same_seq = torch.zeros_like(flat_b, dtype=torch.bool)
+    same_seq[:-1] = flat_b[1:] == flat_b[:-1]
+    r_resp, r_term = is_resp[rows], is_term[rows]
+    link = r_resp & ~r_term & same_seq
+    td = r_resp & (r_term | link)
+    n = int(rows.sum())
+
+    def w(x, where):
+        if x is None:
+            return None
+        full = torch.zeros(rows.shape, dtype=torch.float32, device=resp.device)
+        full[:, :width] = x.float()
+        return torch.where(where, full[rows], 0.0)
+
+    zeros = torch.zeros(n, dtype=torch.float32, device=hidden.device)
+    w_lp, w_r, w_r2, w_v, w_n = (w(x, td if i in (1, 2) else r_resp) for i, x in enumerate(weights))
+    cq, cv, cn = zeros.clone(), zeros.clone(), zeros.clone()
+    c2 = w_r2 if w_r2 is not None else zeros.clone()
+    if w_lp is not None:
+        cq += w_lp
+        cv -= w_lp
+    if w_r is not None:
+        cq += w_r
+        cn -= gamma * w_r
+    if w_v is not None:
+        cv += w_v
+    if w_n is not None:
+        cn += w_n
+    flat_labels = torch.full(rows.shape, -1, dtype=labels.dtype, device=labels.device)
+    flat_labels[:, :width] = torch.where(resp, labels, -1)
+    grad = torch.is_grad_enabled()
+    ent_rows = None
+    if entropy_mask is not None:
+        ent_full = torch.zeros_like(rows)
+        ent_full[:, :width] = entropy_mask.bool() & resp
+        ent_rows = ent_full[rows]
+    loss, q, v, entropy = LinearIQObjective.apply(
+        hidden[rows], weight, flat_labels[rows], cq, cv, cn, c2, link, float(gamma), head, int(chunk_size),
+        grad and hidden.requires_grad, grad and weight.requires_grad, ent_rows,
+    )
+    q_rows = q.new_zeros(rows.shape).masked_scatter(rows, q)
+    v_rows = v.new_zeros(rows.shape).masked_scatter(rows, v)
+    q_full = torch.where(resp, q_rows[:, :width], 0.0)
+    v_full = torch.where(resp, v_rows[:, :width], 0.0)
+    if boot is None:
+        terms = iq_token_terms(q_full, v_full, resp, term, gamma=gamma)
+        return FusedIQOutput(loss, terms, entropy, q_full, v_full, None)
+    v_after = torch.cat([v_rows[:, 1:], v_rows.new_zeros(batch, 1)], dim=1)[:, :width]
+    boot_v = torch.where(boot, v_after, 0.0)
+    terms = iq_token_terms(q_full, v_full, resp, term, gamma=gamma, bootstrap_mask=boot, bootstrap_values=boot_v)
+    return FusedIQOutput(loss, terms, entropy, q_full, v_full, boot_v)

@@ -265,6 +265,15 @@ def test_cli_bad_inputs_exit_2(models, tmp_path, capsys):
     assert e.value.code == 2
 
 
+def sign(argv, path):
+    """Write the provenance sidecar the CLI would write for ``argv`` (as if this tool had produced ``path``)."""
+    from openrlhf_irl.cli.sample import build_parser, provenance
+    from openrlhf_irl.utils.provenance import write_provenance
+
+    args = build_parser().parse_args(argv)
+    write_provenance(str(path), provenance(args, load_tokenizer(args.model)))
+
+
 def test_cli_resume_checks_and_nothing_to_do(models, tmp_path, capsys):
     prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "a"}, {"prompt": "b"}, {"prompt": "a"}])
     out = tmp_path / "o.jsonl"
@@ -275,19 +284,74 @@ def test_cli_resume_checks_and_nothing_to_do(models, tmp_path, capsys):
     write_jsonl(out, done)
     with open(out, "ab") as f:
         f.write(b'{"prompt": "a", "resp')  # a torn write
+    before = out.read_bytes()
+    # not written by this tool (no provenance): refused, and the torn line is NOT cut
+    code, _, err = run_main(capsys, argv)
+    assert code == 2 and "no o.jsonl.provenance.json" in err and "--overwrite" in err
+    assert out.read_bytes() == before
+
+    sign(argv, out)
     code, stdout, _ = run_main(capsys, argv)
     assert code == 0
     assert "2 unique (1 duplicates dropped)" in stdout
     assert "dropped a partial last line" in stdout and "nothing to do" in stdout
     assert read_records(out) == done  # the torn line was cut off
 
+    # other settings than the file's: refused, naming the setting and the flag
+    code, _, err = run_main(capsys, argv + ["--temperature", "0.5"])
+    assert code == 2 and "sampling.temperature: 1.0 before, 0.5 now" in err and "--overwrite" in err
+    code, _, err = run_main(capsys, [*argv[:1], models[0], *argv[2:]])
+    assert code == 2 and "model.path" in err and "model.weights" in err
+    assert read_records(out) == done
+
+    # a bad complete line is reported and the torn tail after it left alone
     write_jsonl(out, [dict(rec, prompt="a", sample_index=0, policy="init")])
     code, _, err = run_main(capsys, argv)
     assert code == 2 and "line 1, field 'policy'" in err
 
     write_jsonl(out, [dict(rec, prompt="a", sample_index="0")])
+    with open(out, "ab") as f:
+        f.write(b'{"prompt": "a", "resp')
+    before = out.read_bytes()
     code, _, err = run_main(capsys, argv)
     assert code == 2 and "field 'sample_index'" in err
+    assert out.read_bytes() == before
+
+    write_jsonl(out, [dict(rec, prompt="a", sample_index=0), dict(rec, prompt="b", sample_index=0),
+                      dict(rec, prompt="a", sample_index=0)])
+    code, _, err = run_main(capsys, argv)
+    assert code == 2 and "line 3" in err and "repeated (prompt, sample_index)" in err and "first at line 1" in err
+
+
+def test_cli_output_lock_refuses_a_second_writer(models, tmp_path, capsys):
+    from openrlhf_irl.cli.sample import OutputLock
+
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "a"}])
+    out = tmp_path / "o.jsonl"
+    argv = ["--model", models[1], "--prompts", prompts, "--policy-name", "sft", "--output", str(out)]
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl,sys,time; f=open(sys.argv[1],'a'); "
+                               "fcntl.flock(f, fcntl.LOCK_EX); print('locked', flush=True); time.sleep(60)", str(out)],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        code, _, err = run_main(capsys, argv)
+        assert code == 2 and "another job is writing this file" in err
+    finally:
+        holder.kill()
+        holder.wait()
+    lock = OutputLock(str(out))  # free again once the other writer is gone
+    lock.release()
+
+
+def test_cli_prompt_longer_than_context(models, tmp_path, capsys):
+    long_prompt = " ".join(["token"] * 400)  # the tiny model's context is 256
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "short"}, {"prompt": long_prompt}])
+    out = tmp_path / "o.jsonl"
+    argv = ["--model", models[1], "--prompts", prompts, "--policy-name", "sft", "--output", str(out),
+            "--max-new-tokens", "8"]
+    code, _, err = run_main(capsys, argv)
+    assert code == 2 and "p.jsonl, line 2, field 'prompt'" in err and "context of 256 tokens" in err
+    assert not out.exists()
 
 
 # ------------------------------------------------------------------------------------------ CLI with Ray (slow)

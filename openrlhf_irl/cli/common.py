@@ -1,10 +1,219 @@
-"""Small argparse helpers shared by the plug-in's own CLIs."""
+"""Argument types and up-front checks shared by the plug-in's own CLIs.
+
+Every check raises :class:`UsageError` with one line naming the flag and the value, so a CLI can print
+``error: <message>`` and exit 2 before any expensive work (model loading, Ray, sampling).
+"""
+
+from __future__ import annotations
 
 import argparse
+import json
+import os
+import re
+import socket
+import tempfile
+from typing import Any, Optional
+
+__all__ = [
+    "UsageError", "positive_int", "nonnegative_int", "check_output_dir", "check_output_file", "check_model",
+    "check_lora", "check_device", "check_not_same_file", "model_context_length", "load_checked_tokenizer",
+]
+
+
+class UsageError(ValueError):
+    """A user mistake found before the work starts; its message is one line naming the flag."""
 
 
 def positive_int(text: str) -> int:
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
     return value
+
+
+def nonnegative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0]}" if text else type(err).__name__
+
+
+def _probe_writable(directory: str) -> bool:
+    """Whether a file can be created in ``directory`` (a real probe: ``os.access`` says yes to root on a
+    read-only mount)."""
+    try:
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=".write_probe.")
+    except OSError:
+        return False
+    os.close(fd)
+    os.unlink(tmp)
+    return True
+
+
+def check_output_dir(path: str, flag: str = "--output-dir", create: bool = True) -> str:
+    """``path`` as a usable output directory: created if missing (with its parents), refused when it is a file,
+    cannot be created, or is not writable."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UsageError(f"{flag} {path}: exists and is not a directory")
+    if not os.path.isdir(path):
+        if not create:
+            raise UsageError(f"{flag} {path}: no such directory")
+        try:
+            os.makedirs(path, exist_ok=True)
+        except OSError as err:
+            raise UsageError(f"{flag} {path}: cannot create the directory ({err.strerror})") from None
+    if not _probe_writable(path):
+        raise UsageError(f"{flag} {path}: directory is not writable")
+    return path
+
+
+def check_output_file(path: str, flag: str = "--output") -> str:
+    """``path`` as an output file: not a directory; its directory is created if missing and must be writable."""
+    if os.path.isdir(path):
+        raise UsageError(f"{flag} {path}: is a directory, expected a file path")
+    directory = os.path.dirname(os.path.abspath(path))
+    check_output_dir(directory, f"{flag} {path}: its directory")
+    if os.path.exists(path) and not os.access(path, os.W_OK):
+        raise UsageError(f"{flag} {path}: file is not writable")
+    return path
+
+
+def check_not_same_file(output: str, inputs: dict, flag: str = "--output") -> None:
+    """Refuse an output path that names one of the ``inputs`` (``{flag: path}``) - it would be overwritten."""
+    out = os.path.realpath(output)
+    for in_flag, path in inputs.items():
+        if not path:
+            continue
+        same = os.path.realpath(path) == out
+        if not same and os.path.exists(path) and os.path.exists(output):
+            same = os.path.samefile(path, output)
+        if same:
+            raise UsageError(f"{flag} {output} is the same file as {in_flag} {path}: it would be overwritten; "
+                             "choose another output path")
+
+
+_HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+def _offline() -> bool:
+    return any(os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on")
+               for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    from urllib.parse import urlparse
+
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+    try:
+        with socket.create_connection((host, 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def check_model(path: str, flag: str = "--model") -> str:
+    """``path`` as something ``from_pretrained`` can load at once: a local directory with a ``config.json``, or a
+    hub name that is cached or reachable. A hub name with ``HF_HUB_OFFLINE`` set (and not cached) or without a
+    network fails here in seconds instead of after a minute of retries."""
+    if os.path.isdir(path):
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            hint = " (it holds a LoRA adapter: pass it with --lora)" if os.path.isfile(
+                os.path.join(path, "adapter_config.json")) else ""
+            raise UsageError(f"{flag} {path}: not a model directory (no config.json){hint}")
+        try:
+            with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
+                json.load(f)
+        except (OSError, ValueError) as err:
+            raise UsageError(f"{flag} {path}: unreadable config.json ({_first_line(err)})") from None
+        return path
+    if os.path.exists(path):
+        raise UsageError(f"{flag} {path}: is a file, expected a model directory")
+    if not _HUB_NAME.match(path):  # "./x", "/a/b", "a/b/c": a local path, not a hub name
+        raise UsageError(f"{flag} {path}: no such model directory")
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        if isinstance(try_to_load_from_cache(path, "config.json"), str):
+            return path
+    except Exception:  # pragma: no cover - an old or broken hub client: just go on to the network checks
+        pass
+    if _offline():
+        raise UsageError(f"{flag} {path}: no such local directory, and HF_HUB_OFFLINE is set so the hub model "
+                         "cannot be downloaded (download it first, or give a local path)")
+    if not _hub_reachable():
+        raise UsageError(f"{flag} {path}: no such local directory, and the Hugging Face hub is not reachable "
+                         "(no network?): give a local path")
+    return path
+
+
+def check_lora(path: Optional[str], flag: str = "--lora") -> Optional[str]:
+    if path is None:
+        return None
+    if not os.path.isdir(path):
+        raise UsageError(f"{flag} {path}: no such adapter directory")
+    if not os.path.isfile(os.path.join(path, "adapter_config.json")):
+        raise UsageError(f"{flag} {path}: not a PEFT adapter (no adapter_config.json)")
+    return path
+
+
+def check_device(device: str, flag: str = "--device") -> str:
+    """A torch device string that exists on this machine (``cuda`` needs a visible GPU)."""
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError) as err:
+        raise UsageError(f"{flag} {device!r}: not a device ({_first_line(err)})") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"{flag} {device}: CUDA is not available on this machine (use --device cpu)")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise UsageError(f"{flag} {device}: only {torch.cuda.device_count()} GPU(s) visible")
+    return device
+
+
+def model_context_length(config: Any) -> Optional[int]:
+    """The longest sequence (prompt + response) the model takes, from its config; None if it does not say."""
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    text_config = getattr(config, "text_config", None)
+    return model_context_length(text_config) if text_config is not None else None
+
+
+def load_checked_tokenizer(path: str, flag: str = "--model", need_eos: bool = True) -> Any:
+    """The model's tokenizer (pad falls back to EOS), or :class:`UsageError` when it cannot be loaded or has no
+    EOS token (generation could never end and sequence rewards are read at EOS)."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except Exception as err:  # transformers raises many types for a broken directory
+        raise UsageError(f"{flag} {path}: cannot load its tokenizer ({_first_line(err)})") from None
+    if need_eos and tokenizer.eos_token_id is None:
+        raise UsageError(f"{flag} {path}: its tokenizer has no EOS token (set eos_token in "
+                         "tokenizer_config.json / special_tokens_map.json)")
+    if tokenizer.pad_token_id is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_checked_config(path: str, flag: str = "--model") -> Any:
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(path)
+    except Exception as err:
+        raise UsageError(f"{flag} {path}: cannot load its config ({_first_line(err)})") from None

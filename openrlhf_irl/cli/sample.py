@@ -10,7 +10,16 @@ is the raw prompt exactly as in the prompts file (not templated), ``finished`` s
 EOS within ``--max-new-tokens``, ``logprob`` is ``log pi(response|prompt)`` at temperature 1 (see
 ``openrlhf_irl.generation``). Records are appended (fsync'd) as batches finish; rerunning the same command
 after a crash drops a torn last line and generates only the missing (prompt, sample_index) pairs.
-A resumed run does not check that the other sampling settings are unchanged: keep the command identical.
+
+What produced the file is kept next to it in ``<output>.provenance.json`` (the model's path and a hash of its
+config and weights, the LoRA adapter, temperature, top-p, max new tokens, seed, prompt format, policy name,
+tool version). A rerun resumes the file only when that record matches; otherwise it stops, names the
+difference, and ``--overwrite`` starts the file over. A larger ``--n-samples`` or more prompts extend it. An
+existing non-empty output without that record was not written by this tool and is refused (never repaired).
+The output is locked (``flock``) for the job's life: a second job on the same file is refused.
+Every prompt must fit the model's context with ``--max-new-tokens`` to spare (``--skip-long-prompts`` skips
+and counts the others). A local Ray instance the job starts is shut down on exit, and by a watchdog process
+if the job is killed.
 
 Exit codes: 0 success, 2 bad arguments or bad data (message on stderr), 1 unreadable/unwritable file.
 """
@@ -24,9 +33,12 @@ import time
 from collections import Counter
 from typing import Dict, List, Optional, Set, Tuple
 
+from openrlhf_irl.cli.common import (UsageError, check_lora, check_model, check_not_same_file, check_output_file,
+                                     load_checked_config, load_checked_tokenizer, model_context_length, positive_int)
 from openrlhf_irl.generation.params import SamplingParams, format_prompt, plan_requests
-from openrlhf_irl.cli.common import positive_int
 from openrlhf_irl.utils.jsonl import DataError, append_jsonl, data_error, read_jsonl, read_jsonl_tolerant_tail
+from openrlhf_irl.utils.provenance import (differences, model_identity, read_provenance, sidecar_path,
+                                           write_provenance)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,28 +69,46 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=positive_int, default=8,
                    help="sequences per generate call / shard (hf backend) (default: %(default)s)")
     p.add_argument("--max-prompts", type=positive_int, help="use only the first K unique prompts")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start --output over (its records and provenance are replaced) instead of resuming it")
+    p.add_argument("--skip-long-prompts", action="store_true",
+                   help="skip (and count) prompts that leave less than --max-new-tokens of the model's context, "
+                   "instead of stopping")
     return p
 
 
-def load_prompts(path: str, input_key: str) -> Tuple[List[str], int]:
-    """Unique raw prompts in file order (first occurrence kept) and the number of duplicates dropped."""
-    seen: Dict[str, None] = {}
+def load_prompts(path: str, input_key: str) -> Tuple[List[str], int, Dict[str, int]]:
+    """Unique raw prompts in file order (first occurrence kept), the number of duplicates dropped, and the line
+    of each prompt's first occurrence."""
+    seen: Dict[str, int] = {}
     total = 0
-    for _, record in read_jsonl(path, required=(input_key,)):
+    for line_no, record in read_jsonl(path, required=(input_key,)):
         total += 1
-        seen.setdefault(record[input_key], None)
+        seen.setdefault(record[input_key], line_no)
     if total == 0:
         raise data_error(path, None, "no prompts (the file is empty)", reason="empty")
-    return list(seen), total - len(seen)
+    return list(seen), total - len(seen), seen
 
 
-def load_done(path: str, policy: str, skipped: Optional[Counter] = None) -> Set[Tuple[str, int]]:
-    """``(prompt, sample_index)`` pairs already in an output file; a torn last line is cut off the file."""
+def validate_samples(path: str, policy: str) -> Tuple[Set[Tuple[str, int]], bool]:
+    """``(prompt, sample_index)`` pairs of an existing output file and whether its last line is torn.
+
+    Every complete line is checked (a bad one raises :class:`DataError` naming line and field), including
+    repeated keys; the file is not modified.
+    """
     if not os.path.exists(path):
-        return set()
-    read_jsonl_tolerant_tail(path, truncate=True, skipped=skipped)
-    done = set()
-    for line_no, record in read_jsonl(path, required=("prompt", "policy")):
+        return set(), False
+    with open(path, "rb") as f:
+        data = f.read()
+    torn = not data.endswith(b"\n") and len(data) > 0
+    records = read_jsonl_tolerant_tail(path, truncate=False)
+    first_line: Dict[Tuple[str, int], int] = {}
+    line_no = 0
+    for line_no, record in enumerate(records, start=1):
+        for key, kind in (("prompt", str), ("response", str), ("policy", str), ("finished", bool)):
+            if not isinstance(record.get(key), kind):
+                raise data_error(path, line_no, f"expected {kind.__name__}, got {record.get(key)!r}", field=key,
+                                 reason="bad_field")
         index = record.get("sample_index")
         if isinstance(index, bool) or not isinstance(index, int) or index < 0:
             raise data_error(path, line_no, f"expected an integer >= 0, got {index!r}", field="sample_index",
@@ -86,8 +116,126 @@ def load_done(path: str, policy: str, skipped: Optional[Counter] = None) -> Set[
         if record["policy"] != policy:
             raise data_error(path, line_no, f"policy {record['policy']!r} differs from --policy-name {policy!r}; "
                              "write each policy's samples to its own file", field="policy", reason="bad_field")
-        done.add((record["prompt"], index))
+        key = (record["prompt"], index)
+        if key in first_line:
+            raise data_error(path, line_no, f"repeated (prompt, sample_index) key, first at line {first_line[key]} "
+                             "(two jobs wrote this file at once?); rerun with --overwrite to start over",
+                             field="sample_index", reason="duplicate_key")
+        first_line[key] = line_no
+    return set(first_line), torn
+
+
+def load_done(path: str, policy: str, skipped: Optional[Counter] = None) -> Set[Tuple[str, int]]:
+    """Validate an output file, then cut off a torn last line; returns the ``(prompt, sample_index)`` pairs."""
+    done, torn = validate_samples(path, policy)
+    if torn:
+        read_jsonl_tolerant_tail(path, truncate=True, skipped=skipped)
     return done
+
+
+def provenance(args, tokenizer) -> dict:
+    """What determines the samples' distribution (not how many there are: --n-samples and --max-prompts may grow)."""
+    import hashlib
+
+    from openrlhf_irl import __version__
+
+    chat = getattr(tokenizer, "chat_template", None) if args.apply_chat_template else None
+    return {
+        "tool": "openrlhf_irl.cli.sample",
+        "tool_version": __version__,
+        "model": model_identity(args.model),
+        "lora": model_identity(args.lora),
+        "sampling": {"temperature": args.temperature, "top_p": args.top_p, "max_new_tokens": args.max_new_tokens,
+                     "seed": args.seed},
+        "prompt_format": {"input_key": args.input_key, "apply_chat_template": args.apply_chat_template,
+                          "input_template": args.input_template,
+                          "chat_template_sha256": hashlib.sha256(chat.encode()).hexdigest() if chat else None},
+        "policy_name": args.policy_name,
+    }
+
+
+class OutputLock:
+    """An exclusive ``flock`` on the output file for the job's life; a second job gets :class:`UsageError`.
+
+    A file this lock created and nothing was written to is removed again on release.
+    """
+
+    def __init__(self, path: str) -> None:
+        import fcntl
+
+        self.path = path
+        self.created = not os.path.exists(path)
+        self.fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self.fd)
+            raise UsageError(f"--output {path}: another job is writing this file (it is locked); wait for it "
+                             "or choose another --output") from None
+
+    def release(self) -> None:
+        if self.fd is None:
+            return
+        try:
+            if self.created and os.fstat(self.fd).st_size == 0 and not os.path.exists(sidecar_path(self.path)):
+                os.unlink(self.path)
+        except OSError:
+            pass
+        os.close(self.fd)  # closing drops the flock
+        self.fd = None
+
+
+def prepare_output(args, tokenizer, skipped: Counter) -> Set[Tuple[str, int]]:
+    """Under the lock: refuse a foreign or mismatching file, validate it, only then repair a torn tail and
+    (re)write the provenance; returns the pairs already done."""
+    path = args.output
+    want = provenance(args, tokenizer)
+    try:
+        have = read_provenance(path)
+    except ValueError as err:
+        raise UsageError(f"--output {path}: {err}; rerun with --overwrite to start over") from None
+    size = os.path.getsize(path) if os.path.exists(path) else 0
+    if args.overwrite:
+        with open(path, "r+b") as f:
+            f.truncate(0)
+            os.fsync(f.fileno())
+        write_provenance(path, want)
+        return set()
+    if have is None:
+        if size > 0:
+            raise UsageError(f"--output {path}: exists ({size} bytes) but has no {os.path.basename(sidecar_path(path))}"
+                             ", so it was not written by this tool and is left as it is; rerun with --overwrite to "
+                             "replace it, or choose another --output")
+        write_provenance(path, want)
+        return set()
+    diff = differences(have, want)
+    if diff:
+        raise UsageError(f"--output {path} was written with other settings ({'; '.join(diff)}); rerun with "
+                         "--overwrite to start over, or choose another --output")
+    return load_done(path, args.policy_name, skipped)
+
+
+def check_prompt_lengths(args, tokenizer, prompts: List[str], formatted: List[str], lines: Dict[str, int],
+                         context: Optional[int]) -> List[int]:
+    """Indices of prompts whose tokens plus ``--max-new-tokens`` exceed the model's context; an error for the
+    first one unless ``--skip-long-prompts``."""
+    if context is None:
+        return []
+    budget = context - args.max_new_tokens
+    if budget < 1:
+        raise UsageError(f"--max-new-tokens {args.max_new_tokens}: leaves no room for a prompt in the model's "
+                         f"context of {context} tokens")
+    too_long = []
+    for i, text in enumerate(formatted):
+        n = len(tokenizer(text, add_special_tokens=False)["input_ids"])
+        if n > budget:
+            if not args.skip_long_prompts:
+                raise data_error(args.prompts, lines[prompts[i]], f"{n} prompt tokens + --max-new-tokens "
+                                 f"{args.max_new_tokens} exceed the model's context of {context} tokens; shorten "
+                                 "it, lower --max-new-tokens, or pass --skip-long-prompts", field=args.input_key,
+                                 reason="too_long")
+            too_long.append(i)
+    return too_long
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -102,50 +250,67 @@ def main(argv: Optional[List[str]] = None) -> int:
         parser.error("--input-template must contain a {} slot for the prompt")
 
     skipped: Counter = Counter()
+    lock = None
     try:
-        prompts, duplicates = load_prompts(args.prompts, args.input_key)
+        check_model(args.model)
+        check_lora(args.lora)
+        check_output_file(args.output)
+        check_not_same_file(args.output, {"--prompts": args.prompts})
+        prompts, duplicates, lines = load_prompts(args.prompts, args.input_key)
         if args.max_prompts is not None:
             prompts = prompts[: args.max_prompts]
         print(f"prompts: {len(prompts)} unique ({duplicates} duplicates dropped) from {args.prompts}")
-        done = load_done(args.output, args.policy_name, skipped)
-    except DataError as e:
+        tokenizer = load_checked_tokenizer(args.model, need_eos=False)
+        config = load_checked_config(args.model)
+        if tokenizer.eos_token_id is None and getattr(config, "eos_token_id", None) is None:
+            raise UsageError(f"--model {args.model}: neither its tokenizer nor its config defines an EOS token, so "
+                             "no response could ever finish (set eos_token in its tokenizer config)")
+        try:
+            formatted = [format_prompt(tokenizer, p, apply_chat_template=args.apply_chat_template,
+                                       input_template=args.input_template) for p in prompts]
+        except (ValueError, KeyError, IndexError) as e:
+            raise UsageError(f"formatting prompts: {e}") from None
+        too_long = check_prompt_lengths(args, tokenizer, prompts, formatted, lines, model_context_length(config))
+        lock = OutputLock(args.output)
+        done = prepare_output(args, tokenizer, skipped)
+    except (DataError, UsageError) as e:
+        if lock is not None:
+            lock.release()
         print(f"error: {e}", file=sys.stderr)
         return 2
     except OSError as e:
+        if lock is not None:
+            lock.release()
         print(f"error: {e}", file=sys.stderr)
         return 1
+    try:
+        return _run(args, params, prompts, formatted, done, too_long, skipped)
+    finally:
+        lock.release()
+
+
+def _run(args, params, prompts, formatted, done, too_long, skipped) -> int:
     if skipped["partial_tail"]:
         print(f"resume: dropped a partial last line of {args.output}")
-
+    if too_long:
+        print(f"skipped {len(too_long)} prompts longer than the model's context allows (--skip-long-prompts)")
     skip = {(i, s) for i, p in enumerate(prompts) for s in range(params.n) if (p, s) in done}
+    skip |= {(i, s) for i in too_long for s in range(params.n)}
     plan = plan_requests(len(prompts), params.n, skip)
     remaining = [len(samples) for samples in plan]
     todo = sum(remaining)
-    total = len(prompts) * params.n
-    if skip:
-        print(f"resume: {len(skip)} of {total} samples already in {args.output}")
+    total = (len(prompts) - len(too_long)) * params.n
+    n_done = len(skip) - len(too_long) * params.n
+    if n_done:
+        print(f"resume: {n_done} of {total} samples already in {args.output}")
     if todo == 0:
         print(f"nothing to do: all {total} samples are in {args.output}")
         return 0
 
-    try:
-        if args.apply_chat_template:
-            from openrlhf_irl.generation.hf import load_tokenizer
-
-            tokenizer = load_tokenizer(args.model)
-        else:
-            tokenizer = None
-        formatted = [format_prompt(tokenizer, p, apply_chat_template=args.apply_chat_template,
-                                   input_template=args.input_template) for p in prompts]
-    except (ValueError, KeyError, IndexError) as e:
-        print(f"error: formatting prompts: {e}", file=sys.stderr)
-        return 2
-    out_dir = os.path.dirname(os.path.abspath(args.output))
-    os.makedirs(out_dir, exist_ok=True)
-
     from tqdm import tqdm
 
     from openrlhf_irl.generation.ray_pool import GenerationPool
+    from openrlhf_irl.utils.ray_watchdog import current_ray_session, start_watchdog
 
     written = 0
     start = time.perf_counter()
@@ -154,26 +319,31 @@ def main(argv: Optional[List[str]] = None) -> int:
     except (RuntimeError, ValueError) as e:  # e.g. --backend vllm without CUDA
         print(f"error: {e}", file=sys.stderr)
         return 2
-    with pool:
-        print(f"sampling {todo} completions ({len(prompts) - remaining.count(0)} prompts x up to {params.n}) "
-              f"with {args.num_actors} {pool.backend} actor(s)")
-        gen_start = time.perf_counter()
-        with tqdm(total=len(prompts), initial=remaining.count(0), unit="prompt", file=sys.stderr,
-                  dynamic_ncols=True) as bar:
-            for batch in pool.generate_stream(formatted, params, skip):
-                batch = sorted(batch, key=lambda c: (c.prompt_index, c.sample_index))
-                records = [
-                    {"prompt": prompts[c.prompt_index], "response": c.text, "policy": args.policy_name,
-                     "sample_index": c.sample_index, "finished": c.finished, "logprob": c.logprob}
-                    for c in batch
-                ]
-                written += append_jsonl(args.output, records)
-                completed = 0
-                for c in batch:
-                    remaining[c.prompt_index] -= 1
-                    completed += remaining[c.prompt_index] == 0
-                bar.update(completed)
-        gen_time = time.perf_counter() - gen_start
+    watchdog = start_watchdog(current_ray_session()) if pool._started_ray else None
+    try:
+        with pool:
+            print(f"sampling {todo} completions ({len(prompts) - remaining.count(0)} prompts x up to {params.n}) "
+                  f"with {args.num_actors} {pool.backend} actor(s)")
+            gen_start = time.perf_counter()
+            with tqdm(total=len(prompts), initial=remaining.count(0), unit="prompt", file=sys.stderr,
+                      dynamic_ncols=True) as bar:
+                for batch in pool.generate_stream(formatted, params, skip):
+                    batch = sorted(batch, key=lambda c: (c.prompt_index, c.sample_index))
+                    records = [
+                        {"prompt": prompts[c.prompt_index], "response": c.text, "policy": args.policy_name,
+                         "sample_index": c.sample_index, "finished": c.finished, "logprob": c.logprob}
+                        for c in batch
+                    ]
+                    written += append_jsonl(args.output, records)
+                    completed = 0
+                    for c in batch:
+                        remaining[c.prompt_index] -= 1
+                        completed += remaining[c.prompt_index] == 0
+                    bar.update(completed)
+            gen_time = time.perf_counter() - gen_start
+    finally:
+        if watchdog is not None:
+            watchdog.release()
     rate = written / gen_time if gen_time > 0 else float("inf")
     print(f"wrote {written} samples to {args.output} in {time.perf_counter() - start:.1f} s "
           f"({rate:.1f} samples/s while generating)")

@@ -1,9 +1,12 @@
 """``python -m openrlhf_irl.cli.best_of_n``: AfD extrapolation by Best-of-N over a learned or log-ratio reward.
 
 Samples N_max responses per prompt from the (SFT) policy with the resumable sampling job (Ray actors on CPU,
-vLLM engines on GPU), scores them with a reward model and/or the training-free log-ratio
-log pi_SFT(y|x) - log pi_init(y|x), keeps the best of the first N for each N, and, given a golden reward, writes
-the golden reward of the selected responses against N as JSON and PNG.
+vLLM engines on GPU; ``samples.jsonl`` carries its provenance, so a rerun with another policy or sampling setting
+stops and ``--overwrite`` starts over), scores them with reward models and/or the training-free log-ratio
+log pi_SFT(y|x) - log pi_init(y|x), and, given a golden reward, writes the expected golden reward of the
+best-scored of N (the all-subsets estimate over the N_max samples, with its standard error, and the expected
+number of prompts whose pick is unfinished) against N as JSON and PNG. Unfinished candidates rank below
+finished ones for every scorer unless ``--unfinished score``. Every path is checked before any sampling.
 """
 
 from __future__ import annotations
@@ -12,9 +15,12 @@ import argparse
 import os
 import sys
 
-from openrlhf_irl.afd.best_of_n import load_golden, parse_ns, plot_curves, score_and_select
+from openrlhf_irl.afd.best_of_n import (ESTIMATORS, UNFINISHED, load_golden, parse_ns, plot_curves,
+                                        resolve_golden, score_and_select)
 from openrlhf_irl.cli import sample as sample_cli
-from openrlhf_irl.utils.jsonl import DataError, atomic_write_json, atomic_write_jsonl, read_jsonl
+from openrlhf_irl.cli.common import (UsageError, check_lora, check_model, check_output_dir, load_checked_tokenizer,
+                                     positive_int)
+from openrlhf_irl.utils.jsonl import DataError, atomic_write_json, atomic_write_jsonl, data_error, read_jsonl
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -27,19 +33,30 @@ def build_parser() -> argparse.ArgumentParser:
     fmt.add_argument("--apply-chat-template", action="store_true")
     fmt.add_argument("--input-template")
     p.add_argument("--n", default="1,2,4,8,16,32", help="comma-separated N values (default: %(default)s)")
+    p.add_argument("--n-max", type=positive_int,
+                   help="samples per prompt (N_max); the N grid is cut at it and ends at it (default: largest --n)")
+    p.add_argument("--estimator", choices=ESTIMATORS, default="all_subsets",
+                   help="all_subsets: expected golden reward of the best of N drawn from the N_max samples "
+                   "(unbiased, lower variance); first: the best of the first N (default: %(default)s)")
+    p.add_argument("--unfinished", choices=UNFINISHED, default="last",
+                   help="candidates cut by --max-new-tokens: last = ranked below every finished one (for every "
+                   "scorer and the oracle), score = ranked by score like the others (default: %(default)s)")
     p.add_argument("--reward-model", action="append", default=[], metavar="PATH",
                    help="OpenRLHF-format reward model to rank with (repeatable)")
     p.add_argument("--log-ratio-init", metavar="PATH",
                    help="initial policy: also rank with log pi_policy(y|x) - log pi_init(y|x)")
-    p.add_argument("--golden", help="golden reward: reward-model directory or module:function(prompt, response)")
+    p.add_argument("--golden", help="golden reward: hf:PATH (a third-party sequence classifier, scored on the plain "
+                   "text), openrlhf:PATH (an OpenRLHF reward model), a directory (detected from its config), or "
+                   "module:function(prompt, response)")
     p.add_argument("--output-dir", required=True)
+    p.add_argument("--overwrite", action="store_true", help="start samples.jsonl over instead of resuming it")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top-p", type=float, default=0.95)
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--num-actors", type=int, default=2)
+    p.add_argument("--max-new-tokens", type=positive_int, default=128)
+    p.add_argument("--num-actors", type=positive_int, default=2)
     p.add_argument("--backend", choices=("auto", "hf", "vllm"), default="auto")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-prompts", type=int)
+    p.add_argument("--batch-size", type=positive_int, default=8)
+    p.add_argument("--max-prompts", type=positive_int, help="use only the first K unique prompts")
     p.add_argument("--seed", type=int, default=0)
     return p
 
@@ -58,9 +75,38 @@ def _sample(args, n_max: int, path: str) -> None:
         argv += ["--input-template", args.input_template]
     if args.max_prompts:
         argv += ["--max-prompts", str(args.max_prompts)]
+    if args.overwrite:
+        argv.append("--overwrite")
     code = sample_cli.main(argv)
     if code != 0:
         raise SystemExit(code)
+
+
+def check_scorer_paths(args) -> None:
+    """Every model path the run will load, checked before any sampling (UsageError naming the flag)."""
+    check_model(args.policy, "--policy")
+    check_lora(args.lora)
+    for path in args.reward_model:
+        check_model(path, "--reward-model")
+        try:
+            from openrlhf_irl.afd.best_of_n import golden_kind
+
+            golden_kind(path)
+        except ValueError:
+            raise UsageError(f"--reward-model {path}: not a reward model (its config has no value_head_prefix and "
+                             "no ...ForSequenceClassification architecture)") from None
+        load_checked_tokenizer(path, "--reward-model")
+    if args.log_ratio_init:
+        check_model(args.log_ratio_init, "--log-ratio-init")
+        init_vocab = load_checked_tokenizer(args.log_ratio_init, "--log-ratio-init", need_eos=False).get_vocab()
+        if load_checked_tokenizer(args.policy, "--policy", need_eos=False).get_vocab() != init_vocab:
+            raise UsageError(f"--log-ratio-init {args.log_ratio_init}: its tokenizer differs from --policy's; the "
+                             "log-ratio needs both models on one tokenizer")
+    if args.golden:
+        try:
+            resolve_golden(args.golden)
+        except ValueError as err:
+            raise UsageError(f"--golden: {err}") from None
 
 
 def build_scorers(args) -> dict:
@@ -82,38 +128,71 @@ def build_scorers(args) -> dict:
     return scorers
 
 
+def read_candidates(path: str, prompts: list, n_max: int) -> list:
+    """This run's candidates (its prompts, sample_index < N_max) from the samples file; a repeated
+    (prompt, sample_index) key is a DataError naming both lines."""
+    wanted = set(prompts)
+    first, records = {}, []
+    for line_no, rec in read_jsonl(path, required=("prompt", "response")):
+        key = (rec["prompt"], rec.get("sample_index"))
+        if key in first:
+            raise data_error(path, line_no, f"repeated (prompt, sample_index) key, first at line {first[key]}; "
+                             "rerun with --overwrite", field="sample_index", reason="duplicate_key")
+        first[key] = line_no
+        if rec["prompt"] in wanted and rec["sample_index"] < n_max:
+            records.append(rec)
+    return records
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        ns = parse_ns(args.n)
+        ns = parse_ns(args.n, args.n_max)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     if not args.reward_model and not args.log_ratio_init:
         print("error: give at least one scorer: --reward-model PATH and/or --log-ratio-init PATH", file=sys.stderr)
         return 2
-    os.makedirs(args.output_dir, exist_ok=True)
-    samples_path = os.path.join(args.output_dir, "samples.jsonl")
-    _sample(args, ns[-1], samples_path)
     try:
-        records = [r for _, r in read_jsonl(samples_path, required=("prompt", "response"))]
+        check_scorer_paths(args)
+        check_output_dir(args.output_dir)
+        prompts = sample_cli.load_prompts(args.prompts, args.input_key)[0][: args.max_prompts]
+    except (UsageError, DataError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    samples_path = os.path.join(args.output_dir, "samples.jsonl")
+    n_max = ns[-1]
+    _sample(args, n_max, samples_path)
+    try:
+        records = read_candidates(samples_path, prompts, n_max)
     except DataError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    golden = load_golden(args.golden) if args.golden else None
-    out = score_and_select(records, build_scorers(args), ns, golden)
+    golden = load_golden(args.golden, batch_size=args.batch_size, **(
+        {"input_template": args.input_template, "apply_chat_template": args.apply_chat_template})) \
+        if args.golden else None
+    out = score_and_select(records, build_scorers(args), ns, golden, unfinished=args.unfinished,
+                           estimator=args.estimator)
     atomic_write_jsonl(os.path.join(args.output_dir, "scored.jsonl"), records)
     selected = [{"prompt": rec["prompt"], "scorer": name, "N": n, "response": rec["response"], "score": rec[name],
-                 **({"golden": rec["golden"]} if golden else {})}
+                 "finished": rec.get("finished"), **({"golden": rec["golden"]} if golden else {})}
                 for name, by_n in out["selected"].items() for n, recs in by_n.items() for rec in recs]
     atomic_write_jsonl(os.path.join(args.output_dir, "selected.jsonl"), selected)
-    result = {"ns": ns, "n_prompts": len(out["groups"]), "scorers": list(out["selected"])}
+    result = {"ns": ns, "n_max": n_max, "n_prompts": len(out["groups"]), "scorers": list(out["selected"]),
+              "estimator": args.estimator, "unfinished": args.unfinished,
+              "unfinished_candidates": out["unfinished_candidates"], "n_candidates": len(records)}
+    print(f"{out['unfinished_candidates']} of {len(records)} candidates are unfinished (ranked "
+          f"{'last' if args.unfinished == 'last' else 'by score'})")
     if golden:
         result["curves"] = out["curves"]
+        result["stats"] = out["stats"]
         plot_curves(out["curves"], os.path.join(args.output_dir, "best_of_n.png"),
                     title=f"Best-of-N, {len(out['groups'])} prompts")
-        for name, curve in out["curves"].items():
-            print(f"{name:>24}: " + "  ".join(f"N={n}: {v:.4f}" for n, v in curve.items()))
+        for name, stats in out["stats"].items():
+            print(f"{name:>24}: " + "  ".join(
+                f"N={n}: {s['mean']:.4f}" + (f"±{s['se']:.4f}" if s["se"] is not None else "")
+                + f" (unfinished {s['unfinished']:.1f})" for n, s in stats.items()))
     atomic_write_json(os.path.join(args.output_dir, "best_of_n.json"), result)
     print(f"wrote {args.output_dir}/best_of_n.json")
     return 0

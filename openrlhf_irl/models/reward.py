@@ -16,7 +16,7 @@ import torch
 
 from openrlhf_irl import compat
 
-__all__ = ["RewardScorer"]
+__all__ = ["RewardScorer", "SequenceClassifierScorer"]
 
 
 class RewardScorer:
@@ -94,6 +94,64 @@ class RewardScorer:
 
     def score(self, prompts: Sequence[Any], responses: Sequence[Any]) -> List[float]:
         """One reward per (prompt, response) pair."""
+        if len(prompts) != len(responses):
+            raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
+        return self.score_texts([self.format(p, r) for p, r in zip(prompts, responses)])
+
+
+class SequenceClassifierScorer:
+    """A third-party ``AutoModelForSequenceClassification`` (e.g. HH's GPT-2 harmless/helpful reward models)
+    scored its own way, not with OpenRLHF's convention: the plain text ``prompt + response`` (a list-of-messages
+    prompt goes through the model's chat template with the response as the assistant turn), tokenised by its own
+    tokenizer with its own special tokens, cut at its maximum length. The score is the single logit
+    (``num_labels == 1``) or ``logit[1] - logit[0]`` (two labels). Texts are batched only when the model's config
+    names a pad token (its own pooling then finds the last real token); otherwise scored one by one.
+    """
+
+    def __init__(self, model_path: str, *, device: str = "cpu", batch_size: int = 8,
+                 max_length: Optional[int] = None) -> None:
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.tokenizer = AutoTokenizer.from_pretrained(model_path)
+        self.model = AutoModelForSequenceClassification.from_pretrained(model_path, dtype=torch.float32)
+        self.model = self.model.to(device).eval()
+        self.num_labels = self.model.config.num_labels
+        if self.num_labels not in (1, 2):
+            raise ValueError(f"{model_path}: a classifier with {self.num_labels} labels is not a reward model "
+                             "(expected 1 logit, or 2 labels read as logit[1] - logit[0])")
+        limits = [m for m in (max_length, getattr(self.tokenizer, "model_max_length", None),
+                              getattr(self.model.config, "max_position_embeddings", None),
+                              getattr(self.model.config, "n_positions", None)) if isinstance(m, int) and m < 10**9]
+        self.max_length = min(limits) if limits else None
+        self.pad_id = self.model.config.pad_token_id
+        self.batch_size = batch_size if self.pad_id is not None else 1
+        self.device = device
+
+    def format(self, prompt: Any, response: str) -> str:
+        if isinstance(prompt, list):
+            messages = list(prompt) + [{"role": "assistant", "content": response}]
+            return self.tokenizer.apply_chat_template(messages, tokenize=False)
+        return prompt + response
+
+    @torch.no_grad()
+    def score_texts(self, texts: Sequence[str]) -> List[float]:
+        out: List[float] = []
+        for start in range(0, len(texts), self.batch_size):
+            batch = list(texts[start : start + self.batch_size])
+            kwargs = dict(truncation=True, max_length=self.max_length) if self.max_length else {}
+            if len(batch) > 1:
+                self.tokenizer.pad_token_id = self.pad_id
+                self.tokenizer.padding_side = "right"
+                kwargs["padding"] = True
+            enc = self.tokenizer(batch, return_tensors="pt", **kwargs).to(self.device)
+            logits = self.model(**enc).logits.float()
+            values = logits[:, 0] if self.num_labels == 1 else logits[:, 1] - logits[:, 0]
+            out.extend(float(v) for v in values.cpu())
+        return out
+
+    def score(self, prompts: Sequence[Any], responses: Sequence[str]) -> List[float]:
         if len(prompts) != len(responses):
             raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
         return self.score_texts([self.format(p, r) for p, r in zip(prompts, responses)])

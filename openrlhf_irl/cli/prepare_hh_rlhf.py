@@ -7,6 +7,7 @@ import os
 import sys
 from collections import Counter
 
+from openrlhf_irl.cli.common import UsageError, check_not_same_file, check_output_dir, positive_int
 from openrlhf_irl.datasets.hh_rlhf import load_hh_rlhf
 from openrlhf_irl.utils.jsonl import DataError, atomic_write_jsonl
 
@@ -16,7 +17,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", required=True, help="HH-RLHF JSONL (gunzip the hub's .jsonl.gz first)")
     p.add_argument("--output-dir", required=True)
     p.add_argument("--key", default="chosen", help="conversation field whose last assistant turn is the demo")
-    p.add_argument("--max-records", type=int, default=None)
+    p.add_argument("--max-records", type=positive_int, default=None, help="keep only the first K demonstrations")
     p.add_argument("--lenient", action="store_true", help="skip and count bad records instead of failing")
     return p
 
@@ -25,11 +26,23 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     skipped = Counter()
     try:
+        if not os.path.isfile(args.input):
+            raise UsageError(f"--input {args.input}: no such file")
+        out_paths = [os.path.join(args.output_dir, name) for name in ("demos.jsonl", "prompts.jsonl")]
+        for path in out_paths:
+            check_not_same_file(path, {"--input": args.input}, "--output-dir")
         records = load_hh_rlhf(args.input, key=args.key, lenient=args.lenient, skipped=skipped)
-    except DataError as err:
+        if not records:
+            raise UsageError(f"--input {args.input}: no usable records (skipped: {dict(skipped) or 'none'}); "
+                             "nothing written")
+        check_output_dir(args.output_dir)
+    except (DataError, UsageError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    records = records[: args.max_records] if args.max_records else records
+    except OSError as err:
+        print(f"error: {args.input}: {err.strerror}", file=sys.stderr)
+        return 1
+    records = records[: args.max_records] if args.max_records is not None else records
     seen, prompts = set(), []
     for r in records:
         if r["prompt"] not in seen:

@@ -4,6 +4,9 @@ demonstrations.
 Each HH record is ``{"chosen": "\\n\\nHuman: ...\\n\\nAssistant: ...", "rejected": ...}``. The prompt is the
 conversation up to and including the last ``"\\n\\nAssistant:"`` of ``chosen``; the demonstration is what follows
 it (the paper uses a stronger model's answer there; the chosen answer is the stand-in when none is given).
+
+The text is kept exactly: ``prompt + response == record["chosen"]``, so the response keeps HH's leading space
+(``" I'd suggest..."``), which is what HH's golden reward models and an SFT policy trained on HH saw.
 """
 
 from __future__ import annotations
@@ -17,12 +20,12 @@ ASSISTANT = "\n\nAssistant:"
 
 
 def split_conversation(text: str) -> tuple[str, str]:
-    """(prompt ending with the last ``\\n\\nAssistant:``, the final assistant turn without its leading space)."""
+    """(prompt ending with the last ``\\n\\nAssistant:``, the final assistant turn as written, leading space kept)."""
     cut = text.rfind(ASSISTANT)
     if cut < 0:
         raise ValueError("no '\\n\\nAssistant:' turn")
     end = cut + len(ASSISTANT)
-    return text[:end], text[end:].removeprefix(" ")
+    return text[:end], text[end:]
 
 
 def load_hh_rlhf(path: str, key: str = "chosen", lenient: bool = False,
@@ -39,6 +42,7 @@ def load_hh_rlhf(path: str, key: str = "chosen", lenient: bool = False,
             if lenient:
                 skipped[str(err)] += 1
                 continue
-            raise DataError(f"{path}, line {line_no}, field {key!r}: {err}") from None
+            raise DataError(f"{path}, line {line_no}, field {key!r}: {err}", path=path, line_no=line_no,
+                            field=key) from None
         out.append({"prompt": prompt, "response": response})
     return out

@@ -504,3 +504,17 @@ def test_cli_data_error_exit_code_and_target_untouched(files, tmp_path, capsys):
 
     code = main(["--init-samples", str(tmp_path / "nope.jsonl"), "--sft-samples", files["sft"], "--output", str(out)])
     assert code == 1 and "nope.jsonl" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("which", ["init", "sft"])
+def test_cli_refuses_an_output_that_is_an_input(files, tmp_path, capsys, which):
+    import shutil
+
+    (tmp_path / "copy").mkdir()
+    inputs = {k: shutil.copy(files[k], tmp_path / "copy" / f"{k}.jsonl") for k in ("init", "sft")}
+    before = {k: open(p, "rb").read() for k, p in inputs.items()}
+    code = main(["--init-samples", inputs["init"], "--sft-samples", inputs["sft"], "--output", inputs[which]])
+    err = capsys.readouterr().err
+    flag = "--init-samples" if which == "init" else "--sft-samples"
+    assert code == 2 and f"is the same file as {flag}" in err and err.count("\n") == 1
+    assert {k: open(p, "rb").read() for k, p in inputs.items()} == before

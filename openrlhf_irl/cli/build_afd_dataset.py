@@ -16,7 +16,7 @@ import sys
 from typing import List, Optional
 
 from openrlhf_irl.datasets.afd import FORMATS, VARIANTS, build_afd_dataset, format_report
-from openrlhf_irl.cli.common import positive_int
+from openrlhf_irl.cli.common import UsageError, check_not_same_file, check_output_file, positive_int
 from openrlhf_irl.utils.jsonl import DataError, atomic_write_jsonl
 
 #: input source -> (flag, argparse dest)
@@ -71,9 +71,9 @@ def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
 
 
 def _load_tokenizer(path: str):
-    from transformers import AutoTokenizer
+    from openrlhf_irl.cli.common import load_checked_tokenizer
 
-    return AutoTokenizer.from_pretrained(path)
+    return load_checked_tokenizer(path, "--tokenizer", need_eos=False)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -81,8 +81,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv)
     _check(parser, args)
     try:
-        tokenizer = _load_tokenizer(args.tokenizer) if args.tokenizer else None
         needed = VARIANTS[args.variant]
+        inputs = {flag: getattr(args, dest) for source, (flag, dest) in _INPUTS.items() if source in needed}
+        check_not_same_file(args.output, inputs)
+        check_output_file(args.output)
+        tokenizer = _load_tokenizer(args.tokenizer) if args.tokenizer else None
         records, report = build_afd_dataset(
             args.variant,
             demos=args.demos if "demo" in needed else None,
@@ -100,7 +103,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             seed=args.seed,
         )
         atomic_write_jsonl(args.output, records)
-    except DataError as e:
+    except (DataError, UsageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except OSError as e:

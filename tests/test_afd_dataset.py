@@ -511,7 +511,7 @@ def test_cli_refuses_an_output_that_is_an_input(files, tmp_path, capsys, which):
     import shutil
 
     (tmp_path / "copy").mkdir()
-    inputs = {k: shutil.copy(files[k], tmp_path / "copy" / f"{k}.jsonl") for k in ("init", "sft")}
+    inputs = {k: str(shutil.copy(files[k], tmp_path / "copy" / f"{k}.jsonl")) for k in ("init", "sft")}
     before = {k: open(p, "rb").read() for k, p in inputs.items()}
     code = main(["--init-samples", inputs["init"], "--sft-samples", inputs["sft"], "--output", inputs[which]])
     err = capsys.readouterr().err

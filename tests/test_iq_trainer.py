@@ -41,7 +41,7 @@ def sft_batch(tokenizer, records, truncate_last_to=None):
     return inputs, attn, loss_mask
 
 
-def bare_trainer(actor, tokenizer, **cfg) -> IQLearnTrainer:
+def bare_trainer(actor, tokenizer, sampler=None, **cfg) -> IQLearnTrainer:
     """The real IQLearnTrainer methods on a plain (non-DeepSpeed) Actor, without OpenRLHF's trainer set-up."""
     trainer = object.__new__(IQLearnTrainer)
     trainer.model = actor
@@ -49,6 +49,9 @@ def bare_trainer(actor, tokenizer, **cfg) -> IQLearnTrainer:
     trainer.iq_config = IQConfig(**cfg)
     trainer.eos_token_id = tokenizer.eos_token_id
     trainer.loss_fn = IQLearnSFTLoss(trainer)
+    trainer.strategy = SimpleNamespace(stage=0, print=print)
+    trainer.policy_sampler = sampler
+    trainer._online_samples = trainer._online_refreshed_at = None
     return trainer
 
 
@@ -93,12 +96,13 @@ def test_td_weight_zero_is_openrlhf_sft_loss_with_its_normalisers(actor_and_tok)
 
 @pytest.mark.parametrize("gamma", [1.0, 0.9])
 def test_trainer_loss_equals_reference_loss_on_a_batch_with_eos_and_truncation(actor_and_tok, gamma):
+    """--irl.truncation drop: the cut row's last token has no TD term, as in ``iq_learn_loss``."""
     actor, tok = actor_and_tok
     inputs, attn, loss_mask = sft_batch(tok, counting_records(4, seed=5), truncate_last_to=12)
     mask = loss_mask[:, :-1].bool()
     labels = inputs[:, 1:]
     assert labels[-1][mask[-1]][-1] != tok.eos_token_id  # the truncated row ends without EOS
-    trainer = bare_trainer(actor, tok, td_weight=0.5, gamma=gamma, mle_weight=0.7)
+    trainer = bare_trainer(actor, tok, td_weight=0.5, gamma=gamma, mle_weight=0.7, truncation="drop")
     with torch.no_grad():
         fwd = trainer.policy_forward(inputs, attention_mask=attn)
         got = trainer.loss_fn(fwd, mask)
@@ -159,11 +163,12 @@ def test_iq_dataset_keeps_truncated_responses_non_terminal(tiny_model):
     tok = AutoTokenizer.from_pretrained(tiny_model)
     records = [{"prompt": "count from 1", "response": "1 2"},
                {"prompt": "count from 5", "response": " ".join(str(i) for i in range(5, 60))}]
-    for keep in (True, False):
+    for mode in ("bootstrap", "drop", "eos"):
+        keep = mode != "eos"
         args = SimpleNamespace(data=SimpleNamespace(input_key="prompt", output_key="response",
                                                     apply_chat_template=False, tokenizer_chat_template=None),
-                               irl=SimpleNamespace(keep_truncation=keep))
-        ds = IQSFTDataset(datasets.Dataset.from_list(records), tok, 24, SimpleNamespace(args=args),
+                               irl=SimpleNamespace(truncation=mode))
+        ds = IQSFTDataset(datasets.Dataset.from_list(records), tok, 24, SimpleNamespace(args=args, print=print),
                           input_template="User: {}\nAssistant: ", num_processors=1)
         short_ids = ds[0][0][0]
         long_ids = ds[1][0][0]
@@ -204,7 +209,7 @@ def test_irl_iq_trains_under_deepspeed_and_reloads(tiny_model, sft_data, tmp_pat
     assert_ok(proc)
     assert "[irl_iq eval" in proc.stdout and "td=" in proc.stdout
     if mode == "online_zero3":
-        assert "iq_policy_value_gap" in proc.stderr + proc.stdout
+        assert "iq_online_term" in proc.stderr + proc.stdout
     records = counting_records()
     before, after = mean_response_nll(tiny_model, records), mean_response_nll(out, records)
     # LoRA adapters on a randomly initialised model learn slowly (OpenRLHF's own SFT with the same adapters reaches

@@ -1,28 +1,48 @@
-"""OpenRLHF's SFT dataset, with responses cut by ``max_len`` kept distinguishable from responses that ended."""
+"""OpenRLHF's SFT dataset with the episode boundaries IQ-Learn needs: cut responses stay non-terminal, and a
+multi-turn conversation ends with an action."""
 
 from openrlhf.datasets import SFTDataset
 
 
 class IQSFTDataset(SFTDataset):
-    """``SFTDataset`` that does not pretend a truncated response ended.
+    """``SFTDataset`` (same template, same joint tokenisation, same loss mask) with two changes.
 
-    OpenRLHF overwrites the last token of every sample with EOS, so a response cut by ``max_len`` looks terminal.
-    IQ-Learn treats the EOS step as the end of the episode (V = 0 after it), so for a cut response this dataset puts
-    the real token back: its last step then has no TD term and its MLE target is the true token
-    (``--irl.keep_truncation``, on by default; off gives OpenRLHF's behaviour).
+    * Truncation: OpenRLHF overwrites the last token of every sample with EOS, so a response cut by ``max_len``
+      looks terminal (V = 0 after it). With ``--irl.truncation bootstrap`` (default) or ``drop`` the real token is
+      put back: the row then ends without EOS and the trainer bootstraps or drops its last TD term. ``eos`` keeps
+      OpenRLHF's forced EOS.
+    * Multi-turn (``--data.multiturn``): OpenRLHF's mask covers each assistant segment but not the text after the
+      last one (the template's end of turn and the appended EOS). Here the mask is extended over that tail, so the
+      conversation's last step emits EOS and is terminal, as in single-turn data (whose mask covers the EOS too).
+      Records must end with an assistant message (checked at parse time).
+
+    The number of records OpenRLHF drops (prompt of max_len - 2 tokens or more, empty response) is printed.
     """
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        irl = getattr(self.strategy.args, "irl", None)
-        self.keep_truncation = bool(getattr(irl, "keep_truncation", True))
+    def __init__(self, dataset, tokenizer, max_length, strategy, *args, **kwargs):
+        irl = getattr(strategy.args, "irl", None)
+        self.truncation = getattr(irl, "truncation", "bootstrap")
+        n_in = len(dataset)
+        super().__init__(dataset, tokenizer, max_length, strategy, *args, **kwargs)
+        dropped = n_in - len(self.prompts)
+        if dropped:
+            strategy.print(f"[irl_iq] {dropped} of {n_in} records dropped by OpenRLHF's SFT dataset: prompt of "
+                           f"{max_length - 2} tokens or more (--data.max_len {max_length}) or empty response")
 
     def __getitem__(self, idx):
         input_ids, attention_mask, loss_mask = super().__getitem__(idx)
-        if self.keep_truncation and not self.pretrain_mode:
+        if self.pretrain_mode:
+            return input_ids, attention_mask, loss_mask
+        truncated = False
+        if input_ids.shape[1] >= self.max_length:
             full_ids = self.tokenizer(self._text(idx), add_special_tokens=False)["input_ids"]
-            if len(full_ids) > self.max_length:
+            truncated = len(full_ids) > self.max_length
+            if truncated and self.truncation != "eos":
                 input_ids[0][-1] = full_ids[self.max_length - 1]
+        if self.multiturn and not truncated:
+            marked = loss_mask[0].nonzero()
+            if len(marked):
+                loss_mask[0, int(marked[-1]) + 1 : -1] = 1
         return input_ids, attention_mask, loss_mask
 
     def _text(self, idx) -> str:

@@ -4,9 +4,13 @@ Offline loss over demonstration response tokens (REFERENCE section 1, lambda = `
 
     L = mean_t [ -mle_weight * log pi(a_t|s_t) + lambda * (Q(s_t, a_t) - gamma * V(s_{t+1}))^2 ]
 
-Online (``--irl.online_mix`` alpha > 0) adds the value term on policy samples, generated then teacher-forced:
+Online (``--irl.online_mix`` alpha > 0): IQ-Learn's objective over the mixture of expert and policy occupancies
+(policy samples generated, then teacher-forced), see ``losses.iq_learn.iq_online_term``:
 
-    L_online = L + alpha * ( E_pi[V(s) - gamma V(s')] - E_demo[V(s) - gamma V(s')] )  [+ lambda * E_pi[r^2]]
+    L_online = L + alpha * ( P[g] - E[g] ),   g_t = V(s_t) - gamma V(s_{t+1}) + lambda r_t^2
+
+so the chi^2 term covers (1 - alpha) expert + alpha policy states. With gamma = 1 the value part telescopes and
+cancels; the chi^2 part is what makes the term contrastive, so gamma = 1 without it is refused.
 
 OpenRLHF 0.11.2's ``SFTTrainer.fit`` computes its loss inline as ``self.loss_fn(self.model(...), mask, **norms)``.
 This trainer keeps that loop untouched and changes the two pieces it calls: the model's forward returns a
@@ -17,6 +21,7 @@ per-optimizer-step normalisers, so ``td_weight=0`` is exactly OpenRLHF's SFT los
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import Optional
@@ -35,6 +40,11 @@ from openrlhf_irl.losses import (
     logits_q_and_v,
     masked_linear_q_and_v,
 )
+from openrlhf_irl.losses.fused_head import FusedHead
+from openrlhf_irl.losses.fused_iq_objective import IQTermWeights, evenly_spaced_rows, linear_iq_objective, token_weights_of
+from openrlhf_irl.losses.iq_learn import episode_masks, iq_online_term
+
+TRUNCATION_MODES = ("bootstrap", "drop", "eos")
 
 
 @dataclass(frozen=True)
@@ -45,10 +55,13 @@ class IQConfig:
     td_warmup_steps: int = 0
     fused_loss: bool = False
     fused_chunk_size: int = 1024
+    fused_single_pass: bool = True  # False: the two-pass reference op (logits recomputed in backward)
     online_mix: float = 0.0
     online_refresh_steps: int = 1
-    chi2_on_policy: bool = False
+    chi2_on_policy: bool = True
     entropy_sample_tokens: int = 256
+    truncation: str = "bootstrap"
+    skip_nonfinite: bool = False
 
     @classmethod
     def from_args(cls, args) -> "IQConfig":
@@ -72,6 +85,23 @@ class PolicyForward:
     hidden: Optional[torch.Tensor] = None  # [B, T-1, H] (fused loss)
     weight: Optional[torch.Tensor] = None  # [V, H] lm_head weight (fused loss)
     chunk_size: int = 1024
+    attention_mask: Optional[torch.Tensor] = None  # [B, T]; None: every position is real
+    hidden_full: Optional[torch.Tensor] = None  # [B, T, H] (fused loss: also the last position, for bootstrapping)
+    head: Optional[FusedHead] = None  # fused loss: lm_head module + logit transform; ops run inside its forward
+    single_pass: bool = False  # fused loss: the offline loss through ``objective`` (gradients in forward)
+
+    def head_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits of a few hidden rows (fused loss), differentiable."""
+        if self.head is not None:
+            return self.head.logits(hidden)
+        return (hidden @ self.weight.T).float()
+
+    def objective(self, loss_mask, terminal, weights, *, gamma, bootstrap_mask=None, entropy_mask=None):
+        """``linear_iq_objective`` over this pass's hidden states, run inside the lm_head's forward."""
+        hidden = self.hidden_full if self.hidden_full is not None else self.hidden
+        return self.head.run(lambda w, h: linear_iq_objective(
+            h, w, self.labels, loss_mask, terminal, weights, gamma=gamma, head=self.head.transform,
+            chunk_size=self.chunk_size, entropy_mask=entropy_mask, bootstrap_mask=bootstrap_mask), hidden)
 
     def q_and_v(self, loss_mask: torch.Tensor):
         """(q, v) [B, T-1] fp32, differentiable."""
@@ -81,7 +111,29 @@ class PolicyForward:
             pad = (0, 1)
             q, v = logits_q_and_v(self.logits, F.pad(self.labels, pad), F.pad(loss_mask.bool(), pad))
             return q[:, :-1], v[:, :-1]
+        if self.head is not None:  # inside the lm_head's forward, where ZeRO-3 gathers its weight
+            return self.head.run(lambda w, h: masked_linear_q_and_v(
+                h, w, self.labels, loss_mask, self.chunk_size, head=self.head.transform), self.hidden)
         return masked_linear_q_and_v(self.hidden, self.weight, self.labels, loss_mask, self.chunk_size)
+
+    def bootstrap_values(self, cut: torch.Tensor) -> torch.Tensor:
+        """V of the state after each ``cut`` token [B, T-1] (0 elsewhere), differentiable: logsumexp of the logits at
+        the next input position, the row's last real one."""
+        out = torch.zeros(cut.shape, dtype=torch.float32, device=cut.device)
+        rows, cols = cut.bool().nonzero(as_tuple=True)
+        if len(rows) == 0:
+            return out
+        if self.logits is not None:
+            logits = self.logits[rows, cols + 1]
+        else:
+            hidden = self.hidden_full if self.hidden_full is not None else self.hidden
+            logits = self.head_logits(hidden[rows, cols + 1])
+        return out.index_put((rows, cols), torch.logsumexp(logits.float(), dim=-1))
+
+    def real_mask(self) -> torch.Tensor:
+        if self.attention_mask is not None:
+            return self.attention_mask
+        return torch.ones_like(self.sequences)
 
     @torch.no_grad()
     def mean_entropy(self, loss_mask: torch.Tensor, v: torch.Tensor, max_tokens: int) -> float:
@@ -95,13 +147,56 @@ class PolicyForward:
             return 0.0
         pick = torch.linspace(0, len(rows) - 1, steps=min(len(rows), max_tokens), device=rows.device).long()
         rows, cols = rows[pick], cols[pick]
-        logits = self.logits[rows, cols] if self.logits is not None else self.hidden[rows, cols] @ self.weight.T
+        logits = self.logits[rows, cols] if self.logits is not None else self.head_logits(self.hidden[rows, cols])
         return float(entropy_from_logits(logits, v.detach()[rows, cols]).mean())
 
 
 def terminal_mask(labels: torch.Tensor, loss_mask: torch.Tensor, eos_token_id: int) -> torch.Tensor:
-    """Response steps that emit EOS: the episode ends after them."""
+    """Response steps that emit EOS (every one, also inside a row; see ``episode_masks`` for what the trainer uses)."""
     return loss_mask.bool() & (labels == eos_token_id)
+
+
+def forward_terms(fwd: PolicyForward, mask: torch.Tensor, eos_token_id: int, cfg: IQConfig, td_weight: float,
+                  mle_weight: Optional[float] = None):
+    """(per-token loss, terms, q, v) of one teacher-forced pass, with the trainer's episode rules.
+
+    Terminal: the row's final EOS. Multi-turn rows bootstrap across user turns from the start of the next assistant
+    segment. A row cut by a length limit bootstraps from V after its last token (``--irl.truncation bootstrap``)
+    or has no TD term on that token (``drop``; ``eos`` is OpenRLHF's forced EOS, which makes the cut look terminal).
+    """
+    q, v = fwd.q_and_v(mask)
+    terminal, cut = episode_masks(fwd.labels, mask, fwd.real_mask(), eos_token_id)
+    boot_mask = boot_values = None
+    if cfg.truncation == "bootstrap" and bool(cut.any()):
+        boot_mask, boot_values = cut, fwd.bootstrap_values(cut)
+    per_token, terms = iq_per_token_loss(
+        q, v, mask, terminal, td_weight=td_weight, gamma=cfg.gamma,
+        mle_weight=cfg.mle_weight if mle_weight is None else mle_weight,
+        bootstrap_mask=boot_mask, bootstrap_values=boot_values,
+    )
+    return per_token, terms, q, v
+
+
+def single_pass_loss(fwd: PolicyForward, mask: torch.Tensor, eos_token_id: int, cfg: IQConfig, td_weight: float,
+                     reduce):
+    """(loss, terms, logged entropy) of the offline loss in one pass over the vocabulary (``linear_iq_objective``).
+
+    ``reduce`` (OpenRLHF's ``aggregate_loss`` with this step's normalisers) is linear in the per-token loss, so its
+    weights w_t = d reduce / d l_t give the objective's term weights: -mle_weight * w on log pi, lambda * w on r^2.
+    Same episode rules as ``forward_terms``.
+    """
+    terminal, cut = episode_masks(fwd.labels, mask, fwd.real_mask(), eos_token_id)
+    w = token_weights_of(reduce, mask)
+    weights = IQTermWeights(log_probs=-cfg.mle_weight * w, rewards_sq=td_weight * w if td_weight else None)
+    out = fwd.objective(mask, terminal, weights, gamma=cfg.gamma,
+                        bootstrap_mask=cut if cfg.truncation == "bootstrap" else None,
+                        entropy_mask=evenly_spaced_rows(mask, cfg.entropy_sample_tokens))
+    entropy = float(out.entropy.mean()) if out.entropy.numel() else 0.0
+    return out.loss, out.terms, entropy
+
+
+class NonFiniteLoss(SystemExit):
+    """Stops the run with one line (no traceback): the step and the statistics that went non-finite."""
 
 
 class IQLearnSFTLoss(nn.Module):
@@ -111,30 +206,60 @@ class IQLearnSFTLoss(nn.Module):
         super().__init__()
         self.trainer = trainer
         self.stats = defaultdict(list)
+        self.skipped = 0
 
     def forward(self, fwd: PolicyForward, loss_mask, dp_size=1, batch_num_tokens=None, global_batch_size=None):
         trainer, cfg = self.trainer, self.trainer.iq_config
         mask = loss_mask.bool()
-        q, v = fwd.q_and_v(mask)
         td_weight = cfg.td_weight_at(trainer.optimizer_steps) if trainer.model.training else cfg.td_weight
-        per_token, terms = iq_per_token_loss(
-            q, v, mask, terminal_mask(fwd.labels, mask, trainer.eos_token_id),
-            td_weight=td_weight, gamma=cfg.gamma, mle_weight=cfg.mle_weight,
-        )
-        loss = aggregate_loss(
-            per_token, loss_mask, dp_size=dp_size, batch_num_tokens=batch_num_tokens,
-            global_batch_size=global_batch_size,
-        )
-        stats = iq_stats(terms, mask)
-        stats["entropy"] = fwd.mean_entropy(mask, v, cfg.entropy_sample_tokens)
+        norms = dict(dp_size=dp_size, batch_num_tokens=batch_num_tokens, global_batch_size=global_batch_size)
+        if fwd.single_pass and not (trainer.model.training and cfg.online_mix > 0):
+            loss, terms, entropy = single_pass_loss(fwd, mask, trainer.eos_token_id, cfg, td_weight,
+                                                    lambda x: aggregate_loss(x, loss_mask, **norms))
+            stats = iq_stats(terms, mask)
+            stats["entropy"] = entropy
+        else:  # the online term needs differentiable expert (q, v): the plain loss or the two-pass fused op
+            per_token, terms, q, v = forward_terms(fwd, mask, trainer.eos_token_id, cfg, td_weight)
+            loss = aggregate_loss(per_token, loss_mask, **norms)
+            stats = iq_stats(terms, mask)
+            stats["entropy"] = fwd.mean_entropy(mask, v, cfg.entropy_sample_tokens)
         stats["td_weight"] = td_weight
         if trainer.model.training and cfg.online_mix > 0:
-            online_loss, online_stats = trainer.online_value_term(fwd, terms, mask, td_weight)
+            online_loss, online_stats = trainer.online_value_term(
+                fwd, terms, mask, td_weight, token_normaliser=batch_num_tokens, dp_size=dp_size)
             loss = loss + online_loss
             stats.update(online_stats)
+        loss = self._check_finite(loss, stats, fwd)
         for key, value in stats.items():
             self.stats[key].append(value)
         return loss
+
+    def _check_finite(self, loss, stats, fwd):
+        """A non-finite loss stops the run (all ranks agree), or with ``--irl.skip_nonfinite`` becomes a zero loss
+        for this micro-batch (gradient 0, counted in the logged ``nonfinite_skipped``)."""
+        trainer, cfg = self.trainer, self.trainer.iq_config
+        finite = torch.isfinite(loss.detach()).float().reshape(1)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
+        if bool(finite.item()):
+            if cfg.skip_nonfinite:
+                stats["nonfinite_skipped"] = float(self.skipped)
+            return loss
+        bad = {k: v for k, v in stats.items() if isinstance(v, float) and not math.isfinite(v)}
+        where = f"optimizer step {trainer.optimizer_steps}" + ("" if trainer.model.training else " (evaluation)")
+        what = ", ".join(f"{k}={v}" for k, v in bad.items()) or f"loss={float(loss.detach())} (on another rank)"
+        if not cfg.skip_nonfinite:
+            raise NonFiniteLoss(
+                f"error: --trainer irl_iq: non-finite loss at {where}: {what}. Lower the learning rate or "
+                f"--irl.td_weight, or pass --irl.skip_nonfinite to skip such micro-batches.")
+        self.skipped += 1
+        printer = getattr(getattr(trainer, "strategy", None), "print", print)
+        printer(f"[irl_iq] skipped a micro-batch with a non-finite loss at {where}: {what} "
+                               f"({self.skipped} skipped so far)")
+        stats.clear()
+        stats["nonfinite_skipped"] = float(self.skipped)
+        base = fwd.logits if fwd.logits is not None else fwd.hidden
+        return torch.nan_to_num(base, 0.0, 0.0, 0.0).sum() * 0.0
 
     def pop_stats(self) -> dict[str, float]:
         means = {k: sum(v) / len(v) for k, v in self.stats.items() if v}
@@ -155,13 +280,9 @@ class IQLearnTrainer(SFTTrainer):
             )
         if self.pretrain_mode:
             raise ValueError("--trainer irl_iq needs prompt/response data; --model.pretrain_mode_enable is MLE only.")
-        if self.iq_config.fused_loss and strategy.stage == 3:
-            raise ValueError(
-                "--irl.fused_loss reads the lm_head weight outside the module's forward, which ZeRO-3 partitions; "
-                "use ZeRO 0-2 with the fused loss, or the plain loss with ZeRO-3."
-            )
         if self.tokenizer is None or self.tokenizer.eos_token_id is None:
             raise ValueError("--trainer irl_iq needs a tokenizer with an EOS token to find terminal steps.")
+        check_online_config(self.iq_config, multiturn=bool(getattr(getattr(self.args, "data", None), "multiturn", False)))
         self.eos_token_id = self.tokenizer.eos_token_id
         self.loss_fn = IQLearnSFTLoss(self)
         self._actor_forward = model.forward
@@ -195,54 +316,54 @@ class IQLearnTrainer(SFTTrainer):
                 sequences, attention_mask=attention_mask, position_ids=position_ids,
                 output_hidden_states=True, logits_to_keep=1,
             )
-            weight = self._hf_model().get_output_embeddings().weight
-            fwd = PolicyForward(sequences, labels, hidden=output.hidden_states[-1][:, :-1], weight=weight,
-                                chunk_size=self.iq_config.fused_chunk_size)
+            head = FusedHead.of(self._hf_model())  # refuses heads it cannot reproduce, naming the config field
+            head.check(output.hidden_states[-1][:, -1], output.logits[:, -1])  # once: vs the model's own logits
+            fwd = PolicyForward(sequences, labels, hidden=output.hidden_states[-1][:, :-1], head=head,
+                                chunk_size=self.iq_config.fused_chunk_size, attention_mask=attention_mask,
+                                hidden_full=output.hidden_states[-1], single_pass=self.iq_config.fused_single_pass)
         else:
             output = self._actor_forward(sequences, attention_mask=attention_mask, return_output=True,
                                          ring_attn_group=ring_attn_group)
-            fwd = PolicyForward(sequences, labels, logits=output["logits"])
+            fwd = PolicyForward(sequences, labels, logits=output["logits"], attention_mask=attention_mask)
         return (fwd, output) if return_output else fwd
 
     # ---- online variant -----------------------------------------------------------------------------------------
-    def online_value_term(self, expert_fwd, expert_terms, expert_mask, td_weight):
-        """alpha * (E_pi[V - gamma V'] - E_demo[V - gamma V']) (+ lambda E_pi[r^2]) on fresh policy samples."""
+    def online_value_term(self, expert_fwd, expert_terms, expert_mask, td_weight, token_normaliser=None, dp_size=1):
+        """alpha * (P[g] - E[g]) on policy samples of this micro-batch's prompts (``iq_online_term``)."""
         cfg = self.iq_config
         samples = self._policy_samples(expert_fwd.sequences, expert_mask)
         fwd = self.policy_forward(samples["sequences"], attention_mask=samples["attention_mask"])
-        mask = samples["loss_mask"]
-        q, v = fwd.q_and_v(mask)
-        terms = iq_token_terms(q, v, mask, terminal_mask(fwd.labels, mask, self.eos_token_id), gamma=cfg.gamma)
-
-        def value_gap(t):
-            td = t.td_mask
-            return ((t.values - cfg.gamma * t.next_values) * td).sum() / td.sum().clamp(min=1)
-
-        policy_gap, expert_gap = value_gap(terms), value_gap(expert_terms)
-        loss = cfg.online_mix * (policy_gap - expert_gap)
-        if cfg.chi2_on_policy:
-            td = terms.td_mask
-            loss = loss + td_weight * (terms.rewards.square() * td).sum() / td.sum().clamp(min=1)
-        stats = {
-            "policy_value_gap": float(policy_gap.detach()),
-            "expert_value_gap": float(expert_gap.detach()),
-            "policy_sample_len": float(mask.sum(-1).float().mean()),
-        }
+        mask = samples["loss_mask"].bool()
+        _, terms, _, _ = forward_terms(fwd, mask, self.eos_token_id, cfg, td_weight)
+        loss, stats = iq_online_term(
+            expert_terms, expert_mask, terms, mask, alpha=cfg.online_mix, td_weight=td_weight, gamma=cfg.gamma,
+            chi2_on_policy=cfg.chi2_on_policy, token_normaliser=token_normaliser, dp_size=dp_size,
+        )
+        stats["policy_td"] = float((terms.rewards.detach().square() * terms.td_mask).sum() / terms.td_mask.sum().clamp(min=1))
+        stats["policy_sample_len"] = float(mask.sum(-1).float().mean())
         return loss, stats
 
     def _policy_samples(self, sequences, loss_mask):
-        """Samples from the prompts of the current micro-batch, refreshed every ``online_refresh_steps`` steps.
+        """Samples from the prompts of the current micro-batch.
 
-        ``self.policy_sampler`` (``--irl.sampler``) draws them: transformers' generate on the live model, or
-        OpenRLHF's vLLM engines after a weight push. Every rank refreshes at the same optimizer steps (collective).
+        Every ``online_refresh_steps`` optimizer steps the sampler (``--irl.sampler``) gets the current weights and
+        each micro-batch of that step draws from its own prompts; the steps in between reuse the samples drawn for
+        the micro-batch at the same position of the window. Every rank makes the same calls (collective).
         """
         cfg = self.iq_config
         step = self.optimizer_steps
-        if self._online_samples is None or step - self._online_refreshed_at >= cfg.online_refresh_steps:
+        if step != getattr(self, "_window_step", None):
+            self._window_step, self._micro_batch = step, 0
+        else:
+            self._micro_batch += 1
+        if self._online_refreshed_at is None or step - self._online_refreshed_at >= cfg.online_refresh_steps:
             self.policy_sampler.refresh(self.model.model, zero_stage=self.strategy.stage)
-            self._online_samples = self.policy_sampler.sample(prompt_rows(sequences, loss_mask))
             self._online_refreshed_at = step
-        return self._online_samples
+            self._online_samples = {}
+        cache = self._online_samples
+        if step == self._online_refreshed_at or self._micro_batch not in cache:
+            cache[self._micro_batch] = self.policy_sampler.sample(prompt_rows(sequences, loss_mask))
+        return cache[self._micro_batch]
 
     # ---- logging hooks of SFTTrainer.fit ---------------------------------------------------------------------------
     def save_logs_and_checkpoints(self, args, global_step, step_bar, logs_dict=None, client_states=None):
@@ -267,6 +388,22 @@ class IQLearnTrainer(SFTTrainer):
                     self._tensorboard.add_scalar(f"eval/iq_{k}", v, steps)
         return logs
 
+
+
+def check_online_config(cfg: IQConfig, *, multiturn: bool = False) -> None:
+    """Refuse online configurations whose online term is meaningless (see the module docstring)."""
+    if cfg.online_mix <= 0:
+        return
+    if multiturn:
+        raise ValueError("--irl.online_mix > 0 with --data.multiturn: policy samples are single-turn completions of "
+                         "the first user turn and cannot continue a conversation; train multi-turn data offline.")
+    if cfg.gamma == 1.0 and (not cfg.chi2_on_policy or cfg.td_weight == 0):
+        why = "--irl.td_weight is 0" if cfg.td_weight == 0 else "--no-irl.chi2_on_policy is set"
+        raise ValueError(
+            f"--irl.online_mix {cfg.online_mix} does nothing here: with --irl.gamma 1 the value term telescopes to "
+            f"V(s_0) for expert and policy sequences alike, and {why}, so the policy samples never enter the loss. "
+            "Keep the chi^2 term on policy states (--irl.chi2_on_policy, the default, with --irl.td_weight > 0), "
+            "use --irl.gamma < 1, or set --irl.online_mix 0.")
 
 
 def prompt_rows(sequences: torch.Tensor, loss_mask: torch.Tensor) -> list[torch.Tensor]:

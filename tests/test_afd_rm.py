@@ -338,3 +338,19 @@ def test_bradley_terry_route_on_afd_pairs(tiny_model, tmp_path):
     chosen = scorer.score([p["prompt"] for p in pairs], [p["chosen"] for p in pairs])
     rejected = scorer.score([p["prompt"] for p in pairs], [p["rejected"] for p in pairs])
     assert sum(c > r for c, r in zip(chosen, rejected)) / len(pairs) >= 0.6
+
+
+def test_empty_dataset_says_what_to_do(tok):
+    with pytest.raises(DataError, match="pass --eval.dataset"):
+        _dataset([], tok)
+
+
+def test_train_rm_with_too_few_records_and_no_eval_dataset_stops_up_front(tmp_path):
+    data = str(write_jsonl(tmp_path / "labels.jsonl", _labelled_records()[:60]))
+    flags = [f for f in _rm_flags("unused-model", data, str(tmp_path / "o"))]
+    i = flags.index("--eval.dataset")
+    del flags[i : i + 2]
+    proc = run_python(["-m", "openrlhf_irl.cli.train_rm", "--trainer", "afd_rm", *flags], timeout=120)
+    assert proc.returncode == 2
+    assert "labels.jsonl: 60 records" in proc.stderr and "pass --eval.dataset" in proc.stderr
+    assert "Traceback" not in proc.stderr

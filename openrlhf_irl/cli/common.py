@@ -217,3 +217,30 @@ def load_checked_config(path: str, flag: str = "--model") -> Any:
         return AutoConfig.from_pretrained(path)
     except Exception as err:
         raise UsageError(f"{flag} {path}: cannot load its config ({_first_line(err)})") from None
+
+
+def check_rm_eval_split(argv: list) -> Optional[str]:
+    """For ``train_rm`` without ``--eval.dataset``: OpenRLHF evaluates on the first 1% of the training records
+    (the reward mean/std saved with the model come from there), which is empty below 100 records and fails deep
+    inside the dataset code. Returns a one-line message for a local JSON/JSONL ``--data.dataset`` that small."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--data.dataset", dest="dataset")
+    pre.add_argument("--eval.dataset", dest="eval_dataset")
+    pre.add_argument("--data.max_samples", dest="max_samples", type=float, default=1e8)
+    known, _ = pre.parse_known_args(argv)
+    path = known.dataset
+    if known.eval_dataset or not path or "," in path or not os.path.isfile(path):
+        return None
+    if not path.endswith((".jsonl", ".json")):
+        return None
+    try:
+        with open(path, "rb") as f:
+            n = sum(1 for line in f if line.strip()) if path.endswith(".jsonl") else len(json.load(f))
+    except (OSError, ValueError, TypeError):
+        return None  # OpenRLHF's loader will report it
+    n = min(n, int(known.max_samples))
+    if int(n * 0.01) == 0:
+        return (f"--data.dataset {path}: {n} records, and without --eval.dataset OpenRLHF evaluates on 1% of "
+                "them (0 records here); pass --eval.dataset (a held-out file, or the training file itself) or "
+                "use at least 100 records")
+    return None

@@ -1,9 +1,17 @@
 """``python -m openrlhf_irl.cli.train_rm --trainer NAME ...``: OpenRLHF's reward-model CLI with a pluggable trainer."""
 
+import sys
+
 from openrlhf_irl.cli.launcher import run
 
 
 def main(argv=None):
+    from openrlhf_irl.cli.common import check_rm_eval_split
+
+    problem = check_rm_eval_split(sys.argv[1:] if argv is None else list(argv))
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        raise SystemExit(2)
     run("rm", argv)
 
 

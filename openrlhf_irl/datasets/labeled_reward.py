@@ -109,6 +109,10 @@ class LabeledRewardDataset(Dataset):
         self.labels: List[int] = processed["label"]
 
     def _validate(self, dataset) -> None:
+        if len(dataset) == 0:
+            raise DataError("no records (an empty dataset or split; without --eval.dataset OpenRLHF's train_rm "
+                            "evaluates on 1% of the training records, none below 100: pass --eval.dataset)",
+                            reason="empty")
         columns = set(dataset.column_names)
         for key in (self.prompt_key, self.response_key, self.label_key):
             if key not in columns:

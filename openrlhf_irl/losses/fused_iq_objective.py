@@ -33,7 +33,7 @@ import torch
 from .iq_learn import IQTokenTerms, iq_token_terms
 
 __all__ = ["IQTermWeights", "FusedIQOutput", "HeadTransform", "LinearIQObjective", "linear_iq_objective", "iq_weighted_loss",
-           "token_weights_of"]
+           "token_weights_of", "evenly_spaced_rows"]
 
 
 @dataclass(frozen=True)
@@ -85,6 +85,18 @@ def token_weights_of(reduce, like: torch.Tensor) -> torch.Tensor:
         x = torch.zeros(like.shape, dtype=torch.float32, device=like.device, requires_grad=True)
         (w,) = torch.autograd.grad(reduce(x), x)
     return w
+
+
+def evenly_spaced_rows(mask: torch.Tensor, max_rows: int) -> torch.Tensor:
+    """Bool mask of at most ``max_rows`` evenly spaced set positions of ``mask`` (row-major), e.g. the response
+    tokens whose entropy is logged."""
+    rows, cols = mask.bool().nonzero(as_tuple=True)
+    out = torch.zeros(mask.shape, dtype=torch.bool, device=mask.device)
+    if len(rows) == 0 or max_rows <= 0:
+        return out
+    pick = torch.linspace(0, len(rows) - 1, steps=min(len(rows), max_rows), device=rows.device).long()
+    out[rows[pick], cols[pick]] = True
+    return out
 
 
 def _chunk_logits(h, weight, head: HeadTransform):

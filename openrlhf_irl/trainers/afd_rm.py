@@ -29,6 +29,8 @@ from openrlhf.trainer.rm_trainer import RewardModelTrainer
 from openrlhf.utils.distributed_sampler import DistributedSampler
 from tqdm import tqdm
 
+from openrlhf_irl.utils.checkpoint import write_then_retire
+
 __all__ = ["BCERewardLoss", "AfDRewardTrainer", "classifier_stats"]
 
 
@@ -72,6 +74,7 @@ class AfDRewardTrainer(RewardModelTrainer):
             raise ValueError("--model.margin_loss_enable applies to chosen/rejected pairs; --trainer afd_rm "
                              "trains a classifier on labelled samples and has no margin.")
         self.loss_fn = BCERewardLoss()
+        write_then_retire(self.strategy)  # --ckpt.max_num rotation never deletes the only complete checkpoint
         self.strategy.print("AfD binary cross-entropy loss (reward = classifier logit)")
 
     # ---- one forward ----------------------------------------------------------------------------------------

@@ -1,18 +1,78 @@
-"""extract_reward CLI: rewards telescope to log pi + V(s_0) (gamma=1), correlations, bad input."""
+"""extract_reward CLI: scores the exact rows training sees (issue 12 point 7), telescoping at gamma = 1,
+correlations, and bad input refused before anything is written (issue 13)."""
 
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
 
-from conftest import write_jsonl
+from conftest import counting_records, write_jsonl
+from iq_reference import row_steps
+from openrlhf_irl import compat
 from openrlhf_irl.cli.extract_reward import main
+
+compat.activate()
+
+TEMPLATE = "User: {}\nAssistant: "
 
 
 def _rows(path):
     return [json.loads(line) for line in open(path)]
+
+
+def training_batch(tok, records, max_len, truncation="bootstrap"):
+    """The rows ``train_sft --trainer irl_iq`` feeds its loss: IQSFTDataset + its collate, as OpenRLHF builds them."""
+    import datasets
+
+    from openrlhf_irl import compat
+
+    compat.activate()
+    from openrlhf_irl.datasets.iq_sft import IQSFTDataset
+
+    args = SimpleNamespace(data=SimpleNamespace(input_key="prompt", output_key="response", apply_chat_template=False,
+                                                tokenizer_chat_template=None),
+                           irl=SimpleNamespace(truncation=truncation))
+    rows = [{"prompt": r["prompt"], "response": r["response"]} for r in records]
+    ds = IQSFTDataset(datasets.Dataset.from_list(rows), tok, max_len, SimpleNamespace(args=args, print=print),
+                      input_template=TEMPLATE, num_processors=1)
+    return ds.collate_fn([ds[i] for i in range(len(ds))])
+
+
+@pytest.mark.parametrize("gamma,truncation", [(0.9, "bootstrap"), (1.0, "drop")])
+def test_token_rewards_are_the_trainers_on_its_training_rows(tiny_model, tmp_path, gamma, truncation):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from openrlhf_irl.trainers.iq_learn import IQConfig, PolicyForward, forward_terms
+
+    records = counting_records(5, seed=13)
+    records[1]["response"] = " ".join(str(i) for i in range(20, 45))  # cut by --max-len
+    data = write_jsonl(tmp_path / "train.jsonl", records)
+    out = tmp_path / "rewards.jsonl"
+    assert main(["--model", tiny_model, "--data", str(data), "--output", str(out), "--input-template", TEMPLATE,
+                 "--max-len", "24", "--gamma", str(gamma), "--truncation", truncation, "--batch-size", "2"]) == 0
+    rows = _rows(out)
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
+    inputs, attn, loss_mask = training_batch(tok, records, 24, truncation)
+    mask = loss_mask[:, :-1].bool()
+    with torch.no_grad():
+        logits = model(inputs, attention_mask=attn).logits.float()
+        fwd = PolicyForward(inputs, inputs[:, 1:], logits=logits, attention_mask=attn)
+        _, terms, _, _ = forward_terms(fwd, mask, tok.eos_token_id, IQConfig(gamma=gamma, truncation=truncation), 0.0)
+    for b, row in enumerate(rows):
+        assert row["tokens"] == tok.convert_ids_to_tokens(inputs[b, 1:][mask[b]].tolist())  # the tokens trained on
+        expected = terms.rewards[b][mask[b]].tolist()
+        assert row["token_rewards"] == pytest.approx(expected, abs=1e-4)
+        # and an independent loop over the same row
+        loop = [0.0 if r is None else float(r) for _, _, r, _ in
+                row_steps(logits, inputs, attn, mask, b, tok.eos_token_id, gamma, truncation)]
+        assert row["token_rewards"] == pytest.approx(loop, abs=1e-4)
+    assert rows[1]["cut"] and not rows[1]["terminal"] and rows[0]["terminal"]
+    assert (rows[1]["token_rewards"][-1] == 0.0) == (truncation == "drop")
 
 
 def test_rewards_telescope_and_correlations_are_reported(tiny_model, tmp_path, capsys):
@@ -24,20 +84,23 @@ def test_rewards_telescope_and_correlations_are_reported(tiny_model, tmp_path, c
     data = write_jsonl(tmp_path / "pairs.jsonl", records)
     out, report = tmp_path / "rewards.jsonl", tmp_path / "report.json"
     assert main(["--model", tiny_model, "--data", str(data), "--output", str(out), "--report", str(report),
-                 "--reference-key", "score", "--input-template", "User: {}\nAssistant: ", "--batch-size", "3"]) == 0
+                 "--reference-key", "score", "--batch-size", "3"]) == 0
     rows = _rows(out)
     assert len(rows) == len(records)
 
     tok = AutoTokenizer.from_pretrained(tiny_model)
     model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
-    for row in rows[:-1]:
-        prompt_ids = tok(f"User: {row['prompt']}\nAssistant: ", add_special_tokens=False)["input_ids"]
+    for row, rec in zip(rows[:-1], records):
+        # s_0 is the state that emits the first trained token of the jointly tokenised row
+        ids = tok(TEMPLATE.format(rec["prompt"]) + rec["response"] + " " + tok.eos_token,
+                  add_special_tokens=False)["input_ids"]
+        first = len(ids) - len(row["tokens"]) - 1
         with torch.no_grad():
-            v0 = torch.logsumexp(model(torch.tensor([prompt_ids])).logits[0, -1].float(), -1)
+            v0 = torch.logsumexp(model(torch.tensor([ids])).logits[0, first].float(), -1)
         assert row["tokens"][-1] == tok.eos_token and row["terminal"]
         assert row["reward"] == pytest.approx(row["log_prob"] + float(v0), abs=1e-4)  # telescoping, gamma = 1
     cut = rows[-1]
-    assert not cut["terminal"] and cut["tokens"][-1] != tok.eos_token and cut["token_rewards"][-1] == 0.0
+    assert not cut["terminal"] and cut["cut"] and cut["tokens"][-1] != tok.eos_token
 
     rep = json.load(open(report))
     # gamma = 1: within a prompt the reward ranks exactly like the likelihood
@@ -46,11 +109,43 @@ def test_rewards_telescope_and_correlations_are_reported(tiny_model, tmp_path, c
     assert "across prompts" in capsys.readouterr().out
 
 
-def test_bad_reference_value_names_file_line_and_field(tiny_model, tmp_path, capsys):
+BAD = [
+    ({"score": "high"}, ["--reference-key", "score"], "line 2, field 'score': expected a finite number, got 'high'"),
+    ({"score": float("inf")}, ["--reference-key", "score"], "line 2, field 'score': expected a finite number"),
+    ({"score": float("nan")}, ["--reference-key", "score"], "line 2, field 'score': expected a finite number"),
+    ({"finished": "no"}, [], "line 2, field 'finished': expected true or false, got 'no'"),
+    ({"response": None}, [], "line 2, field 'response': response is null"),
+    ({"response": 5}, [], "line 2, field 'response': expected a string, got int"),
+    ({"prompt": {"a": 1}}, [], "line 2, field 'prompt': expected a string, got dict"),
+    ({}, ["--gamma", "nan"], "argument --gamma: must be a finite number in [0, 1]"),
+    ({}, ["--gamma", "inf"], "argument --gamma: must be a finite number in [0, 1]"),
+    ({}, ["--gamma", "1.5"], "argument --gamma: must be a finite number in [0, 1]"),
+    ({}, ["--batch-size", "-1"], "argument --batch-size: must be >= 1"),
+    ({}, ["--batch-size", "0"], "argument --batch-size: must be >= 1"),
+    ({}, ["--max-len", "2"], "argument --max-len: must be >= 3"),
+    ({"prompt": "word " * 40}, ["--max-len", "24"], "line 2, field 'prompt': the prompt leaves no room"),
+]
+
+
+@pytest.mark.parametrize("change,flags,message", BAD, ids=[m for _, _, m in BAD])
+def test_bad_input_is_refused_and_the_existing_output_is_untouched(tiny_model, tmp_path, capsys, change, flags,
+                                                                   message):
     data = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "a", "response": "b", "score": 1},
-                                                {"prompt": "a", "response": "c", "score": "high"}])
-    assert main(["--model", tiny_model, "--data", str(data), "--output", str(tmp_path / "o.jsonl"),
-                 "--reference-key", "score"]) == 2
+                                                {"prompt": "a", "response": "c", "score": 0, **change}])
+    out = tmp_path / "o.jsonl"
+    out.write_text("previous results\n")
+    try:
+        code = main(["--model", tiny_model, "--data", str(data), "--output", str(out), *flags])
+    except SystemExit as exc:  # argparse
+        code = exc.code
+    assert code == 2
     err = capsys.readouterr().err
-    assert "bad.jsonl" in err and "line 2" in err and "'score'" in err
-    assert not (tmp_path / "o.jsonl").exists()
+    assert message in err and "Traceback" not in err, err
+    assert out.read_text() == "previous results\n"
+
+
+def test_output_that_is_the_input_is_refused(tiny_model, tmp_path, capsys):
+    data = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "a", "response": "b"}])
+    before = data.read_text()
+    assert main(["--model", tiny_model, "--data", str(data), "--output", str(data)]) == 2
+    assert "is the same file as --data" in capsys.readouterr().err and data.read_text() == before

@@ -1,26 +1,52 @@
 """``python -m openrlhf_irl.cli.extract_reward``: per-token implicit rewards of an IQ-Learn policy.
 
-r_t = Q(s_t, a_t) - gamma * V(s_{t+1}) with Q = logits and V = logsumexp(logits), V = 0 after EOS (REFERENCE 1).
-Reads JSONL prompt/response pairs, writes one record per pair with the token rewards, their sum and log pi(y|x).
-With ``--reference-key`` it reports Spearman correlations of the sequence reward (and, for comparison, of the
-log-likelihood) with the reference score, within prompts and across prompts. With gamma = 1 the sum telescopes to
-log pi(y|x) + V(s_0), so within one prompt the reward ranks responses exactly as the likelihood does.
+r_t = Q(s_t, a_t) - gamma * V(s_{t+1}) with Q = logits and V = logsumexp(logits) (REFERENCE 1), computed on exactly
+the token rows training saw: each record goes through the IQ trainer's dataset (OpenRLHF's ``SFTDataset``: same
+input template or chat template, prompt and response tokenised jointly, " " + EOS appended, cut at ``--max-len``)
+and through the trainer's own episode rules (terminal at the final EOS, ``--truncation`` for cut rows, multi-turn
+segments bootstrapped across user turns). A record with ``"finished": false`` (a sample cut by its length limit)
+is tokenised the same way without the EOS and is not terminal. Pass the template flags used for training.
+
+Writes one record per input with the token rewards, their sum and log pi(y|x). With ``--reference-key`` it reports
+Spearman correlations of the sequence reward (and, for comparison, of the log-likelihood) with the reference score,
+within prompts and across prompts. With gamma = 1 the sum telescopes to log pi(y|x) + V(s_0), so within one prompt
+the reward ranks responses exactly as the likelihood does.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
+import os
 import sys
 from collections import defaultdict
+from types import SimpleNamespace
 
 import torch
 
-from openrlhf_irl.generation.params import format_prompt
-from openrlhf_irl.generation.scoring import encode_prompt
-from openrlhf_irl.losses import iq_token_terms, logits_q_and_v
+from openrlhf_irl.cli.common import positive_int
 from openrlhf_irl.utils.jsonl import DataError, atomic_write_json, atomic_write_jsonl, read_jsonl
 from openrlhf_irl.utils.metrics import spearman
+
+DEFAULT_TEMPLATE = "User: {}\nAssistant: "  # OpenRLHF train_sft's --data.input_template default
+
+
+def _unit_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not (math.isfinite(value) and 0.0 <= value <= 1.0):
+        raise argparse.ArgumentTypeError(f"must be a finite number in [0, 1], got {text}")
+    return value
+
+
+def _max_len(text: str) -> int:
+    value = positive_int(text)
+    if value < 3:
+        raise argparse.ArgumentTypeError(f"must be >= 3 (prompt, response and EOS), got {value}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,56 +55,131 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="JSONL with prompt/response records")
     p.add_argument("--output", required=True, help="JSONL with per-token and per-sequence rewards")
     p.add_argument("--report", default=None, help="JSON file for the correlation report")
-    p.add_argument("--input-key", default="prompt")
-    p.add_argument("--output-key", default="response")
+    p.add_argument("--input-key", default="prompt", help="as --data.input_key of training")
+    p.add_argument("--output-key", default="response", help="as --data.output_key of training")
     p.add_argument("--reference-key", default=None, help="numeric column to correlate the rewards with")
-    p.add_argument("--apply-chat-template", action="store_true")
-    p.add_argument("--input-template", default=None)
-    p.add_argument("--gamma", type=float, default=1.0)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-len", type=int, default=2048, help="prompt + response tokens; longer pairs are truncated")
+    p.add_argument("--apply-chat-template", action="store_true", help="as --data.apply_chat_template of training")
+    p.add_argument("--tokenizer-chat-template", default=None, help="as --data.tokenizer_chat_template of training")
+    p.add_argument("--input-template", default=DEFAULT_TEMPLATE,
+                   help=f"as --data.input_template of training (OpenRLHF's default {DEFAULT_TEMPLATE!r}); "
+                        "ignored with --apply-chat-template")
+    p.add_argument("--multiturn", action="store_true",
+                   help="as --data.multiturn: the input key holds a whole conversation ending with an assistant turn")
+    p.add_argument("--truncation", choices=("bootstrap", "drop", "eos"), default="bootstrap",
+                   help="as --irl.truncation of training: how a row cut by --max-len ends")
+    p.add_argument("--gamma", type=_unit_float, default=1.0, help="discount in [0, 1], as --irl.gamma")
+    p.add_argument("--batch-size", type=positive_int, default=8)
+    p.add_argument("--max-len", type=_max_len, default=2048, help="as --data.max_len of training")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return p
 
 
-def _encode(tokenizer, record, args, path, line_no):
-    prompt = format_prompt(tokenizer, record[args.input_key], apply_chat_template=args.apply_chat_template,
-                           input_template=args.input_template)
-    prompt_ids = encode_prompt(tokenizer, prompt)
-    response_ids = tokenizer(record[args.output_key], add_special_tokens=False)["input_ids"]
-    ended = record.get("finished", True) is not False  # samples marked unfinished are cut, not terminal
-    if ended:
-        response_ids = response_ids + [tokenizer.eos_token_id]
-    if len(prompt_ids) >= args.max_len:
-        raise DataError(f"{path}, line {line_no}, field {args.input_key!r}: prompt has {len(prompt_ids)} tokens, "
-                        f"not shorter than --max-len {args.max_len}")
-    cut = len(prompt_ids) + len(response_ids) > args.max_len
-    response_ids = response_ids[: args.max_len - len(prompt_ids)]
-    return prompt_ids, response_ids, ended and not cut
+def _check_paths(args) -> None:
+    """Flags and paths, before any model or data is loaded or any output is opened."""
+    if not os.path.isfile(args.data):
+        raise DataError(f"--data {args.data}: no such file")
+    for flag, path in (("--output", args.output), ("--report", args.report)):
+        if not path:
+            continue
+        if os.path.isdir(path):
+            raise DataError(f"{flag} {path}: is a directory, expected a file path")
+        if os.path.exists(path) and os.path.samefile(path, args.data):
+            raise DataError(f"{flag} {path} is the same file as --data: it would be overwritten")
+    if args.report and os.path.abspath(args.report) == os.path.abspath(args.output):
+        raise DataError("--report and --output name the same file")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise DataError(f"--device {args.device}: CUDA is not available on this machine (use --device cpu)")
+    if not os.path.isfile(os.path.join(args.model, "config.json")):
+        raise DataError(f"--model {args.model}: not a model directory (no config.json)")
+
+
+def _check_records(records, args) -> None:
+    from openrlhf_irl.datasets.sft_validation import validate_sft_record
+
+    first_kind = None
+    for line_no, rec in records:
+        where = f"line {line_no}"
+        kind = validate_sft_record(rec, args.data, where, input_key=args.input_key,
+                                   output_key=None if args.multiturn else args.output_key,
+                                   multiturn=args.multiturn, chat_template=args.apply_chat_template)
+        first_kind = first_kind or kind
+        if kind != first_kind:
+            raise DataError(f"{args.data}, {where}, field '{args.input_key}': prompt is a {kind} here but a "
+                            f"{first_kind} in earlier records")
+        finished = rec.get("finished", True)
+        if not isinstance(finished, bool):
+            raise DataError(f"{args.data}, {where}, field 'finished': expected true or false, got {finished!r}")
+        if args.reference_key:
+            value = rec.get(args.reference_key)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+                raise DataError(f"{args.data}, {where}, field {args.reference_key!r}: expected a finite number, "
+                                f"got {value!r}")
+
+
+def build_dataset(tokenizer, records, args):
+    """The trainer's dataset (``IQSFTDataset``) over the records, refusing any record it would drop."""
+    import datasets
+
+    from openrlhf_irl import compat
+
+    compat.activate()
+    from openrlhf_irl.datasets.iq_sft import IQSFTDataset
+
+    keys = [args.input_key] if args.multiturn else [args.input_key, args.output_key]
+    rows = [{k: rec[k] for k in keys} for _, rec in records]
+    strategy = SimpleNamespace(
+        args=SimpleNamespace(
+            data=SimpleNamespace(input_key=args.input_key, output_key=None if args.multiturn else args.output_key,
+                                 apply_chat_template=args.apply_chat_template or args.multiturn,
+                                 tokenizer_chat_template=args.tokenizer_chat_template),
+            irl=SimpleNamespace(truncation=args.truncation),
+        ),
+        print=lambda *a, **k: None,
+    )
+    probe = IQSFTDataset(datasets.Dataset.from_list(rows[:1]), tokenizer, args.max_len, strategy,
+                         input_template=args.input_template, num_processors=1, multiturn=args.multiturn)
+    for (line_no, _), row in zip(records, rows):
+        if probe.process_data(json.loads(json.dumps(row)))["prompt"] is None:
+            raise DataError(f"{args.data}, line {line_no}, field {args.input_key!r}: the prompt leaves no room for "
+                            f"a response under --max-len {args.max_len} (training drops such records)")
+    return IQSFTDataset(datasets.Dataset.from_list(rows), tokenizer, args.max_len, strategy,
+                        input_template=args.input_template, num_processors=1, multiturn=args.multiturn)
+
+
+def dataset_item(ds, idx: int, finished: bool):
+    """(input_ids, attention_mask, loss_mask) [1, L] as training builds them; an unfinished sample has no EOS."""
+    if finished:
+        return ds[idx]
+    text = ds.prompts[idx] + ds.responses[idx]
+    tok = ds.tokenizer(text, max_length=ds.max_length, truncation=True, return_tensors="pt", add_special_tokens=False)
+    return tok["input_ids"], tok["attention_mask"], ds.get_loss_mask(tok["input_ids"], idx)
 
 
 @torch.no_grad()
-def sequence_token_rewards(model, rows, pad_id: int, eos_id: int, gamma: float):
-    """For rows of (prompt_ids, response_ids, terminal): per-token rewards and log pi over the response tokens."""
+def score_batch(model, items, tokenizer, *, gamma: float, truncation: str):
+    """Per-row (labels, per-token rewards, log pi sum, terminal, cut) over the response tokens, computed by the
+    trainer's own ``forward_terms`` on full logits."""
+    from openrlhf_irl.losses.iq_learn import episode_masks
+    from openrlhf_irl.trainers.iq_learn import IQConfig, PolicyForward, forward_terms
+
+    ids = torch.nn.utils.rnn.pad_sequence([i[0][0] for i in items], batch_first=True,
+                                          padding_value=tokenizer.pad_token_id)
+    attn = torch.nn.utils.rnn.pad_sequence([i[1][0].long() for i in items], batch_first=True)
+    loss_mask = torch.nn.utils.rnn.pad_sequence([i[2][0] for i in items], batch_first=True)
     device = next(model.parameters()).device
-    width = max(len(p) + len(r) for p, r, _ in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    attn = torch.zeros_like(ids)
-    resp = torch.zeros((len(rows), width - 1), dtype=torch.bool)
-    for i, (p, r, _) in enumerate(rows):
-        ids[i, : len(p) + len(r)] = torch.tensor(p + r)
-        attn[i, : len(p) + len(r)] = 1
-        resp[i, len(p) - 1 : len(p) + len(r) - 1] = True
-    logits = model(input_ids=ids.to(device), attention_mask=attn.to(device)).logits[:, :-1].float().cpu()
-    labels = ids[:, 1:]
-    terminal = resp & (labels == eos_id)
-    for i, (_, _, is_terminal) in enumerate(rows):
-        if not is_terminal:
-            terminal[i] = False
-    q, v = logits_q_and_v(logits, labels, resp)
-    terms = iq_token_terms(q, v, resp, terminal, gamma=gamma)
-    return [(terms.rewards[i][resp[i]].tolist(), float(terms.log_probs[i][resp[i]].double().sum()))
-            for i in range(len(rows))]
+    logits = model(input_ids=ids.to(device), attention_mask=attn.to(device)).logits.float().cpu()
+    fwd = PolicyForward(ids, ids[:, 1:], logits=logits, attention_mask=attn)
+    mask = loss_mask[:, :-1].bool()
+    cfg = IQConfig(gamma=gamma, truncation=truncation, td_weight=0.0)
+    _, terms, _, _ = forward_terms(fwd, mask, tokenizer.eos_token_id, cfg, 0.0)
+    terminal, cut = episode_masks(fwd.labels, mask, attn, tokenizer.eos_token_id)
+    return [(fwd.labels[i][mask[i]].tolist(), terms.rewards[i][mask[i]].tolist(),
+             float(terms.log_probs[i][mask[i]].double().sum()), bool(terminal[i].any()), bool(cut[i].any()))
+            for i in range(len(items))]
+
+
+def _group_key(prompt) -> str:
+    return prompt if isinstance(prompt, str) else json.dumps(prompt, sort_keys=True)
 
 
 def correlations(records, key: str, reference_key: str) -> dict:
@@ -87,7 +188,7 @@ def correlations(records, key: str, reference_key: str) -> dict:
     ys = [float(r[reference_key]) for r in records]
     groups = defaultdict(list)
     for r in records:
-        groups[r["prompt"]].append((r[key], float(r[reference_key])))
+        groups[_group_key(r["prompt"])].append((r[key], float(r[reference_key])))
     within = [spearman([a for a, _ in g], [b for _, b in g]) for g in groups.values() if len(g) >= 2]
     within = [w for w in within if not math.isnan(w)]
     return {
@@ -99,39 +200,47 @@ def correlations(records, key: str, reference_key: str) -> dict:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).to(args.device).eval()
-    required = (args.input_key, args.output_key)
     try:
-        records = list(read_jsonl(args.data, required=required))
+        _check_paths(args)
+        records = list(read_jsonl(args.data))
         if not records:
             raise DataError(f"{args.data}: no records")
-        encoded = [_encode(tokenizer, rec, args, args.data, line_no) for line_no, rec in records]
-        if args.reference_key:
-            for line_no, rec in records:
-                value = rec.get(args.reference_key)
-                if not isinstance(value, (int, float)) or isinstance(value, bool):
-                    raise DataError(f"{args.data}, line {line_no}, field {args.reference_key!r}: "
-                                    f"expected a number, got {value!r}")
+        _check_records(records, args)
     except DataError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    if tokenizer.eos_token_id is None:
+        print(f"error: --model {args.model}: its tokenizer has no EOS token", file=sys.stderr)
+        return 2
+    if tokenizer.pad_token_id is None:  # as OpenRLHF's get_tokenizer
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "right"
+    try:
+        ds = build_dataset(tokenizer, records, args)
+    except DataError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).to(args.device).eval()
+
     out = []
-    for start in range(0, len(encoded), args.batch_size):
-        batch = encoded[start : start + args.batch_size]
-        scored = sequence_token_rewards(model, batch, tokenizer.pad_token_id, tokenizer.eos_token_id, args.gamma)
-        for (_, rec), (p, r, terminal), (rewards, log_prob) in zip(records[start:], batch, scored):
+    for start in range(0, len(records), args.batch_size):
+        chunk = records[start : start + args.batch_size]
+        items = [dataset_item(ds, start + i, rec.get("finished", True)) for i, (_, rec) in enumerate(chunk)]
+        scored = score_batch(model, items, tokenizer, gamma=args.gamma, truncation=args.truncation)
+        for (_, rec), (labels, rewards, log_prob, terminal, cut) in zip(chunk, scored):
             row = {
                 "prompt": rec[args.input_key],
-                "response": rec[args.output_key],
-                "tokens": tokenizer.convert_ids_to_tokens(r),
+                "response": rec.get(args.output_key) if not args.multiturn else None,
+                "tokens": tokenizer.convert_ids_to_tokens(labels),
                 "token_rewards": rewards,
                 "reward": float(sum(rewards)),
                 "log_prob": log_prob,
                 "terminal": terminal,
+                "cut": cut,
             }
             if args.reference_key:
                 row[args.reference_key] = rec[args.reference_key]

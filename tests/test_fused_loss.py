@@ -252,3 +252,47 @@ def test_entropy_rows():
     torch.testing.assert_close(out.entropy, expected, rtol=1e-5, atol=1e-5)
     _, v = linear_q_and_v(h0, w0, labels.clamp(min=0))
     torch.testing.assert_close(out.v[mask], v[mask])
+
+
+@pytest.mark.parametrize("gamma,chi2", [(1.0, True), (0.9, True), (0.9, False)])
+def test_online_term_as_weights_equals_iq_online_term(gamma, chi2):
+    """The trainer's online term (``iq_online_term`` on expert and policy terms) folded into the single-pass op as
+    per-token weights read off by ``term_weights_of``: same value and gradients as on plain logits."""
+    from openrlhf_irl.losses import iq_token_terms
+    from openrlhf_irl.losses.fused_iq_objective import add_weights, td_mask_for, term_weights_of
+    from openrlhf_irl.losses.iq_learn import iq_online_term
+
+    gen, mask, term, cut, labels, h0, w0 = data(8)
+    pmask, pterm, pcut, plabels = mask[[4, 1, 0, 3]], term[[4, 1, 0, 3]], cut[[4, 1, 0, 3]], labels[[4, 1, 0, 3]]
+    ph0 = torch.randn(4, T, H, generator=gen)
+    kw = dict(alpha=0.3, td_weight=0.5, gamma=gamma, chi2_on_policy=chi2, token_normaliser=torch.tensor(37.0),
+              dp_size=2)
+    offline = offline_weights(mask, 0.5, 1.0, gen)
+
+    # plain: terms from materialised logits, autograd through iq_online_term
+    hidden, phidden, weight = (x.clone().requires_grad_(True) for x in (h0, ph0, w0))
+
+    def plain_terms(h, lab, m, t, c):
+        logits = h @ weight.T
+        q = torch.where(m, logits.gather(-1, lab.clamp(min=0)[..., None]).squeeze(-1), 0.0)
+        v = torch.logsumexp(logits, -1)
+        boot_v = torch.where(c, torch.cat([v[:, 1:], v[:, :1]], 1), 0.0)
+        return iq_token_terms(q, v, m, t, gamma=gamma, bootstrap_mask=c, bootstrap_values=boot_v)
+
+    e_terms, p_terms = plain_terms(hidden, labels, mask, term, cut), plain_terms(phidden, plabels, pmask, pterm, pcut)
+    from openrlhf_irl.losses import iq_weighted_loss
+
+    ref = iq_weighted_loss(e_terms, offline) + iq_online_term(e_terms, mask, p_terms, pmask, **kw)[0]
+    ref.backward()
+
+    ew, pw = term_weights_of(lambda e, p: iq_online_term(e, mask, p, pmask, **kw)[0],
+                             (mask, td_mask_for(mask, term, cut)), (pmask, td_mask_for(pmask, pterm, pcut)))
+    fh, fph, fw = (x.clone().requires_grad_(True) for x in (h0, ph0, w0))
+    expert = linear_iq_objective(fh, fw, labels, mask, term, add_weights(offline, ew), gamma=gamma, chunk_size=5,
+                                 bootstrap_mask=cut)
+    policy = linear_iq_objective(fph, fw, plabels, pmask, pterm, pw, gamma=gamma, chunk_size=5, bootstrap_mask=pcut)
+    (expert.loss + policy.loss).backward()
+    torch.testing.assert_close(expert.loss + policy.loss, ref, rtol=1e-5, atol=1e-5)
+    for got, want in ((fh.grad, hidden.grad), (fph.grad, phidden.grad), (fw.grad, weight.grad)):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    assert float(policy.loss.detach().abs()) > 1e-3  # the policy rows really enter

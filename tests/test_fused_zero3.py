@@ -73,6 +73,35 @@ def test_single_pass_equals_plain_and_two_pass_with_openrlhf_normalisers(actor_a
     actor.train()
 
 
+@pytest.mark.parametrize("gamma", [1.0, 0.9])
+def test_online_single_pass_equals_plain_online_loss(actor_and_tok, gamma):
+    """Online IQ-Learn with the fused loss: the online term's expert and policy weights folded into the single-pass
+    op (policy samples with EOS-ended and cut rows) give the plain online loss's value, gradients and stats."""
+    from test_iq_online import FixedSampler
+
+    actor, tok = actor_and_tok
+    inputs, attn, loss_mask = sft_batch(tok, counting_records(3, seed=13), truncate_last_to=12)
+    mask = loss_mask[:, :-1]
+    norms = dict(dp_size=2, batch_num_tokens=mask.sum() * 1.25, global_batch_size=torch.tensor(5.0))
+    cfg = dict(td_weight=0.7, gamma=gamma, online_mix=0.3)
+    results = {}
+    for name, extra in (("plain", {}), ("single", dict(fused_loss=True, fused_chunk_size=6)),
+                        ("two_pass", dict(fused_loss=True, fused_chunk_size=6, fused_single_pass=False))):
+        trainer = bare_trainer(actor, tok, sampler=FixedSampler(tok, n=2), **cfg, **extra)
+        loss, g = loss_and_grads(actor, lambda: run(trainer, inputs, attn, mask, **norms))
+        results[name] = (loss, g, trainer.loss_fn.pop_stats())
+    ref, ref_grads, ref_stats = results["plain"]
+    assert abs(ref_stats["online_term"]) > 1e-3  # the online term is there
+    for name in ("single", "two_pass"):
+        got, got_grads, stats = results[name]
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+        for g, r in zip(got_grads, ref_grads):
+            torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-6)
+        assert stats.keys() == ref_stats.keys()
+        for key in ref_stats:
+            assert stats[key] == pytest.approx(ref_stats[key], rel=1e-4, abs=1e-5), key
+
+
 def test_trainer_fused_loss_on_a_soft_capped_tied_gemma2_head():
     """Issue 12 point 5 at the trainer: before, the fused path used hidden @ W.T and missed Gemma-2's soft-cap."""
     torch.manual_seed(0)

@@ -33,7 +33,7 @@ import torch
 from .iq_learn import IQTokenTerms, iq_token_terms
 
 __all__ = ["IQTermWeights", "FusedIQOutput", "HeadTransform", "LinearIQObjective", "linear_iq_objective", "iq_weighted_loss",
-           "token_weights_of", "evenly_spaced_rows"]
+           "token_weights_of", "evenly_spaced_rows", "term_weights_of", "td_mask_for", "add_weights"]
 
 
 @dataclass(frozen=True)
@@ -76,6 +76,56 @@ def iq_weighted_loss(terms: IQTokenTerms, weights: IQTermWeights) -> torch.Tenso
         if w is not None:
             total = total + (w.float() * x).sum()
     return total
+
+
+def add_weights(a: IQTermWeights, b: IQTermWeights) -> IQTermWeights:
+    """Field-wise sum (None = 0)."""
+    return IQTermWeights(*(x if y is None else y if x is None else x + y for x, y in zip(a, b)))
+
+
+def td_mask_for(loss_mask, terminal_mask, bootstrap_mask=None) -> torch.Tensor:
+    """Response tokens with a TD term under ``linear_iq_objective``'s rules: terminal, followed by a response token
+    of the same row, or bootstrapped (a cut token)."""
+    resp = loss_mask.bool()
+    later = torch.flip(torch.cumsum(torch.flip(resp.int(), [1]), 1), [1]) - resp.int()  # response tokens after t
+    td = resp & ((terminal_mask.bool() & resp) | (later > 0))
+    if bootstrap_mask is not None:
+        td = td | (bootstrap_mask.bool() & resp)
+    return td
+
+
+def term_weights_of(loss_of_terms, *masks) -> tuple[IQTermWeights, ...]:
+    """The ``IQTermWeights`` of a loss given as a function of ``IQTokenTerms`` (one per ``(loss_mask, td_mask)``
+    pair in ``masks``), e.g. the online term ``iq_online_term``: read off by differentiating it at probe terms.
+
+    The loss must be a per-token weighted sum of log pi, v, V', r and r^2 (what ``IQTermWeights`` can express): its
+    derivatives wrt log pi, v, V' are their weights; wrt r at r = 0 the weight of r, and at r = 1 that plus twice
+    the weight of r^2.
+    """
+
+    def probe(r_value):
+        terms = []
+        for loss_mask, td in masks:
+            shape, dev = loss_mask.shape, loss_mask.device
+            z = lambda: torch.zeros(shape, dtype=torch.float32, device=dev, requires_grad=True)  # noqa: E731
+            r = torch.full(shape, float(r_value), dtype=torch.float32, device=dev, requires_grad=True)
+            terms.append(IQTokenTerms(z(), r, td.bool(), z(), z()))
+        with torch.enable_grad():
+            out = loss_of_terms(*terms)
+            leaves = [x for t in terms for x in (t.log_probs, t.rewards, t.next_values, t.values)]
+            grads = torch.autograd.grad(out, leaves, allow_unused=True)
+        zero = lambda g, x: torch.zeros_like(x) if g is None else g  # noqa: E731
+        return [tuple(zero(g, x) for g, x in zip(grads[4 * i:4 * i + 4], leaves[4 * i:4 * i + 4]))
+                for i in range(len(terms))]
+
+    at0, at1 = probe(0.0), probe(1.0)
+    out = []
+    for (g_lp, g_r0, g_nv, g_v), (_, g_r1, _, _), (loss_mask, _) in zip(at0, at1, masks):
+        resp = loss_mask.bool()
+        keep = lambda x: torch.where(resp, x, 0.0)  # noqa: E731
+        out.append(IQTermWeights(log_probs=keep(g_lp), rewards=keep(g_r0), rewards_sq=keep((g_r1 - g_r0) / 2),
+                                 values=keep(g_v), next_values=keep(g_nv)))
+    return tuple(out)
 
 
 def token_weights_of(reduce, like: torch.Tensor) -> torch.Tensor:
@@ -144,27 +194,30 @@ class LinearIQObjective(torch.autograd.Function):
             vc = torch.logsumexp(logits, dim=-1)
             q[s:e], v[s:e] = qc, vc
             if entropy_rows is not None:
-                sel = entropy_rows[s:e]
-                if bool(sel.any()):
-                    ls = logits[sel]
-                    ent.append(vc[sel] - (torch.softmax(ls, -1) * ls).sum(-1))
+                sel = entropy_rows[s:e].nonzero().squeeze(1)
+                for k in range(0, len(sel), 32):  # a few rows at a time: no second [chunk, V] buffer
+                    rows_k = sel[k:k + 32]
+                    ls, vs = logits[rows_k], vc[rows_k, None]
+                    ent.append(vs.squeeze(1) - (ls - vs).exp_().mul_(ls).sum(-1))
             if not (need_h or need_w):
                 continue
             # B_t for the chunk's rows; r_{t-1} = q_{t-1} - gamma v_t
             r_prev = torch.cat([q_prev, qc[:-1]]) - gamma * vc
             b = cv[s:e] + prev_n[s:e] - 2.0 * gamma * prev_c2[s:e] * r_prev
             q_prev = qc[-1:]
-            g = logits.sub(vc[:, None]).exp_().mul_(b[:, None])  # B_t softmax(l_t)
-            if head.softcap is not None or head.scale != 1.0:
-                if head.softcap is not None:
-                    dz = logits.div_(head.softcap).square_().neg_().add_(1.0)
-                    dlab[s:e] = dz.gather(1, index[s:e, None]).squeeze(1) * head.scale
-                    g.mul_(dz)
-                else:
-                    dlab[s:e] = head.scale
-                if head.scale != 1.0:
-                    g.mul_(head.scale)
+            dz = None
+            if head.softcap is not None:  # dl/dz = scale * (1 - (l / c)^2), needs l: before l becomes p in place
+                dz = (logits / head.softcap).square_().neg_().add_(1.0)
+                dlab[s:e] = dz.gather(1, index[s:e, None]).squeeze(1) * head.scale
+            elif head.scale != 1.0:
+                dlab[s:e] = head.scale
+            g = logits.sub_(vc[:, None]).exp_().mul_(b[:, None])  # B_t softmax(l_t), in place of the logits
             del logits
+            if dz is not None:
+                g.mul_(dz)
+                del dz
+            if head.scale != 1.0:
+                g.mul_(head.scale)
             g = g.to(hidden.dtype)
             if need_h:
                 dh[s:e] = g @ weight

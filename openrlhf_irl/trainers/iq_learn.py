@@ -41,7 +41,15 @@ from openrlhf_irl.losses import (
     masked_linear_q_and_v,
 )
 from openrlhf_irl.losses.fused_head import FusedHead
-from openrlhf_irl.losses.fused_iq_objective import IQTermWeights, evenly_spaced_rows, linear_iq_objective, token_weights_of
+from openrlhf_irl.losses.fused_iq_objective import (
+    IQTermWeights,
+    add_weights,
+    evenly_spaced_rows,
+    linear_iq_objective,
+    td_mask_for,
+    term_weights_of,
+    token_weights_of,
+)
 from openrlhf_irl.losses.iq_learn import episode_masks, iq_online_term
 
 TRUNCATION_MODES = ("bootstrap", "drop", "eos")
@@ -178,21 +186,39 @@ def forward_terms(fwd: PolicyForward, mask: torch.Tensor, eos_token_id: int, cfg
 
 
 def single_pass_loss(fwd: PolicyForward, mask: torch.Tensor, eos_token_id: int, cfg: IQConfig, td_weight: float,
-                     reduce):
-    """(loss, terms, logged entropy) of the offline loss in one pass over the vocabulary (``linear_iq_objective``).
+                     reduce, online=None):
+    """(loss, terms, logged entropy, online stats) of the loss in one pass over the vocabulary per forward
+    (``linear_iq_objective``, gradients computed in the forward pass).
 
     ``reduce`` (OpenRLHF's ``aggregate_loss`` with this step's normalisers) is linear in the per-token loss, so its
     weights w_t = d reduce / d l_t give the objective's term weights: -mle_weight * w on log pi, lambda * w on r^2.
-    Same episode rules as ``forward_terms``.
+    ``online`` = (policy PolicyForward, policy mask, term(expert_terms, policy_terms) -> (loss, stats)): the online
+    term's per-token weights on the expert and the policy rows are read off ``term`` (``term_weights_of``) before
+    either op runs. Same episode rules as ``forward_terms``.
     """
+    boot = cfg.truncation == "bootstrap"
     terminal, cut = episode_masks(fwd.labels, mask, fwd.real_mask(), eos_token_id)
     w = token_weights_of(reduce, mask)
     weights = IQTermWeights(log_probs=-cfg.mle_weight * w, rewards_sq=td_weight * w if td_weight else None)
-    out = fwd.objective(mask, terminal, weights, gamma=cfg.gamma,
-                        bootstrap_mask=cut if cfg.truncation == "bootstrap" else None,
+    policy = None
+    if online is not None:
+        pfwd, pmask, term = online
+        pterminal, pcut = episode_masks(pfwd.labels, pmask, pfwd.real_mask(), eos_token_id)
+        expert_w, policy_w = term_weights_of(
+            lambda e, p: term(e, p)[0], (mask, td_mask_for(mask, terminal, cut if boot else None)),
+            (pmask, td_mask_for(pmask, pterminal, pcut if boot else None)))
+        weights = add_weights(weights, expert_w)
+        policy = pfwd.objective(pmask, pterminal, policy_w, gamma=cfg.gamma, bootstrap_mask=pcut if boot else None)
+    out = fwd.objective(mask, terminal, weights, gamma=cfg.gamma, bootstrap_mask=cut if boot else None,
                         entropy_mask=evenly_spaced_rows(mask, cfg.entropy_sample_tokens))
     entropy = float(out.entropy.mean()) if out.entropy.numel() else 0.0
-    return out.loss, out.terms, entropy
+    if policy is None:
+        return out.loss, out.terms, entropy, {}
+    stats = term(out.terms, policy.terms)[1]  # logging only: the loss value is the same sum
+    td = policy.terms.td_mask
+    stats["policy_td"] = float((policy.terms.rewards.square() * td).sum() / td.sum().clamp(min=1))
+    stats["policy_sample_len"] = float(pmask.sum(-1).float().mean())
+    return out.loss + policy.loss, out.terms, entropy, stats
 
 
 class NonFiniteLoss(SystemExit):
@@ -213,18 +239,24 @@ class IQLearnSFTLoss(nn.Module):
         mask = loss_mask.bool()
         td_weight = cfg.td_weight_at(trainer.optimizer_steps) if trainer.model.training else cfg.td_weight
         norms = dict(dp_size=dp_size, batch_num_tokens=batch_num_tokens, global_batch_size=global_batch_size)
-        if fwd.single_pass and not (trainer.model.training and cfg.online_mix > 0):
-            loss, terms, entropy = single_pass_loss(fwd, mask, trainer.eos_token_id, cfg, td_weight,
-                                                    lambda x: aggregate_loss(x, loss_mask, **norms))
+        online = trainer.model.training and cfg.online_mix > 0
+        if fwd.single_pass:
+            parts = trainer.online_parts(fwd, mask, td_weight, batch_num_tokens, dp_size) if online else None
+            loss, terms, entropy, online_stats = single_pass_loss(
+                fwd, mask, trainer.eos_token_id, cfg, td_weight, lambda x: aggregate_loss(x, loss_mask, **norms),
+                online=parts)
             stats = iq_stats(terms, mask)
             stats["entropy"] = entropy
-        else:  # the online term needs differentiable expert (q, v): the plain loss or the two-pass fused op
+            stats["td_weight"] = td_weight
+            stats.update(online_stats)
+            online = False  # already in the loss
+        else:
             per_token, terms, q, v = forward_terms(fwd, mask, trainer.eos_token_id, cfg, td_weight)
             loss = aggregate_loss(per_token, loss_mask, **norms)
             stats = iq_stats(terms, mask)
             stats["entropy"] = fwd.mean_entropy(mask, v, cfg.entropy_sample_tokens)
-        stats["td_weight"] = td_weight
-        if trainer.model.training and cfg.online_mix > 0:
+            stats["td_weight"] = td_weight
+        if online:
             online_loss, online_stats = trainer.online_value_term(
                 fwd, terms, mask, td_weight, token_normaliser=batch_num_tokens, dp_size=dp_size)
             loss = loss + online_loss
@@ -328,17 +360,27 @@ class IQLearnTrainer(SFTTrainer):
         return (fwd, output) if return_output else fwd
 
     # ---- online variant -----------------------------------------------------------------------------------------
-    def online_value_term(self, expert_fwd, expert_terms, expert_mask, td_weight, token_normaliser=None, dp_size=1):
-        """alpha * (P[g] - E[g]) on policy samples of this micro-batch's prompts (``iq_online_term``)."""
+    def online_parts(self, expert_fwd, expert_mask, td_weight, token_normaliser=None, dp_size=1):
+        """(policy PolicyForward, policy mask, term(expert_terms, policy_terms) -> (loss, stats)) for this
+        micro-batch: the policy samples of its prompts, teacher-forced, and ``iq_online_term`` on them."""
         cfg = self.iq_config
         samples = self._policy_samples(expert_fwd.sequences, expert_mask)
         fwd = self.policy_forward(samples["sequences"], attention_mask=samples["attention_mask"])
         mask = samples["loss_mask"].bool()
-        _, terms, _, _ = forward_terms(fwd, mask, self.eos_token_id, cfg, td_weight)
-        loss, stats = iq_online_term(
-            expert_terms, expert_mask, terms, mask, alpha=cfg.online_mix, td_weight=td_weight, gamma=cfg.gamma,
-            chi2_on_policy=cfg.chi2_on_policy, token_normaliser=token_normaliser, dp_size=dp_size,
-        )
+
+        def term(expert_terms, policy_terms):
+            return iq_online_term(
+                expert_terms, expert_mask, policy_terms, mask, alpha=cfg.online_mix, td_weight=td_weight,
+                gamma=cfg.gamma, chi2_on_policy=cfg.chi2_on_policy, token_normaliser=token_normaliser,
+                dp_size=dp_size)
+
+        return fwd, mask, term
+
+    def online_value_term(self, expert_fwd, expert_terms, expert_mask, td_weight, token_normaliser=None, dp_size=1):
+        """alpha * (P[g] - E[g]) on policy samples of this micro-batch's prompts (``iq_online_term``)."""
+        fwd, mask, term = self.online_parts(expert_fwd, expert_mask, td_weight, token_normaliser, dp_size)
+        _, terms, _, _ = forward_terms(fwd, mask, self.eos_token_id, self.iq_config, td_weight)
+        loss, stats = term(expert_terms, terms)
         stats["policy_td"] = float((terms.rewards.detach().square() * terms.td_mask).sum() / terms.td_mask.sum().clamp(min=1))
         stats["policy_sample_len"] = float(mask.sum(-1).float().mean())
         return loss, stats

@@ -188,3 +188,20 @@ def test_skip_nonfinite_gives_zero_gradient_and_counts(actor_and_tok):
         assert float(loss) == 0.0 and torch.count_nonzero(fwd.logits.grad) == 0
     assert trainer.loss_fn.pop_stats()["nonfinite_skipped"] == 1.5  # mean of the counts logged (1, 2)
     assert trainer.loss_fn.skipped == 2
+
+
+def test_multiturn_template_off_token_boundary_is_refused(actor_and_tok):
+    """The tiny tokenizer's own template puts 'Assistant: ' (trailing space) before each reply: tokenised on its
+    own, the prefix ends in a bare space that the whole conversation merges into the reply's first token, so
+    OpenRLHF's masks would shift onto the next user token."""
+    _, tok = actor_and_tok
+    bad = ("{% for m in messages %}{% if m['role'] == 'user' %}{{ 'User: ' + m['content'] + '\\n' }}"
+           "{% else %}{{ 'Assistant: ' + m['content'] + eos_token }}{% endif %}{% endfor %}"
+           "{% if add_generation_prompt %}{{ 'Assistant: ' }}{% endif %}")
+    args = SimpleNamespace(data=SimpleNamespace(input_key="messages", output_key=None, apply_chat_template=True,
+                                                tokenizer_chat_template=bad),
+                           irl=SimpleNamespace(truncation="bootstrap"))
+    with pytest.raises(Exception, match="token boundary"):
+        IQSFTDataset(datasets.Dataset.from_list(conversations()[:1]), tok, 64,
+                     SimpleNamespace(args=args, print=print), num_processors=1, multiturn=True)
+    tok.chat_template = TEMPLATE

@@ -1,6 +1,8 @@
 """OpenRLHF's SFT dataset with the episode boundaries IQ-Learn needs: cut responses stay non-terminal, and a
 multi-turn conversation ends with an action."""
 
+import json
+
 from openrlhf.datasets import SFTDataset
 
 
@@ -28,6 +30,38 @@ class IQSFTDataset(SFTDataset):
         if dropped:
             strategy.print(f"[irl_iq] {dropped} of {n_in} records dropped by OpenRLHF's SFT dataset: prompt of "
                            f"{max_length - 2} tokens or more (--data.max_len {max_length}) or empty response")
+
+    def process_data(self, data):
+        if self.multiturn and not self.pretrain_mode:
+            self._check_turn_boundaries(data)
+        return super().process_data(data)
+
+    def _check_turn_boundaries(self, data) -> None:
+        """OpenRLHF marks each assistant turn by tokenising conversation prefixes on their own. That is only right
+        when each prefix's tokens are a prefix of the whole conversation's tokens; otherwise (a generation prompt
+        ending in a space, say) a turn's mask is shifted onto a user token. Refuse such data."""
+        messages = list(data[self.input_key])
+        if self.output_key and data.get(self.output_key):
+            messages.append(data[self.output_key])
+        text = self.apply_chat_template(messages, tokenize=False).rstrip("\n")
+        full = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        turn = 0
+        for idx, message in enumerate(messages):
+            if message["role"] != "assistant":
+                continue
+            turn += 1
+            prefixes = [self.apply_chat_template(messages[:idx], tokenize=False, add_generation_prompt=True)]
+            if idx + 1 < len(messages):
+                prefixes.append(self.apply_chat_template(messages[: idx + 1], tokenize=False))
+            for prefix in prefixes:
+                ids = self.tokenizer(prefix, add_special_tokens=False)["input_ids"]
+                if full[: len(ids)] != ids:
+                    raise ValueError(
+                        f"--data.multiturn: assistant turn {turn} of the conversation starting "
+                        f"{json.dumps(messages[0].get('content', ''))[:60]} does not begin or end on a token "
+                        "boundary of the whole conversation, so OpenRLHF's turn mask would cover the wrong tokens "
+                        "(e.g. a user token as an assistant action); use a chat template whose turns start and "
+                        "end on a boundary (a newline or a special token)")
 
     def __getitem__(self, idx):
         input_ids, attention_mask, loss_mask = super().__getitem__(idx)

@@ -205,3 +205,47 @@ def test_multiturn_template_off_token_boundary_is_refused(actor_and_tok):
         IQSFTDataset(datasets.Dataset.from_list(conversations()[:1]), tok, 64,
                      SimpleNamespace(args=args, print=print), num_processors=1, multiturn=True)
     tok.chat_template = TEMPLATE
+
+
+@pytest.mark.slow
+def test_multiturn_and_truncated_rows_train_through_the_cli(tiny_model, tmp_path):
+    """train_sft --trainer irl_iq --data.multiturn under DeepSpeed, some conversations cut inside their last
+    assistant turn; the saved model gives the second turns a lower NLL than the initial one."""
+    import os
+
+    from conftest import assert_ok, run_python, write_jsonl
+
+    records = []
+    for i, r in enumerate(counting_records(32, seed=6)):
+        a = int(r["prompt"].split()[-1])
+        last = " ".join(str(a + 2 + j) for j in range(3 if i % 4 else 30))  # every 4th is cut by max_len
+        records.append({"messages": [{"role": "user", "content": r["prompt"]},
+                                     {"role": "assistant", "content": f"{a} {a + 1}"},
+                                     {"role": "user", "content": "go on"},
+                                     {"role": "assistant", "content": last}]})
+    data = write_jsonl(tmp_path / "conv.jsonl", records)
+    out = str(tmp_path / "out")
+    proc = run_python([
+        "-m", "openrlhf_irl.cli.train_sft", "--trainer", "irl_iq", "--irl.td_weight", "0.1",
+        "--model.model_name_or_path", tiny_model, "--data.dataset", str(data), "--data.input_key", "messages",
+        "--data.multiturn", "--data.apply_chat_template", "--data.tokenizer_chat_template", TEMPLATE,
+        "--data.max_len", "40", "--train.micro_batch_size", "4", "--train.batch_size", "8",
+        "--train.max_epochs", "2", "--ds.zero_stage", "2", "--ds.attn_implementation", "eager",
+        "--ds.param_dtype", "bf16", "--adam.lr", "3e-3", "--lr_warmup_ratio", "0", "--ckpt.output_dir", out,
+        "--ckpt.path", out + "_ckpt", "--logger.logging_steps", "1",
+    ])
+    assert_ok(proc)
+    assert os.path.exists(os.path.join(out, "config.json"))
+    from transformers import AutoModelForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    inputs, attn, loss_mask = multiturn_batch(tok, records[1:4])
+    mask = loss_mask[:, :-1].bool()
+
+    def nll(path):
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        with torch.no_grad():
+            logp = torch.log_softmax(model(inputs, attention_mask=attn).logits[:, :-1].float(), -1)
+        return float(-logp.gather(-1, inputs[:, 1:, None]).squeeze(-1)[mask].mean())
+
+    assert nll(out) < 0.85 * nll(tiny_model)  # 8 optimizer steps: 5.73 -> 4.30 when written

@@ -1,0 +1,541 @@
+"""The plug-in's CLIs under bad input, reruns and faults (issue #13), each case through the real CLI in a subprocess.
+
+Every refusal asserts: the exit code, one clear ``error`` line naming the file/record/field or the flag, no Python
+traceback, and the case's directory byte-for-byte untouched (nothing written, nothing repaired, nothing deleted).
+The slow cases check complete outputs: a resumed run after a torn write, a SIGKILLed sampling job's Ray processes,
+and a whole Best-of-N run with a rerun under other settings.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import pytest
+
+from conftest import REPO
+
+PROMPTS = [{"prompt": "count from 3"}, {"prompt": "count from 7"}]
+REC = {"response": " 1 2", "policy": "p", "finished": True, "logprob": -1.0}
+
+
+def write(path: Path, rows, *, newline_at_end: bool = True) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = "".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows)
+    path.write_text(text if newline_at_end else text.rstrip("\n"))
+    return str(path)
+
+
+def snapshot(root: Path) -> dict:
+    return {str(p.relative_to(root)): (p.read_bytes() if p.is_file() else None) for p in sorted(root.rglob("*"))}
+
+
+def run_cli(module: str, argv: list, env: dict | None = None, timeout: int = 300):
+    full = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1",
+            **(env or {})}
+    full.pop("RAY_ADDRESS", None)
+    return subprocess.run([sys.executable, "-m", f"openrlhf_irl.cli.{module}", *argv], capture_output=True,
+                          text=True, timeout=timeout, env=full, cwd=str(REPO))
+
+
+def run_in_process(module: str, argv: list, env: dict, capsys, monkeypatch):
+    """``main(argv)`` of the CLI module in this process (its heavy imports paid once for the whole table); an
+    uncaught exception fails the test as a traceback would."""
+    import importlib
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    capsys.readouterr()
+    try:
+        code = importlib.import_module(f"openrlhf_irl.cli.{module}").main(argv)
+    except SystemExit as exit_:
+        code = exit_.code
+    out = capsys.readouterr()
+    return subprocess.CompletedProcess(argv, code, out.out, out.err)
+
+
+def sample_args(model: str, prompts: str, output: str, *extra: str) -> list:
+    return ["--model", model, "--prompts", prompts, "--policy-name", "p", "--output", output, "--n-samples", "2",
+            "--max-new-tokens", "8", "--backend", "hf", "--num-actors", "1", *extra]
+
+
+def sign(argv: list, output: str) -> None:
+    """The provenance sidecar the sample CLI writes for ``argv`` (as if it had produced ``output``)."""
+    from openrlhf_irl.cli.sample import build_parser, provenance
+    from openrlhf_irl.generation.hf import load_tokenizer
+    from openrlhf_irl.utils.provenance import write_provenance
+
+    args = build_parser().parse_args(argv)
+    write_provenance(output, provenance(args, load_tokenizer(args.model)))
+
+
+@dataclass
+class Case:
+    module: str
+    setup: Callable  # (tmp: Path, models: dict) -> argv, or (argv, env)
+    needle: str
+    code: int = 2
+    hold_lock: bool = False
+    extra_checks: list = field(default_factory=list)
+
+
+# ------------------------------------------------------------------------------------------- sample
+
+
+def _prompts(t):
+    return write(t / "prompts.jsonl", PROMPTS)
+
+
+def s_output_is_prompts(t, m):
+    # the prompts file has no final newline: a "torn tail" repair would have cut its last prompt
+    p = write(t / "prompts.jsonl", PROMPTS, newline_at_end=False)
+    return sample_args(m["llm"], p, p)
+
+
+def s_foreign_output_with_torn_tail(t, m):
+    out = write(t / "out.jsonl", [dict(REC, prompt="count from 3", sample_index=0), '{"prompt": "x", "resp'],
+                newline_at_end=False)
+    return sample_args(m["llm"], _prompts(t), out)
+
+
+def _signed(t, m, records, *flags):
+    argv = sample_args(m["llm"], _prompts(t), str(t / "out.jsonl"))
+    write(t / "out.jsonl", records)
+    sign(argv, str(t / "out.jsonl"))
+    return argv + list(flags)
+
+
+def s_other_temperature(t, m):
+    return _signed(t, m, [dict(REC, prompt="count from 3", sample_index=0)], "--temperature", "0.7")
+
+
+def s_other_seed(t, m):
+    return _signed(t, m, [dict(REC, prompt="count from 3", sample_index=0)], "--seed", "5")
+
+
+def s_other_model(t, m):
+    argv = _signed(t, m, [dict(REC, prompt="count from 3", sample_index=0)])
+    argv[argv.index("--model") + 1] = m["llm2"]
+    return argv
+
+
+def s_other_template(t, m):
+    return _signed(t, m, [dict(REC, prompt="count from 3", sample_index=0)], "--input-template", "Q: {}\nA:")
+
+
+def s_duplicate_keys(t, m):
+    return _signed(t, m, [dict(REC, prompt="count from 3", sample_index=0), dict(REC, prompt="count from 7",
+                                                                                 sample_index=0),
+                          dict(REC, prompt="count from 3", sample_index=0)])
+
+
+def s_bad_record_then_torn_tail(t, m):
+    argv = _signed(t, m, [dict(REC, prompt="count from 3", sample_index=0, finished="no")])
+    with open(t / "out.jsonl", "a") as f:
+        f.write('{"prompt": "count fr')
+    return argv
+
+
+def s_corrupt_sidecar(t, m):
+    argv = _signed(t, m, [dict(REC, prompt="count from 3", sample_index=0)])
+    (t / "out.jsonl.provenance.json").write_text("{not json")
+    return argv
+
+
+def s_locked(t, m):
+    return sample_args(m["llm"], _prompts(t), str(t / "out.jsonl"))
+
+
+def s_prompt_too_long(t, m):
+    p = write(t / "prompts.jsonl", PROMPTS + [{"prompt": " ".join(["count"] * 400)}])
+    return sample_args(m["llm"], p, str(t / "out.jsonl"))
+
+
+def s_not_a_model(t, m):
+    (t / "empty_model").mkdir()
+    return sample_args(str(t / "empty_model"), _prompts(t), str(t / "out.jsonl"))
+
+
+def s_missing_model(t, m):
+    return sample_args(str(t / "no_such_model"), _prompts(t), str(t / "out.jsonl"))
+
+
+def s_model_is_a_file(t, m):
+    (t / "model.bin").write_text("x")
+    return sample_args(str(t / "model.bin"), _prompts(t), str(t / "out.jsonl"))
+
+
+def s_hub_name_offline(t, m):
+    return sample_args("some-org/some-model-not-cached", _prompts(t), str(t / "out.jsonl"))
+
+
+def s_hub_name_no_network(t, m):
+    argv = sample_args("some-org/some-model-not-cached", _prompts(t), str(t / "out.jsonl"))
+    return argv, {"HF_HUB_OFFLINE": "0", "TRANSFORMERS_OFFLINE": "0", "HF_ENDPOINT": "https://127.0.0.1:9"}
+
+
+def s_no_eos(t, m):
+    model = t / "no_eos"
+    shutil.copytree(m["llm"], model)
+    for name, keys in (("tokenizer_config.json", ("eos_token",)), ("config.json", ("eos_token_id",)),
+                       ("generation_config.json", ("eos_token_id",))):
+        cfg = json.loads((model / name).read_text())
+        for key in keys:
+            cfg[key] = None
+        (model / name).write_text(json.dumps(cfg))
+    return sample_args(str(model), _prompts(t), str(t / "out.jsonl"))
+
+
+def s_output_dir_is_a_file(t, m):
+    (t / "afile").write_text("x")
+    return sample_args(m["llm"], _prompts(t), str(t / "afile" / "out.jsonl"))
+
+
+def s_output_is_a_dir(t, m):
+    (t / "adir").mkdir()
+    return sample_args(m["llm"], _prompts(t), str(t / "adir"))
+
+
+def s_read_only_output_dir(t, m):
+    return sample_args(m["llm"], _prompts(t), "/proc/out.jsonl")  # read-only even for root
+
+
+def s_flag(*flags):
+    def setup(t, m):
+        return sample_args(m["llm"], _prompts(t), str(t / "out.jsonl"), *flags)
+    return setup
+
+
+def s_lora_not_adapter(t, m):
+    (t / "lora").mkdir()
+    return sample_args(m["llm"], _prompts(t), str(t / "out.jsonl"), "--lora", str(t / "lora"))
+
+
+# ------------------------------------------------------------------------------------------- build_afd_dataset
+
+
+def _samples(t, name, policy):
+    return write(t / name, [dict(REC, prompt=p["prompt"], policy=policy, sample_index=0) for p in PROMPTS])
+
+
+def b_output_is(which):
+    def setup(t, m):
+        init, sft = _samples(t, "init.jsonl", "init"), _samples(t, "sft.jsonl", "sft")
+        return ["--init-samples", init, "--sft-samples", sft, "--output", init if which == "init" else sft]
+    return setup
+
+
+def b_output_dir_is_a_file(t, m):
+    (t / "afile").write_text("x")
+    return ["--init-samples", _samples(t, "init.jsonl", "init"), "--sft-samples", _samples(t, "sft.jsonl", "sft"),
+            "--output", str(t / "afile" / "o.jsonl")]
+
+
+def b_flag(*flags):
+    def setup(t, m):
+        return ["--init-samples", _samples(t, "init.jsonl", "init"), "--sft-samples",
+                _samples(t, "sft.jsonl", "sft"), "--output", str(t / "o.jsonl"), *flags]
+    return setup
+
+
+# ------------------------------------------------------------------------------------------- best_of_n
+
+
+def n_args(t, m, *extra):
+    return ["--policy", m["llm"], "--prompts", _prompts(t), "--output-dir", str(t / "bon"), "--backend", "hf",
+            "--num-actors", "1", "--max-new-tokens", "8", "--n", "1,2", *extra]
+
+
+def n_setup(*extra, log_ratio=True):
+    def setup(t, m):
+        flags = [x.format(llm=m["llm"], t=t) for x in extra]
+        return n_args(t, m, *(["--log-ratio-init", m["llm"]] if log_ratio else []), *flags)
+    return setup
+
+
+def n_samples_signed(records_fn, *flags):
+    def setup(t, m):
+        argv = n_args(t, m, "--log-ratio-init", m["llm"])
+        out = str(t / "bon" / "samples.jsonl")
+        sample_argv = ["--model", m["llm"], "--prompts", _prompts(t), "--input-key", "prompt", "--n-samples", "2",
+                       "--temperature", "1.0", "--top-p", "0.95", "--max-new-tokens", "8", "--num-actors", "1",
+                       "--backend", "hf", "--policy-name", "policy", "--output", out, "--seed", "0",
+                       "--batch-size", "8"]
+        write(Path(out), records_fn())
+        sign(sample_argv, out)
+        return argv + [x.format(llm2=m["llm2"]) for x in flags]
+    return setup
+
+
+def _dup_records():
+    return [dict(REC, policy="policy", prompt="count from 3", sample_index=0),
+            dict(REC, policy="policy", prompt="count from 3", sample_index=0)]
+
+
+def _one_record():
+    return [dict(REC, policy="policy", prompt="count from 3", sample_index=0)]
+
+
+def n_output_dir_is_a_file(t, m):
+    (t / "bon").write_text("x")
+    return n_args(t, m, "--log-ratio-init", m["llm"])
+
+
+# ------------------------------------------------------------------------------------------- prepare_hh_rlhf
+
+HH = {"chosen": "\n\nHuman: hi\n\nAssistant: hello", "rejected": "\n\nHuman: hi\n\nAssistant: go away"}
+
+
+def h_empty(t, m):
+    (t / "hh.jsonl").write_text("")
+    return ["--input", str(t / "hh.jsonl"), "--output-dir", str(t / "out")]
+
+
+def h_flag(*flags):
+    def setup(t, m):
+        return ["--input", write(t / "hh.jsonl", [HH]), "--output-dir", str(t / "out"), *flags]
+    return setup
+
+
+def h_missing_input(t, m):
+    return ["--input", str(t / "nope.jsonl"), "--output-dir", str(t / "out")]
+
+
+def h_output_dir_is_a_file(t, m):
+    (t / "out").write_text("x")
+    return ["--input", write(t / "hh.jsonl", [HH]), "--output-dir", str(t / "out")]
+
+
+def h_output_is_input(t, m):
+    return ["--input", write(t / "demos.jsonl", [HH]), "--output-dir", str(t)]
+
+
+# ------------------------------------------------------------------------------------------- train_rm
+
+
+def r_few_records(t, m):
+    rows = [{"prompt": f"count from {i}", "response": "1 2", "label": i % 2} for i in range(60)]
+    data = write(t / "labels.jsonl", rows)
+    return ["--trainer", "afd_rm", "--model.model_name_or_path", m["llm"], "--data.dataset", data,
+            "--data.prompt_key", "prompt", "--ckpt.output_dir", str(t / "rm")]
+
+
+CASES = {
+    # sample: data loss, stale results, silent results, tracebacks
+    "sample/output-is-the-prompts-file": Case("sample", s_output_is_prompts, "is the same file as --prompts"),
+    "sample/foreign-output-torn-tail-not-repaired": Case("sample", s_foreign_output_with_torn_tail,
+                                                         "no out.jsonl.provenance.json"),
+    "sample/rerun-other-temperature": Case("sample", s_other_temperature, "sampling.temperature: 1.0 before, 0.7 now"),
+    "sample/rerun-other-seed": Case("sample", s_other_seed, "sampling.seed: 0 before, 5 now"),
+    "sample/rerun-other-model": Case("sample", s_other_model, "model.weights"),
+    "sample/rerun-other-template": Case("sample", s_other_template, "prompt_format.input_template"),
+    "sample/duplicate-keys": Case("sample", s_duplicate_keys, "out.jsonl, line 3, field 'sample_index': repeated"),
+    "sample/bad-record-torn-tail-not-repaired": Case("sample", s_bad_record_then_torn_tail,
+                                                     "out.jsonl, line 1, field 'finished'"),
+    "sample/corrupt-provenance": Case("sample", s_corrupt_sidecar, "provenance.json: not valid JSON"),
+    "sample/second-writer": Case("sample", s_locked, "another job is writing this file", hold_lock=True),
+    "sample/prompt-longer-than-context": Case("sample", s_prompt_too_long,
+                                              "prompts.jsonl, line 3, field 'prompt': 401 prompt tokens + --max-new-tokens 8 exceed "
+                                              "the model's context of 256 tokens"),
+    "sample/model-dir-not-a-model": Case("sample", s_not_a_model, "not a model directory (no config.json)"),
+    "sample/missing-model": Case("sample", s_missing_model, "no such model directory"),
+    "sample/model-is-a-file": Case("sample", s_model_is_a_file, "is a file, expected a model directory"),
+    "sample/hub-name-offline": Case("sample", s_hub_name_offline, "HF_HUB_OFFLINE is set"),
+    "sample/hub-name-no-network": Case("sample", s_hub_name_no_network, "hub is not reachable"),
+    "sample/tokenizer-without-eos": Case("sample", s_no_eos, "defines an EOS token"),
+    "sample/output-dir-is-a-file": Case("sample", s_output_dir_is_a_file, "exists and is not a directory"),
+    "sample/output-is-a-dir": Case("sample", s_output_is_a_dir, "is a directory, expected a file path"),
+    "sample/read-only-output-dir": Case("sample", s_read_only_output_dir, "directory is not writable"),
+    "sample/batch-size-0": Case("sample", s_flag("--batch-size", "0"), "--batch-size: must be >= 1, got 0"),
+    "sample/max-prompts-0": Case("sample", s_flag("--max-prompts", "0"), "--max-prompts: must be >= 1, got 0"),
+    "sample/n-samples-negative": Case("sample", s_flag("--n-samples", "-1"), "--n-samples: must be >= 1, got -1"),
+    "sample/temperature-nan": Case("sample", s_flag("--temperature", "nan"), "temperature must be >= 0, got nan"),
+    "sample/top-p-0": Case("sample", s_flag("--top-p", "0"), "top_p must be in (0, 1], got 0.0"),
+    "sample/max-new-tokens-beyond-context": Case("sample", s_flag("--max-new-tokens", "300"),
+                                                 "leaves no room for a prompt"),
+    "sample/lora-not-an-adapter": Case("sample", s_lora_not_adapter, "not a PEFT adapter"),
+    # build_afd_dataset
+    "build/output-is-init-samples": Case("build_afd_dataset", b_output_is("init"),
+                                         "is the same file as --init-samples"),
+    "build/output-is-sft-samples": Case("build_afd_dataset", b_output_is("sft"), "is the same file as --sft-samples"),
+    "build/output-dir-is-a-file": Case("build_afd_dataset", b_output_dir_is_a_file, "exists and is not a directory"),
+    "build/max-pairs-0": Case("build_afd_dataset", b_flag("--max-pairs-per-prompt", "0"), "must be >= 1, got 0"),
+    "build/max-prompt-len-negative": Case("build_afd_dataset", b_flag("--tokenizer", "x", "--max-prompt-len", "-1"),
+                                          "must be >= 1, got -1"),
+    # best_of_n: every check before sampling (no samples.jsonl appears)
+    "bon/bad-golden-module": Case("best_of_n", n_setup("--golden", "no_such_module_xyz:f"), "--golden"),
+    "bon/golden-dir-not-a-reward-model": Case("best_of_n", n_setup("--golden", "{llm}"), "--golden"),
+    "bon/missing-reward-model": Case("best_of_n", n_setup("--reward-model", "{t}/nope", log_ratio=False),
+                                     "--reward-model"),
+    "bon/reward-model-is-a-causal-lm": Case("best_of_n", n_setup("--reward-model", "{llm}", log_ratio=False),
+                                            "not a reward model"),
+    "bon/missing-log-ratio-init": Case("best_of_n", n_setup("--log-ratio-init", "{t}/nope", log_ratio=False),
+                                       "--log-ratio-init"),
+    "bon/max-prompts-0": Case("best_of_n", n_setup("--max-prompts", "0"), "--max-prompts: must be >= 1, got 0"),
+    "bon/batch-size-0": Case("best_of_n", n_setup("--batch-size", "0"), "--batch-size: must be >= 1, got 0"),
+    "bon/n-0": Case("best_of_n", n_setup("--n", "0,2"), "--n expects positive integers"),
+    "bon/output-dir-is-a-file": Case("best_of_n", n_output_dir_is_a_file, "exists and is not a directory"),
+    "bon/duplicate-candidate-keys": Case("best_of_n", n_samples_signed(_dup_records), "repeated (prompt"),
+    "bon/stale-samples-other-temperature": Case("best_of_n", n_samples_signed(_one_record, "--temperature", "0.5"),
+                                                "sampling.temperature: 1.0 before, 0.5 now"),
+    "bon/stale-samples-other-policy": Case("best_of_n", n_samples_signed(_one_record, "--policy", "{llm2}"),
+                                           "model.path"),
+    # prepare_hh_rlhf
+    "hh/empty-input": Case("prepare_hh_rlhf", h_empty, "no usable records"),
+    "hh/max-records-0": Case("prepare_hh_rlhf", h_flag("--max-records", "0"), "--max-records: must be >= 1, got 0"),
+    "hh/max-records-negative": Case("prepare_hh_rlhf", h_flag("--max-records", "-1"),
+                                    "--max-records: must be >= 1, got -1"),
+    "hh/missing-input": Case("prepare_hh_rlhf", h_missing_input, "no such file"),
+    "hh/output-dir-is-a-file": Case("prepare_hh_rlhf", h_output_dir_is_a_file, "exists and is not a directory"),
+    "hh/output-overwrites-input": Case("prepare_hh_rlhf", h_output_is_input, "is the same file as --input"),
+    # train_rm
+    "train_rm/afd-rm-few-records-no-eval": Case("train_rm", r_few_records, "pass --eval.dataset"),
+}
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory, tiny_model):
+    """The session's tiny Llama and a copy with other weights (same tokenizer)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    other = str(tmp_path_factory.mktemp("llm2") / "m")
+    shutil.copytree(tiny_model, other)
+    model = AutoModelForCausalLM.from_pretrained(other)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(0.5)
+    model.save_pretrained(other)
+    return {"llm": tiny_model, "llm2": other}
+
+
+def _hold_lock(path: Path):
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl,sys,time; f=open(sys.argv[1],'a'); "
+                               "fcntl.flock(f, fcntl.LOCK_EX); print('locked', flush=True); time.sleep(120)",
+                               str(path)], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "locked"
+    return holder
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_cli_fault(name, models, tmp_path, capsys, monkeypatch):
+    """Each case in this process (fast)."""
+    check_case(CASES[name], models, tmp_path, lambda module, argv, env: run_in_process(module, argv, env, capsys,
+                                                                                        monkeypatch))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(CASES))
+def test_cli_fault_subprocess(name, models, tmp_path):
+    """The same cases as ``python -m openrlhf_irl.cli.<module>``: the exit code and stderr a user sees."""
+    check_case(CASES[name], models, tmp_path, run_cli)
+
+
+def check_case(case: Case, models: dict, tmp_path: Path, runner) -> None:
+    case_dir = tmp_path / "case"
+    case_dir.mkdir()
+    made = case.setup(case_dir, models)
+    argv, env = made if isinstance(made, tuple) else (made, {})
+    holder = _hold_lock(case_dir / "out.jsonl") if case.hold_lock else None
+    before = snapshot(case_dir)
+    try:
+        start = time.time()
+        proc = runner(case.module, argv, env)
+        elapsed = time.time() - start
+    finally:
+        if holder is not None:
+            holder.kill()
+            holder.wait()
+    err = proc.stderr
+    assert proc.returncode == case.code, f"exit {proc.returncode}\nSTDOUT:\n{proc.stdout[-2000:]}\nSTDERR:\n{err[-3000:]}"
+    assert "Traceback" not in err, err[-3000:]
+    error_lines = [line for line in err.splitlines() if "error" in line.lower()]
+    assert len(error_lines) == 1, err[-3000:]
+    assert case.needle in error_lines[0], error_lines[0]
+    assert snapshot(case_dir) == before, "the CLI changed files although it refused"
+    assert elapsed < 60, f"{elapsed:.0f} s to refuse"
+
+
+# ------------------------------------------------------------------------------------------- complete outputs (slow)
+
+
+@pytest.mark.slow
+def test_sample_sigkill_of_the_driver_leaves_no_ray_processes_and_resume_completes(models, tmp_path):
+    import psutil
+
+    prompts = write(tmp_path / "prompts.jsonl", [{"prompt": f"count from {i}"} for i in range(40)])
+    out = tmp_path / "out.jsonl"
+    argv = sample_args(models["llm"], prompts, str(out), "--batch-size", "1", "--num-actors", "2")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.Popen([sys.executable, "-m", "openrlhf_irl.cli.sample", *argv], env=env, cwd=str(REPO),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 180
+        while time.time() < deadline and proc.poll() is None:
+            if out.exists() and out.read_bytes().count(b"\n") >= 2:
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, "the job ended before it could be killed"
+        ray_children = [p for p in psutil.Process(proc.pid).children(recursive=True)
+                        if "watchdog" not in " ".join(p.cmdline())]
+        assert ray_children, "expected Ray processes under the job"
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)  # the driver only, as an OOM killer would
+        proc.wait()
+    _, alive = psutil.wait_procs(ray_children, timeout=30)
+    assert not alive, [" ".join(p.cmdline())[:80] for p in alive]
+
+    with open(out, "ab") as f:
+        f.write(b'{"prompt": "count from 1", "resp')  # the kill's torn write
+    done = run_cli("sample", argv + ["--batch-size", "1", "--num-actors", "2"])
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "dropped a partial last line" in done.stdout
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    keys = [(r["prompt"], r["sample_index"]) for r in records]
+    assert len(keys) == len(set(keys)) == 80
+
+
+@pytest.mark.slow
+def test_best_of_n_run_reports_se_and_unfinished_and_refuses_stale_samples(models, tmp_path):
+    import torch
+    from transformers import AutoConfig, AutoTokenizer, LlamaForSequenceClassification
+
+    golden = tmp_path / "golden"
+    config = AutoConfig.from_pretrained(models["llm"])
+    config.num_labels = 1
+    torch.manual_seed(2)
+    LlamaForSequenceClassification(config).save_pretrained(golden)
+    AutoTokenizer.from_pretrained(models["llm"]).save_pretrained(golden)
+
+    argv = n_args(tmp_path, models, "--log-ratio-init", models["llm2"], "--golden", f"hf:{golden}", "--n-max", "3",
+                  "--n", "1,2,4")
+    first = run_cli("best_of_n", argv)
+    assert first.returncode == 0, first.stderr[-3000:]
+    result = json.loads((tmp_path / "bon" / "best_of_n.json").read_text())
+    assert result["ns"] == [1, 2, 3] and result["n_max"] == 3 and result["n_candidates"] == 6
+    for name in ("log_ratio", "oracle (golden)"):
+        for n in ("1", "2", "3"):
+            stats = result["stats"][name][n]
+            assert stats["se"] is not None and stats["se"] >= 0 and 0 <= stats["unfinished"] <= 2
+    assert result["stats"]["oracle (golden)"]["3"]["mean"] >= result["stats"]["oracle (golden)"]["1"]["mean"]
+    scored = [json.loads(line) for line in (tmp_path / "bon" / "scored.jsonl").read_text().splitlines()]
+    assert sum(not r["finished"] for r in scored) == result["unfinished_candidates"]
+
+    before = snapshot(tmp_path / "bon")
+    stale = run_cli("best_of_n", argv + ["--temperature", "0.5"])
+    assert stale.returncode == 2 and "sampling.temperature: 1.0 before, 0.5 now" in stale.stderr
+    assert "--overwrite" in stale.stderr and snapshot(tmp_path / "bon") == before
+    fresh = run_cli("best_of_n", argv + ["--temperature", "0.5", "--overwrite"])
+    assert fresh.returncode == 0, fresh.stderr[-3000:]
+    side = json.loads((tmp_path / "bon" / "samples.jsonl.provenance.json").read_text())
+    assert side["sampling"]["temperature"] == 0.5
+    assert len((tmp_path / "bon" / "samples.jsonl").read_text().splitlines()) == 6

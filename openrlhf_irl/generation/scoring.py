@@ -131,7 +131,7 @@ class LogRatioScorer:
         dtype: Union[str, torch.dtype] = "auto",
         device: Optional[str] = None,
     ) -> None:
-        from .hf import load_causal_lm, load_tokenizer
+        from .loading import load_causal_lm, load_tokenizer
 
         self.apply_chat_template = apply_chat_template
         self.input_template = input_template

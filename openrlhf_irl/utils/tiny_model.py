@@ -66,7 +66,7 @@ def write_tiny_llama(
     vocab_size: int = 300,
     hidden_size: int = 64,
     num_layers: int = 2,
-    num_heads: int = 4,
+    num_heads: int = 2,  # head_dim = hidden_size / num_heads = 32: vLLM's CPU attention needs head_dim >= 32
     intermediate_size: int | None = None,
     max_position_embeddings: int = 256,
     tie_word_embeddings: bool = False,

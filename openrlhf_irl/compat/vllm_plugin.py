@@ -1,0 +1,26 @@
+"""vLLM general plugin (entry point ``vllm.general_plugins: openrlhf_irl``): vLLM calls :func:`register` at the start
+of each of its processes (API server, EngineCore, workers). It is the one route into the vLLM worker process, which
+vLLM spawns itself, so it is where the CPU engine-side fixes of :mod:`openrlhf_irl.compat.vllm_cpu` are installed.
+
+It does nothing on a GPU platform, with ``OPENRLHF_IRL_COMPAT=0`` or for an OpenRLHF version the layer was not
+written for, and it imports nothing from OpenRLHF itself: the patches apply when vLLM imports OpenRLHF's worker
+extension (``--worker-extension-cls openrlhf.trainer.ray.vllm_worker_wrap.WorkerWrap``).
+"""
+
+from __future__ import annotations
+
+import os
+
+
+def register() -> None:
+    from openrlhf_irl import compat
+
+    if os.environ.get(compat.ENV_SWITCH, "1") == "0":
+        return
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu() or compat._openrlhf_version() not in compat.SUPPORTED_OPENRLHF_VERSIONS:
+        return
+    from .vllm_cpu import WORKER_PATCHES, install_import_hooks
+
+    install_import_hooks(WORKER_PATCHES)

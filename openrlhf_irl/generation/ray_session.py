@@ -1,0 +1,27 @@
+"""The Ray session a sampling job or trainer uses: joined when ``RAY_ADDRESS`` names one, else started locally."""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import ray
+
+__all__ = ["ensure_ray"]
+
+
+def ensure_ray(num_cpus: Optional[int] = None) -> bool:
+    """Start a local Ray instance unless one is initialised; returns whether this call started it.
+
+    ``RAY_ADDRESS`` (when set) names a cluster to join; otherwise a fresh local instance is started
+    (``address="local"``: never attach to a stale cluster a killed job left behind).
+    """
+    if ray.is_initialized():
+        return False
+    address = os.environ.get("RAY_ADDRESS")
+    kwargs = dict(include_dashboard=False, ignore_reinit_error=True, log_to_driver=True)
+    if address:
+        ray.init(address=address, **kwargs)
+    else:
+        ray.init(address="local", num_cpus=num_cpus or os.cpu_count() or 1, **kwargs)
+    return True

@@ -93,10 +93,15 @@ def test_bad_datasets_are_refused_with_file_record_and_field(lines, message, tmp
     assert message in err and "Traceback" not in err, err
 
 
-def test_eval_dataset_and_missing_file_and_chat_prompts(tmp_path, good_data, capsys):
+def test_eval_dataset_output_key_and_chat_prompts(tmp_path, good_data, capsys):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
     with pytest.raises(SystemExit):
-        parse(["--eval.dataset", str(tmp_path / "nope.jsonl")], good_data)
-    assert "--eval.dataset: no such file" in capsys.readouterr().err
+        parse(["--eval.dataset", str(empty)], good_data)
+    assert "--eval.dataset: " + str(empty) + " has no records" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        build_args("sft", ["--trainer", "irl_iq", "--model.model_name_or_path", "x", "--data.dataset", str(good_data)])
+    assert "needs --data.output_key" in capsys.readouterr().err
     chat = write_jsonl(tmp_path / "chat.jsonl", [{"prompt": [{"role": "user", "content": "a"}], "response": "b"},
                                                   {"prompt": "plain", "response": "c"}])
     with pytest.raises(SystemExit):

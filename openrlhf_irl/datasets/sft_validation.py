@@ -108,13 +108,15 @@ def validate_sft_datasets(spec: str, *, flag: str, input_key: str, output_key: O
                           chat_template: bool) -> int:
     """Check every local JSON/JSONL file of a comma-separated dataset spec; returns the records checked.
 
-    Raises ``ValueError`` with one line: a missing or empty file, a malformed line, a record whose fields OpenRLHF
+    Raises ``ValueError`` with one line: an empty file, a malformed line, a record whose fields OpenRLHF
     would mishandle, or a prompt whose type changes between records (pyarrow's error otherwise).
     """
     total = 0
     for path in _local_files(spec):
+        if not os.path.exists(path):
+            continue  # OpenRLHF names it in its own error (example scripts parse with placeholder paths)
         if not os.path.isfile(path):
-            raise ValueError(f"{flag}: no such file: {path}")
+            raise ValueError(f"{flag}: {path} is not a file")
         count, first_kind = 0, None
         for where, rec in _records(path):
             kind = validate_sft_record(rec, path, where, input_key=input_key,

@@ -116,7 +116,7 @@ def check_iq_learn_args(ns) -> None:
                          "the same sequence); train without packing")
     if get("model.pretrain_mode_enable"):
         raise ValueError("--trainer irl_iq needs prompt/response data; --model.pretrain_mode_enable is MLE only")
-    if not get("data.multiturn") and not get("data.output_key"):
+    if get("data.dataset") and not get("data.multiturn") and not get("data.output_key"):
         raise ValueError("--trainer irl_iq needs --data.output_key (the response field) unless --data.multiturn")
     from openrlhf_irl.datasets.sft_validation import validate_sft_datasets
 

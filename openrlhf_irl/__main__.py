@@ -1,8 +1,10 @@
-"""``openrlhf-irl`` / ``python -m openrlhf_irl``: the embedded demo and a list of the package's commands."""
+"""``openrlhf-irl`` / ``python -m openrlhf_irl``: the embedded demo, the multi-seed experiment, and a list of the
+package's commands."""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 COMMANDS = {
@@ -15,25 +17,65 @@ COMMANDS = {
 }
 
 
+def _offline_env() -> None:
+    for key, value in {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "disabled",
+                       "TOKENIZERS_PARALLELISM": "false"}.items():
+        os.environ.setdefault(key, value)
+
+
+def _seeds(text: str) -> list[int]:
+    try:
+        if "-" in text and "," not in text:
+            lo, hi = (int(x) for x in text.split("-"))
+            seeds = list(range(lo, hi + 1))
+        else:
+            seeds = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a count (3), a list (0,1,2) or a range (0-2), got {text!r}")
+    if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
+        raise argparse.ArgumentTypeError(f"expected distinct non-negative seeds, got {text!r}")
+    return seeds
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="openrlhf-irl", description="Inverse RL for OpenRLHF.",
                                      epilog="other commands: " + "; ".join(
                                          f"python -m openrlhf_irl.cli.{k} ({v})" for k, v in COMMANDS.items()))
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="IQ-Learn SFT and AfD Best-of-N end to end on a tiny model, on CPU")
+    demo = sub.add_parser("demo", help="IQ-Learn SFT and AfD Best-of-N end to end on a tiny model, on CPU "
+                                       "(one seed, held-out prompts)")
     demo.add_argument("--output-dir", default="outputs/demo")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--quick", action="store_true", help="a one-minute smoke version")
-    args = parser.parse_args(argv)
-    if args.command == "demo":
-        import os
+    demo.add_argument("--backend", choices=("auto", "hf", "vllm"), default="auto",
+                      help="sampling backend of the GenerationPool (default: %(default)s)")
 
-        for key, value in {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "disabled",
-                           "TOKENIZERS_PARALLELISM": "false"}.items():
-            os.environ.setdefault(key, value)
+    exp = sub.add_parser("experiment", help="the demo's pipeline over several seeds with the papers' comparisons; "
+                                            "every row as mean with a 95%% interval")
+    exp.add_argument("--output-dir", default="outputs/experiment")
+    exp.add_argument("--seeds", default="3",
+                     help="a count K (seeds 0..K-1), a list 0,1,2 or a range 0-4 (default: %(default)s)")
+    exp.add_argument("--quick", action="store_true", help="tiny models and sweeps: a CI-sized run")
+    exp.add_argument("--backend", choices=("auto", "hf", "vllm"), default="auto",
+                     help="sampling backend of the GenerationPool (default: %(default)s)")
+    exp.add_argument("--no-spin", action="store_true", help="skip the SPIN-style DPO baseline")
+    args = parser.parse_args(argv)
+    _offline_env()
+    if args.command == "demo":
         from openrlhf_irl.demo.pipeline import run_demo
 
-        run_demo(args.output_dir, seed=args.seed, quick=args.quick)
+        run_demo(args.output_dir, seed=args.seed, quick=args.quick, backend=args.backend)
+    elif args.command == "experiment":
+        text = args.seeds.strip()
+        try:
+            seeds = list(range(int(text))) if text.isdigit() else _seeds(text)
+        except argparse.ArgumentTypeError as e:
+            parser.error(f"--seeds: {e}")
+        if not seeds:
+            parser.error("--seeds: need at least one seed")
+        from openrlhf_irl.eval.experiment import run_experiment
+
+        run_experiment(args.output_dir, seeds, quick=args.quick, backend=args.backend, spin=not args.no_spin)
     return 0
 
 

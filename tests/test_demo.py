@@ -1,10 +1,9 @@
 """`openrlhf-irl demo --quick`: the whole chain runs (OpenRLHF trainers, Ray sampling, AfD datasets, both reward
-models, Best-of-N) and the report has every row, curve and file."""
+models, Best-of-N), evaluates on held-out prompts only, and the report has every row with intervals and win rates."""
 
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 
@@ -14,31 +13,48 @@ from conftest import assert_ok, run_python
 @pytest.mark.slow
 def test_quick_demo_end_to_end(tmp_path):
     out = tmp_path / "demo"
-    proc = run_python(["-m", "openrlhf_irl", "demo", "--quick", "--output-dir", str(out), "--seed", "1"], timeout=900)
+    proc = run_python(["-m", "openrlhf_irl", "demo", "--quick", "--output-dir", str(out), "--seed", "1",
+                       "--backend", "hf"], timeout=900)
     assert_ok(proc)
     report = json.loads((out / "report.json").read_text())
-    rows = {r["row"]: r for r in report["rows"]}
-    for name in ("initial policy", "MLE SFT", "IQ-Learn SFT", "demonstrations (noisy expert)"):
-        assert name in rows and 0.0 <= rows[name]["golden"] <= 1.0
-        assert {"distinct_1", "distinct_2", "self_bleu"} <= rows[name].keys()
+    results = json.loads((out / "results.json").read_text())
+    rows = {r["label"]: r for r in report["rows"].values()}
+    for name in ("initial policy", "MLE SFT", "IQ-Learn SFT (td 0.05)", "demonstrations (noisy expert)"):
+        assert name in rows and 0.0 <= rows[name]["golden"]["lo"] <= rows[name]["golden"]["mean"] <= \
+            rows[name]["golden"]["hi"] <= 1.0
+        assert {"win_sft", "win_demo", "self_bleu", "distinct_2"} <= rows[name].keys()
+    assert rows["MLE SFT"]["win_sft"]["mean"] == 0.5  # the reference against itself
+    assert "entropy" in rows["IQ-Learn SFT (td 0.05)"]
+    # evaluation on held-out prompts only: none of them in any training data of the run
+    held = {json.loads(line)["prompt"] for line in (out / "data" / "eval_prompts.jsonl").read_text().splitlines()}
+    assert held and held == set(results["prompts"]["held_out"]) == set(results["rows"]["policy:sft_mle"]["golden"])
+    for name in ("demos.jsonl", "train_prompts.jsonl", "afd_init-sft_bt.jsonl", "afd_init-sft_bce.jsonl"):
+        seen = {json.loads(line)["prompt"] for line in (out / "data" / name).read_text().splitlines()}
+        assert seen and seen.isdisjoint(held), name
+    for name in ("init.jsonl", "sft.jsonl"):
+        seen = {json.loads(line)["prompt"] for line in (out / "samples" / name).read_text().splitlines()}
+        assert seen and seen.isdisjoint(held), name
     ns = report["config"]["bon_ns"]
-    for scorer in ("rm_bt", "rm_afd", "log_ratio"):
+    scorers = ("BT init-sft", "BCE init-sft", "log-ratio")
+    for scorer in scorers:
         for n in ns:
-            assert f"Best-of-{n} ({scorer})" in rows
-        assert set(report["curves"][scorer]) == {str(n) for n in ns}
-    # the oracle curve can only rise with N, and bounds every scorer's curve
-    oracle = [report["curves"]["oracle (golden)"][str(n)] for n in ns]
-    assert oracle == sorted(oracle)
-    for scorer in ("rm_bt", "rm_afd", "log_ratio"):
-        assert all(report["curves"][scorer][str(n)] <= o + 1e-9 for n, o in zip(ns, oracle))
-    # Best-of-1 is the policy itself whatever the scorer
-    assert len({report["curves"][s][str(ns[0])] for s in ("rm_bt", "rm_afd", "log_ratio")}) == 1
-    for name in ("report.md", "best_of_n.png", "policies.png", "data/afd_pairs.jsonl", "data/afd_labels.jsonl",
-                 "samples/init.jsonl", "samples/sft.jsonl"):
+            assert f"bon:{scorer}:{n}" in report["rows"]
+    # per prompt the golden-ranked pick bounds every scorer's pick, and rises with N
+    for n in ns:
+        oracle = results["rows"][f"bon:oracle:{n}"]["golden"]
+        for scorer in scorers:
+            picked = results["rows"][f"bon:{scorer}:{n}"]["golden"]
+            assert all(picked[p][0] <= oracle[p][0] + 1e-9 for p in held)
+    curve = [report["rows"][f"bon:oracle:{n}"]["golden"]["mean"] for n in ns]
+    assert curve == sorted(curve)
+    # Best-of-1 is the policy's first sample whatever the scorer
+    assert len({json.dumps(results["rows"][f"bon:{s}:1"]["golden"], sort_keys=True) for s in scorers}) == 1
+    for name in ("report.md", "best_of_n.png", "policies.png", "samples/init.jsonl", "samples/sft.jsonl"):
         assert (out / name).stat().st_size > 0, name
     assert (out / "best_of_n.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     md = (out / "report.md").read_text()
-    assert "| IQ-Learn SFT" in md and "Best-of-" in md
+    assert "| IQ-Learn SFT (td 0.05)" in md and "Best-of-N" in md and "Sampling backend: **hf**" in md
+    assert "held-out prompts" in md and "win vs SFT" in md
     # the AfD reward models are OpenRLHF reward models: they load through OpenRLHF's own loader
     check = ("from openrlhf_irl import compat; compat.activate()\n"
              "from openrlhf.models import get_llm_for_sequence_regression\n"
@@ -46,25 +62,24 @@ def test_quick_demo_end_to_end(tmp_path):
              "for path in sys.argv[1:]:\n"
              "    m = get_llm_for_sequence_regression(path, 'reward', attn_implementation='eager')\n"
              "    print('loaded', type(m).__name__)\n")
-    loaded = run_python(["-c", check, str(out / "models" / "rm_bt"), str(out / "models" / "rm_afd")])
+    loaded = run_python(["-c", check, str(out / "models" / "rm_init-sft_bt"), str(out / "models" / "rm_init-sft_bce")])
     assert_ok(loaded)
     assert loaded.stdout.count("loaded") == 2
     # the samples carry the sampling job's schema, one record per (prompt, sample_index)
     samples = [json.loads(line) for line in (out / "samples" / "init.jsonl").read_text().splitlines()]
     assert {"prompt", "response", "policy", "sample_index", "finished", "logprob"} <= samples[0].keys()
     assert len({(s["prompt"], s["sample_index"]) for s in samples}) == len(samples)
-    assert os.path.getsize(out / "data" / "afd_pairs.jsonl") > 0
 
     # the Best-of-N CLI on the demo's policies and reward model, with the golden reward as a module:function
     bon = out / "bon_cli"
     proc = run_python(["-m", "openrlhf_irl.cli.best_of_n", "--policy", str(out / "models" / "sft_mle"),
-                       "--log-ratio-init", str(out / "models" / "init"), "--reward-model", str(out / "models" / "rm_afd"),
+                       "--log-ratio-init", str(out / "models" / "init"), "--reward-model", str(out / "models" / "rm_init-sft_bce"),
                        "--golden", "openrlhf_irl.demo.task:golden_reward", "--prompts", str(out / "data" / "eval_prompts.jsonl"),
                        "--input-template", "{}\n", "--n", "1,2,4", "--max-new-tokens", "12", "--num-actors", "2",
                        "--max-prompts", "4", "--output-dir", str(bon)], timeout=600)
     assert_ok(proc)
     result = json.loads((bon / "best_of_n.json").read_text())
-    assert result["n_prompts"] == 4 and set(result["curves"]) == {"rm:rm_afd", "log_ratio", "oracle (golden)"}
+    assert result["n_prompts"] == 4 and set(result["curves"]) == {"rm:rm_init-sft_bce", "log_ratio", "oracle (golden)"}
     assert (bon / "best_of_n.png").stat().st_size > 0
     selected = [json.loads(line) for line in (bon / "selected.jsonl").read_text().splitlines()]
     assert len(selected) == 2 * 3 * 4  # scorers x N values x prompts

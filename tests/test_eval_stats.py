@@ -166,3 +166,36 @@ def test_held_out_fraction_zero_keeps_the_old_draws():
     assert task["held_out_prompts"] == []
     with pytest.raises(ValueError):
         T.split_prompts(0, 1.0)
+
+
+# --------------------------------------------------------------------------- per-token entropy
+
+
+def test_entropy_sums_match_a_per_prefix_loop(tiny_model):
+    import math
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from openrlhf_irl.eval.diversity import entropy_sums, prompt_text_diversity
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, torch_dtype=torch.float32).eval()
+    prompts = [[5, 6, 7], [8], [9, 10]]
+    responses = [[11, 12], [13, 14, 15, 16], []]
+    for temp in (1.0, 0.5):
+        got = entropy_sums(model, prompts, responses, temperature=temp, batch_size=2, pad_token_id=0)
+        for (h, n), p, r in zip(got, prompts, responses):
+            assert n == len(r)
+            want = 0.0
+            for t in range(len(r)):  # one unpadded forward per prefix, entropy by a plain sum
+                with torch.no_grad():
+                    last = model(input_ids=torch.tensor([p + r[:t]])).logits[0, -1].double() / temp
+                probs = torch.softmax(last, -1).tolist()
+                want += -sum(q * math.log(q) for q in probs if q > 0)
+            assert h == pytest.approx(want, rel=1e-4, abs=1e-6)
+    # a sharper distribution has less entropy
+    hot = entropy_sums(model, prompts[:1], responses[:1], temperature=2.0)[0][0]
+    cold = entropy_sums(model, prompts[:1], responses[:1], temperature=0.5)[0][0]
+    assert cold < hot
+    d = prompt_text_diversity(["1 + 2 = 3", "1 + 2 = 3"])
+    assert d["distinct_1"] == 0.5 and d["self_bleu"] == pytest.approx(1.0)

@@ -1,16 +1,25 @@
-"""The embedded demo: IQ-Learn SFT and AfD reward extrapolation end to end on a tiny model, on CPU.
+"""The embedded demo: IQ-Learn SFT and AfD reward extrapolation end to end on a tiny model, on CPU, scored on
+held-out prompts.
 
 Every training step runs through OpenRLHF's own CLI flow (``train(args)``, DeepSpeed, its datasets) with the
-plug-in trainers; sampling for AfD runs on Ray actors; nothing is downloaded. Stages:
+plug-in trainers; sampling goes through :class:`openrlhf_irl.generation.GenerationPool` (Ray; ``backend="auto"``);
+nothing is downloaded. The run is a list of stages (:meth:`Demo.stages`):
 
-1. task      synthetic prompts, a noisy expert's demonstrations, a golden reward (``openrlhf_irl.demo.task``)
-2. base      a tiny Llama + BPE tokenizer trained on the task's text
-3. init      the initial policy: brief pre-training on prompts followed by careless answers
-4. sft       MLE SFT (``--trainer sft``) and IQ-Learn SFT (``--trainer irl_iq``) on the demonstrations
-5. afd       samples of init and MLE-SFT (Ray) -> init-sft pairs -> Bradley-Terry reward model (``--trainer rm``)
-             and the AfD classifier (``--trainer afd_rm``)
-6. bon       Best-of-N over the reward models and the log-ratio log pi_SFT - log pi_init, N in 1..16
-7. report    golden reward and diversity for every policy and Best-of-N row: terminal table, report.md/json, PNGs
+1. task      synthetic prompts split into training and held-out prompts, a noisy expert's demonstrations, a golden
+             reward (``openrlhf_irl.demo.task``)
+2. init      a tiny Llama + BPE tokenizer, briefly pre-trained on prompts followed by careless answers
+3. sft       MLE SFT (``--trainer sft``) and IQ-Learn SFT (``--trainer irl_iq``, one run per ``td_weights`` value),
+             optionally on demonstration subsets
+4. afd       samples of init and MLE-SFT on the training prompts -> one reward model per (AfD variant, trainer):
+             Bradley-Terry pairs (``--trainer rm``) and the BCE classifier (``--trainer afd_rm``)
+5. spin      (optional) SPIN-style baseline: OpenRLHF's ``train_dpo`` on sft-demo pairs
+   (PPO over the AfD rewards slots in here: a stage that trains a policy and calls ``add_policy``)
+6. bon       Best-of-N from MLE SFT on the held-out prompts over every reward model and the log-ratio
+7. eval      every registered policy sampled on the held-out prompts (at each of ``temperatures`` for the SFT
+             policies): golden reward, win rates against the SFT sample and the demonstration, diversity
+
+The demo's report is one seed of :mod:`openrlhf_irl.demo.report`; ``openrlhf-irl experiment``
+(:mod:`openrlhf_irl.eval.experiment`) runs the same stages over several seeds with larger sweeps.
 """
 
 from __future__ import annotations
@@ -19,11 +28,14 @@ import json
 import os
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
+from typing import Callable
 
 # Prompt and answer are joined by a newline in every stage: a trailing space in the prompt would be tokenized apart
 # from the answer's first word by byte-level BPE, so generation would start from a state never seen in training.
 INPUT_TEMPLATE = "{}\n"
+
+RM_KIND = {"rm": "BT", "afd_rm": "BCE"}  # --trainer -> short label of the reward model's objective
 
 
 @dataclass
@@ -31,9 +43,10 @@ class DemoConfig:
     output_dir: str = "outputs/demo"
     seed: int = 0
     quick: bool = False
+    backend: str = "auto"  # GenerationPool backend: auto (vLLM when it runs here, else transformers), hf, vllm
     # task
     n_train_prompts: int = 1000
-    n_eval_prompts: int = 55
+    held_out_fraction: float = 0.25  # of each k's targets; evaluation uses only these prompts
     n_pretrain: int = 4000
     expert_noise: float = 0.4
     # model
@@ -44,34 +57,74 @@ class DemoConfig:
     pretrain_epochs: int = 1
     sft_epochs: int = 16
     sft_lr: float = 3e-3
-    td_weight: float = 0.05
+    td_weight: float = 0.05  # the IQ-Learn policy of the main rows (and of the demonstration-subset rows)
+    td_weights: tuple = (0.05,)  # IQ-Learn runs (0 = MLE, trained with --trainer sft)
+    demo_subsets: tuple = ()  # fractions of the demonstrations for extra MLE / IQ-Learn runs, e.g. (0.1, 0.3)
     rm_epochs: int = 2
     rm_backbone: str = "sft_mle"  # the reward models start from this policy (value head added)
+    afd_variants: tuple = ("init-sft",)
+    rm_trainers: tuple = ("rm", "afd_rm")
+    spin: bool = False  # SPIN-style DPO baseline on sft-demo pairs
+    dpo_epochs: int = 1
+    dpo_lr: float = 3e-4
+    dpo_beta: float = 0.1
     micro_batch_size: int = 32
     batch_size: int = 32
     # sampling / AfD / evaluation
     afd_prompts: int | None = None  # None: every unique training prompt
     afd_samples_per_prompt: int = 16
-    eval_samples_per_prompt: int = 4
+    eval_samples_per_prompt: int = 8
+    temperatures: tuple = (1.0,)  # sampling temperatures for the SFT policies (others: 1.0)
     bon_ns: tuple = (1, 2, 4, 8, 16)
     max_new_tokens: int = 24
-    num_actors: int = 2
+    num_actors: int = 1  # Ray actors per GenerationPool: the tiny model samples in about a second, an actor's start
+    # costs a process with torch (tens of seconds on a busy 2-core machine), so one actor is the faster choice here
+    n_boot: int = 2000
 
     @classmethod
-    def make(cls, output_dir: str, seed: int = 0, quick: bool = False) -> "DemoConfig":
+    def make(cls, output_dir: str, seed: int = 0, quick: bool = False, **overrides) -> "DemoConfig":
         if not quick:
-            return cls(output_dir=output_dir, seed=seed)
-        return cls(output_dir=output_dir, seed=seed, quick=True, n_train_prompts=160, n_eval_prompts=12,
-                   n_pretrain=600, hidden_size=64, num_layers=2, sft_epochs=2, rm_epochs=1, micro_batch_size=16,
-                   batch_size=16, afd_prompts=32, afd_samples_per_prompt=2, eval_samples_per_prompt=2,
-                   bon_ns=(1, 2, 4), max_new_tokens=20)
+            return cls(output_dir=output_dir, seed=seed, **overrides)
+        settings = dict(n_train_prompts=160, n_pretrain=600, hidden_size=64, num_layers=2, sft_epochs=2, rm_epochs=1,
+                        micro_batch_size=16, batch_size=16, afd_prompts=32, afd_samples_per_prompt=2,
+                        eval_samples_per_prompt=2, bon_ns=(1, 2, 4), max_new_tokens=20, n_boot=500)
+        settings.update(overrides)
+        return cls(output_dir=output_dir, seed=seed, quick=True, **settings)
+
+
+@dataclass
+class Policy:
+    """A policy to evaluate: where it is, how the report names it, and which group of rows it belongs to."""
+
+    path: str
+    label: str
+    group: str = "policy"  # policy | td_sweep | subset | baseline
+    sweep_temperatures: bool = False
+    info: dict = field(default_factory=dict)
+
+
+@dataclass
+class Stage:
+    name: str
+    fn: Callable[[], object]
+
+
+def iq_name(td: float) -> str:
+    return "sft_mle" if td == 0 else f"sft_iq_td{td:g}"
+
+
+def iq_label(td: float) -> str:
+    return "MLE SFT" if td == 0 else f"IQ-Learn SFT (td {td:g})"
 
 
 class Demo:
-    def __init__(self, cfg: DemoConfig):
+    def __init__(self, cfg: DemoConfig, progress: Callable[[str], None] | None = None):
         self.cfg = cfg
         self.root = os.path.abspath(cfg.output_dir)
         self.timings: dict[str, float] = {}
+        self.policies: dict[str, Policy] = {}
+        self.backends: set[str] = set()
+        self.progress = progress
 
     # ------------------------------------------------------------------ helpers
     def path(self, *parts: str) -> str:
@@ -80,21 +133,59 @@ class Demo:
         os.makedirs(os.path.dirname(p), exist_ok=True)
         return p
 
-    def stage(self, name: str, fn, *args):
-        print(f"\n=== [{len(self.timings) + 1}/7] {name} ===", flush=True)
-        start = time.time()
-        result = fn(*args)
-        self.timings[name] = round(time.time() - start, 1)
-        print(f"=== {name}: {self.timings[name]} s ===", flush=True)
-        return result
+    def add_policy(self, name: str, policy: Policy) -> None:
+        """Register a trained policy for the evaluation stage (a PPO stage would call this too)."""
+        self.policies[name] = policy
+
+    def stages(self) -> list[Stage]:
+        """The run, in order. A new method (e.g. PPO over the AfD rewards, issue 15) is one more entry here, before
+        Best-of-N / evaluation, that trains a policy and calls :meth:`add_policy`."""
+        stages = [
+            Stage("task", self.make_task),
+            Stage("base model + initial policy", self.make_base_and_init),
+            Stage("SFT policies (MLE, IQ-Learn)", self.make_sft_policies),
+            Stage("AfD samples and reward models", self.make_reward_models),
+        ]
+        if self.cfg.spin:
+            stages.append(Stage("SPIN baseline (OpenRLHF DPO)", self.make_spin))
+        stages += [
+            Stage("Best-of-N", self.best_of_n),
+            Stage("evaluate policies", self.evaluate_policies),
+        ]
+        return stages
+
+    def run_stages(self) -> dict:
+        """Run every stage; return the seed's results (written to ``results.json``)."""
+        from openrlhf_irl.utils.jsonl import atomic_write_json
+
+        os.makedirs(self.root, exist_ok=True)
+        self.results = {"seed": self.cfg.seed, "config": asdict(self.cfg), "rows": {}, "refs": {}}
+        stages = self.stages()
+        for i, st in enumerate(stages, 1):
+            print(f"\n=== [{i}/{len(stages)}] {st.name} (seed {self.cfg.seed}) ===", flush=True)
+            start = time.time()
+            st.fn()
+            self.timings[st.name] = round(time.time() - start, 1)
+            print(f"=== {st.name}: {self.timings[st.name]} s ===", flush=True)
+            if self.progress:
+                self.progress(st.name)
+        self.results["backend"] = ",".join(sorted(self.backends))
+        self.results["timings_s"] = self.timings
+        atomic_write_json(os.path.join(self.root, "results.json"), self.results)
+        return self.results
 
     def train(self, task: str, trainer: str, model: str, data: str, out: str, epochs: int, lr: float, *extra: str):
         """One OpenRLHF training run, in process, through the plug-in launcher (real DeepSpeed, ZeRO-2, bf16)."""
         from openrlhf_irl.cli.launcher import build_args, train
 
+        train(task, build_args(task, self._common_train_args(trainer, model, data, out, epochs, lr, *extra)))
+        return out
+
+    def _common_train_args(self, trainer, model, data, out, epochs, lr, *extra) -> list[str]:
         cfg = self.cfg
-        argv = [
-            "--trainer", trainer, "--model.model_name_or_path", model, "--data.dataset", data,
+        head = ["--trainer", trainer] if trainer else []
+        return [
+            *head, "--model.model_name_or_path", model, "--data.dataset", data,
             "--data.max_len", "64", "--train.micro_batch_size", str(cfg.micro_batch_size),
             "--train.batch_size", str(cfg.batch_size), "--train.max_epochs", str(epochs),
             "--train.seed", str(cfg.seed), "--ds.zero_stage", "2", "--ds.attn_implementation", "eager",
@@ -102,7 +193,27 @@ class Demo:
             "--ckpt.output_dir", out, "--ckpt.path", out + "_ckpt", "--logger.logging_steps", "1000000",
             *extra,
         ]
-        train(task, build_args(task, argv))
+
+    def generate(self, model: str, prompts: list[str], n: int, temperature: float, seed: int) -> list:
+        """``n`` samples per prompt from ``model`` through the generation pool; completions sorted by
+        (prompt_index, sample_index)."""
+        from openrlhf_irl.generation import GenerationPool, SamplingParams, ensure_ray
+
+        ensure_ray(max(self.cfg.num_actors, os.cpu_count() or 1))  # one Ray for every pool of the run
+        params = SamplingParams(n=n, temperature=temperature, top_p=1.0, max_new_tokens=self.cfg.max_new_tokens,
+                                seed=seed)
+        with GenerationPool(model, self.cfg.num_actors, self.cfg.backend, batch_size=32) as pool:
+            self.backends.add(pool.backend)
+            return pool.generate([INPUT_TEMPLATE.format(p) for p in prompts], params)
+
+    def sample_to_file(self, model: str, prompts: list[str], out: str, n: int, policy: str, seed: int) -> str:
+        """Samples in the sampling CLI's record format (what the AfD dataset builder reads)."""
+        from openrlhf_irl.utils.jsonl import atomic_write_jsonl
+
+        completions = self.generate(model, prompts, n, 1.0, seed)
+        atomic_write_jsonl(out, [{"prompt": prompts[c.prompt_index], "response": c.text, "policy": policy,
+                                  "sample_index": c.sample_index, "finished": c.finished, "logprob": c.logprob}
+                                 for c in completions])
         return out
 
     # ------------------------------------------------------------------ stages
@@ -111,21 +222,28 @@ class Demo:
         from openrlhf_irl.utils.jsonl import atomic_write_jsonl
 
         cfg = self.cfg
-        tcfg = TaskConfig(seed=cfg.seed, n_train_prompts=cfg.n_train_prompts, n_eval_prompts=cfg.n_eval_prompts,
-                          n_pretrain=cfg.n_pretrain, expert_noise=cfg.expert_noise)
+        tcfg = TaskConfig(seed=cfg.seed, n_train_prompts=cfg.n_train_prompts, n_pretrain=cfg.n_pretrain,
+                          expert_noise=cfg.expert_noise, held_out_fraction=cfg.held_out_fraction)
         task = build_task(tcfg)
-        eval_prompts = list(dict.fromkeys(task["eval_prompts"]))
+        eval_prompts = task["held_out_prompts"] or list(dict.fromkeys(task["eval_prompts"]))
+        train_prompts = list(dict.fromkeys(task["train_prompts"]))
+        if cfg.held_out_fraction > 0 and not set(eval_prompts).isdisjoint(train_prompts):
+            raise RuntimeError("held-out prompts overlap the training prompts")  # split_prompts guarantees it
         rng = random.Random(cfg.seed + 7)
         demo_eval = [{"prompt": p, "response": expert_response(p, rng, noise=cfg.expert_noise), "sample_index": i}
                      for p in eval_prompts for i in range(cfg.eval_samples_per_prompt)]
-        atomic_write_jsonl(self.path("data", "demos.jsonl"), task["demonstrations"])
-        atomic_write_jsonl(self.path("data", "train_prompts.jsonl"),
-                           [{"prompt": p} for p in dict.fromkeys(task["train_prompts"])])
+        demos = task["demonstrations"]
+        atomic_write_jsonl(self.path("data", "demos.jsonl"), demos)
+        for frac in cfg.demo_subsets:
+            atomic_write_jsonl(self.path("data", f"demos_{frac:g}.jsonl"), demos[: max(1, round(frac * len(demos)))])
+        atomic_write_jsonl(self.path("data", "train_prompts.jsonl"), [{"prompt": p} for p in train_prompts])
         atomic_write_jsonl(self.path("data", "eval_prompts.jsonl"), [{"prompt": p} for p in eval_prompts])
         atomic_write_jsonl(self.path("data", "demos_eval.jsonl"), demo_eval)
+        self.train_prompts, self.eval_prompts = train_prompts, eval_prompts
         self.corpus = pretrain_corpus(tcfg, sep="\n")
-        print(f"{len(task['demonstrations'])} demonstrations, {len(eval_prompts)} eval prompts, "
-              f"{len(self.corpus)} pre-training lines")
+        self.results["prompts"] = {"train": train_prompts, "held_out": eval_prompts}
+        print(f"{len(demos)} demonstrations on {len(train_prompts)} training prompts; {len(eval_prompts)} held-out "
+              f"evaluation prompts; {len(self.corpus)} pre-training lines")
 
     def make_base_and_init(self):
         from transformers import AutoTokenizer
@@ -141,118 +259,200 @@ class Demo:
         atomic_write_jsonl(pretrain, [{"text": f"{line} {eos}"} for line in self.corpus])
         self.train("sft", "sft", base, pretrain, self.path("models", "init"), cfg.pretrain_epochs, 3e-3,
                    "--model.pretrain_mode_enable", "--data.input_key", "text")
+        self.add_policy("init", Policy(self.path("models", "init"), "initial policy"))
 
     def make_sft_policies(self):
         cfg = self.cfg
         common = ("--data.input_key", "prompt", "--data.output_key", "response",
                   "--data.input_template", INPUT_TEMPLATE)
-        init, demos = self.path("models", "init"), self.path("data", "demos.jsonl")
-        self.train("sft", "sft", init, demos, self.path("models", "sft_mle"), cfg.sft_epochs, cfg.sft_lr, *common)
-        self.train("sft", "irl_iq", init, demos, self.path("models", "sft_iq"), cfg.sft_epochs, cfg.sft_lr, *common,
-                   "--irl.td_weight", str(cfg.td_weight), "--irl.td_warmup_steps", "10")
+        init = self.path("models", "init")
 
-    def sample(self, model: str, prompts: str, out: str, n: int, policy: str, max_prompts: int | None = None):
-        from openrlhf_irl.cli import sample as sample_cli
+        def sft(td: float, data: str, name: str):
+            if td == 0:
+                return self.train("sft", "sft", init, data, self.path("models", name), cfg.sft_epochs, cfg.sft_lr,
+                                  *common)
+            return self.train("sft", "irl_iq", init, data, self.path("models", name), cfg.sft_epochs, cfg.sft_lr,
+                              *common, "--irl.td_weight", str(td), "--irl.td_warmup_steps", "10")
 
-        argv = ["--model", model, "--prompts", prompts, "--input-template", INPUT_TEMPLATE, "--n-samples", str(n),
-                "--temperature", "1.0", "--top-p", "1.0", "--max-new-tokens", str(self.cfg.max_new_tokens),
-                "--num-actors", str(self.cfg.num_actors), "--policy-name", policy, "--output", out,
-                "--seed", str(self.cfg.seed), "--batch-size", "32"]
-        if max_prompts:
-            argv += ["--max-prompts", str(max_prompts)]
-        if sample_cli.main(argv) != 0:
-            raise RuntimeError(f"sampling {policy} failed")
-        return out
+        demos = self.path("data", "demos.jsonl")
+        for td in dict.fromkeys((0.0, *cfg.td_weights)):
+            name = iq_name(td)
+            sft(td, demos, name)
+            group = "policy" if td in (0.0, cfg.td_weight) else "td_sweep"
+            self.add_policy(name, Policy(self.path("models", name), iq_label(td), group, sweep_temperatures=True,
+                                         info={"td_weight": td, "demo_fraction": 1.0}))
+        for frac in cfg.demo_subsets:
+            for td in (0.0, cfg.td_weight):
+                name = f"{iq_name(td)}_{frac:g}"
+                sft(td, self.path("data", f"demos_{frac:g}.jsonl"), name)
+                self.add_policy(name, Policy(self.path("models", name), f"{iq_label(td)}, {frac:.0%} of demos",
+                                             "subset", info={"td_weight": td, "demo_fraction": frac}))
 
     def make_reward_models(self):
         from openrlhf_irl.datasets.afd import build_afd_dataset, format_report
         from openrlhf_irl.utils.jsonl import atomic_write_jsonl
 
         cfg = self.cfg
-        prompts = self.path("data", "train_prompts.jsonl")
+        prompts = self.train_prompts[: cfg.afd_prompts] if cfg.afd_prompts else self.train_prompts
         n = cfg.afd_samples_per_prompt
-        init_s = self.sample(self.path("models", "init"), prompts, self.path("samples", "init.jsonl"), n, "init",
-                             cfg.afd_prompts)
-        sft_s = self.sample(self.path("models", "sft_mle"), prompts, self.path("samples", "sft.jsonl"), n, "sft",
-                            cfg.afd_prompts)
-        # The initial policy rarely stops on its own: keep its truncated samples (they are what it does).
-        pairs, report = build_afd_dataset("init-sft", init_samples=init_s, sft_samples=sft_s, fmt="pairs",
-                                          keep_truncated=True, lenient=True, seed=cfg.seed)
-        labels, _ = build_afd_dataset("init-sft", init_samples=init_s, sft_samples=sft_s, fmt="labels",
-                                      keep_truncated=True, lenient=True, seed=cfg.seed)
-        print(format_report(report))
-        pairs_path, labels_path = self.path("data", "afd_pairs.jsonl"), self.path("data", "afd_labels.jsonl")
-        atomic_write_jsonl(pairs_path, pairs)
-        atomic_write_jsonl(labels_path, labels)
+        sources = {
+            "init_samples": self.sample_to_file(self.path("models", "init"), prompts, self.path("samples", "init.jsonl"),
+                                                n, "init", cfg.seed * 1000 + 11),
+            "sft_samples": self.sample_to_file(self.path("models", "sft_mle"), prompts,
+                                               self.path("samples", "sft.jsonl"), n, "sft", cfg.seed * 1000 + 12),
+            "demos": self.path("data", "demos.jsonl"),
+        }
         rm_flags = ("--data.prompt_key", "prompt", "--data.input_template", INPUT_TEMPLATE)
         backbone = self.path("models", cfg.rm_backbone)
-        self.train("rm", "rm", backbone, pairs_path, self.path("models", "rm_bt"), cfg.rm_epochs, 1e-3, *rm_flags,
-                   "--eval.dataset", pairs_path)
-        self.train("rm", "afd_rm", backbone, labels_path, self.path("models", "rm_afd"), cfg.rm_epochs, 1e-3, *rm_flags,
-                   "--eval.dataset", labels_path)
+        for variant in cfg.afd_variants:
+            for trainer in cfg.rm_trainers:
+                fmt = "pairs" if trainer == "rm" else "labels"
+                # The initial policy rarely stops on its own: keep its truncated samples (they are what it does).
+                records, report = build_afd_dataset(variant, **sources, fmt=fmt, keep_truncated=True, lenient=True,
+                                                    seed=cfg.seed)
+                print(format_report(report))
+                tag = f"{variant}_{RM_KIND[trainer].lower()}"
+                data = self.path("data", f"afd_{tag}.jsonl")
+                atomic_write_jsonl(data, records)
+                self.train("rm", trainer, backbone, data, self.path("models", f"rm_{tag}"), cfg.rm_epochs, 1e-3,
+                           *rm_flags, "--eval.dataset", data)
+
+    def load_scorers(self) -> dict[str, Callable]:
+        """Best-of-N scorers: every trained reward model (its logit / BT score) and the log-ratio."""
+        from openrlhf_irl.generation.scoring import LogRatioScorer
+        from openrlhf_irl.models.reward import RewardScorer
+
+        scorers = {}
+        for variant in self.cfg.afd_variants:
+            for trainer in self.cfg.rm_trainers:
+                rm = RewardScorer(self.path("models", f"rm_{variant}_{RM_KIND[trainer].lower()}"),
+                                  input_template=INPUT_TEMPLATE, batch_size=64)
+                scorers[f"{RM_KIND[trainer]} {variant}"] = \
+                    lambda recs, rm=rm: rm.score([r["prompt"] for r in recs], [r["response"] for r in recs])
+        ratio = LogRatioScorer(self.path("models", "sft_mle"), self.path("models", "init"),
+                               input_template=INPUT_TEMPLATE)
+        scorers["log-ratio"] = lambda recs: ratio.score([r["prompt"] for r in recs], [r["response"] for r in recs],
+                                                        add_eos=[r["finished"] for r in recs])
+        return scorers
+
+    def make_spin(self):
+        """SPIN-style baseline: OpenRLHF's own ``train_dpo`` (through the CPU compat layer) from MLE SFT on
+        sft-demo pairs, demonstration chosen and SFT sample rejected; the reference model is MLE SFT."""
+        import runpy
+        import sys
+
+        from openrlhf_irl import compat
+        from openrlhf_irl.datasets.afd import build_afd_dataset
+        from openrlhf_irl.utils.jsonl import atomic_write_jsonl
+
+        cfg = self.cfg
+        pairs, _ = build_afd_dataset("sft-demo", demos=self.path("data", "demos.jsonl"),
+                                     sft_samples=self.path("samples", "sft.jsonl"), fmt="pairs", keep_truncated=True,
+                                     lenient=True, seed=cfg.seed)
+        data = self.path("data", "spin_pairs.jsonl")
+        atomic_write_jsonl(data, pairs)
+        out = self.path("models", "spin_dpo")
+        argv = self._common_train_args(None, self.path("models", "sft_mle"), data, out, cfg.dpo_epochs, cfg.dpo_lr,
+                                       "--data.prompt_key", "prompt", "--data.input_template", INPUT_TEMPLATE,
+                                       "--model.beta", str(cfg.dpo_beta))
+        module = "openrlhf.cli.train_dpo"
+        compat.activate()  # the CPU layer (gloo, flash-attn stand-ins), as for train_sft / train_rm
+        old_argv, sys.argv = sys.argv, [module, *argv]
+        try:  # OpenRLHF's own CLI, run as __main__: its parser, its argument post-processing, its train(args)
+            runpy.run_module(module, run_name="__main__")
+        finally:
+            sys.argv = old_argv
+        self.add_policy("spin_dpo", Policy(out, "SPIN-style DPO (sft-demo pairs)", "baseline"))
 
     def best_of_n(self):
         from openrlhf_irl.afd.best_of_n import score_and_select
         from openrlhf_irl.demo.task import golden_reward_batch
-        from openrlhf_irl.generation.scoring import LogRatioScorer
-        from openrlhf_irl.models.reward import RewardScorer
-        from openrlhf_irl.utils.jsonl import atomic_write_jsonl, read_jsonl
+        from openrlhf_irl.utils.jsonl import atomic_write_jsonl
 
         cfg = self.cfg
-        out = self.sample(self.path("models", "sft_mle"), self.path("data", "eval_prompts.jsonl"),
-                          self.path("samples", "bon_sft.jsonl"), max(cfg.bon_ns), "sft")
-        records = [r for _, r in read_jsonl(out)]
-        ratio = LogRatioScorer(self.path("models", "sft_mle"), self.path("models", "init"),
-                               input_template=INPUT_TEMPLATE)
-        scorers = {"log_ratio": lambda recs: ratio.score([r["prompt"] for r in recs], [r["response"] for r in recs],
-                                                         add_eos=[r["finished"] for r in recs])}
-        for name in ("rm_bt", "rm_afd"):
-            rm = RewardScorer(self.path("models", name), input_template=INPUT_TEMPLATE, batch_size=64)
-            scorers[name] = lambda recs, rm=rm: rm.score([r["prompt"] for r in recs], [r["response"] for r in recs])
-        result = score_and_select(records, scorers, cfg.bon_ns, golden_reward_batch)
+        completions = self.generate(self.path("models", "sft_mle"), self.eval_prompts, max(cfg.bon_ns), 1.0,
+                                    cfg.seed * 1000 + 21)
+        records = [{"prompt": self.eval_prompts[c.prompt_index], "response": c.text, "sample_index": c.sample_index,
+                    "finished": c.finished} for c in completions]
+        result = score_and_select(records, self.load_scorers(), cfg.bon_ns, golden_reward_batch)
         atomic_write_jsonl(self.path("samples", "bon_scored.jsonl"), records)
-        selected = {name: {n: [r["response"] for r in recs] for n, recs in by_n.items()}
-                    for name, by_n in result["selected"].items()}
-        return result["curves"], selected
+        rows = self.results["rows"]
+        for scorer, by_n in result["selected"].items():
+            for n, picks in by_n.items():
+                rows[f"bon:{scorer}:{n}"] = {"label": f"Best-of-{n} ({scorer})", "group": "bon", "scorer": scorer,
+                                             "N": n, "golden": {r["prompt"]: [r["golden"]] for r in picks},
+                                             "responses": {r["prompt"]: [r["response"]] for r in picks}}
+        for g in result["groups"]:
+            for n in cfg.bon_ns:
+                best = max(c["golden"] for c in g[:n])
+                rows.setdefault(f"bon:oracle:{n}", {"label": f"Best-of-{n} (oracle: golden)", "group": "oracle",
+                                                    "scorer": "oracle", "N": n, "golden": {}})["golden"][
+                    g[0]["prompt"]] = [best]
 
     def evaluate_policies(self):
-        """Golden reward and diversity of init, MLE SFT, IQ-Learn SFT samples and of the demonstrator."""
+        """Every registered policy on the held-out prompts (SFT policies at every temperature), and the
+        demonstrator; the MLE SFT samples at temperature 1 and the demonstrations are the win-rate references."""
         from openrlhf_irl.demo.task import golden_reward
-        from openrlhf_irl.generation import HFGenerator, SamplingParams, format_prompt
         from openrlhf_irl.utils.jsonl import read_jsonl
 
         cfg = self.cfg
-        prompts = [r["prompt"] for _, r in read_jsonl(self.path("data", "eval_prompts.jsonl"))]
-        params = SamplingParams(n=cfg.eval_samples_per_prompt, temperature=1.0, top_p=1.0,
-                                max_new_tokens=cfg.max_new_tokens, seed=cfg.seed + 1)
-        samples = {}
-        for name in ("init", "sft_mle", "sft_iq"):
-            gen = HFGenerator(self.path("models", name), batch_size=64)
-            texts = [format_prompt(gen.tokenizer, p, input_template=INPUT_TEMPLATE) for p in prompts]
-            samples[name] = [(prompts[c.prompt_index], c.text) for c in gen.generate(texts, params)]
-        samples["demonstrations"] = [(r["prompt"], r["response"])
-                                     for _, r in read_jsonl(self.path("data", "demos_eval.jsonl"))]
-        return {name: [(p, r, golden_reward(p, r)) for p, r in rows] for name, rows in samples.items()}
+        rows = self.results["rows"]
+        for name, pol in self.policies.items():
+            temps = cfg.temperatures if pol.sweep_temperatures else (1.0,)
+            if 1.0 not in temps:
+                temps = (1.0, *temps)
+            for temp in temps:
+                completions = self.generate(pol.path, self.eval_prompts, cfg.eval_samples_per_prompt, temp,
+                                            cfg.seed * 1000 + 31)
+                ent = self._entropies(pol.path, completions, temp)
+                row = {"label": pol.label if temp == 1.0 else f"{pol.label} @ T={temp:g}", "group": pol.group,
+                       "policy": name, "temperature": temp, **pol.info, "golden": {}, "responses": {},
+                       "entropy": {}}
+                if temp != 1.0:
+                    row["group"] = "temperature"
+                for c, (h, k) in zip(completions, ent):
+                    p = self.eval_prompts[c.prompt_index]
+                    row["golden"].setdefault(p, []).append(golden_reward(p, c.text))
+                    row["responses"].setdefault(p, []).append(c.text)
+                    acc = row["entropy"].setdefault(p, [0.0, 0])
+                    acc[0] += h
+                    acc[1] += k
+                rows[f"policy:{name}" + ("" if temp == 1.0 else f"@T{temp:g}")] = row
+        demo = {"label": "demonstrations (noisy expert)", "group": "policy", "golden": {}, "responses": {}}
+        for _, r in read_jsonl(self.path("data", "demos_eval.jsonl")):
+            demo["golden"].setdefault(r["prompt"], []).append(golden_reward(r["prompt"], r["response"]))
+            demo["responses"].setdefault(r["prompt"], []).append(r["response"])
+        rows["demonstrations"] = demo
+        self.results["refs"] = {"sft": rows["policy:sft_mle"]["golden"], "demo": demo["golden"]}
+
+    def _entropies(self, model_path: str, completions: list, temperature: float) -> list[tuple[float, int]]:
+        from openrlhf_irl.eval.diversity import entropy_sums
+        from openrlhf_irl.generation.hf import load_causal_lm, load_tokenizer
+        from openrlhf_irl.generation.scoring import encode_prompt
+
+        tok = load_tokenizer(model_path)
+        model = load_causal_lm(model_path, dtype="float32", device="cpu")
+        prompt_ids = [encode_prompt(tok, INPUT_TEMPLATE.format(self.eval_prompts[c.prompt_index]))
+                      for c in completions]
+        return entropy_sums(model, prompt_ids, [c.token_ids for c in completions], temperature=temperature,
+                            pad_token_id=tok.pad_token_id or 0)
 
     # ------------------------------------------------------------------ run
     def run(self) -> dict:
         from openrlhf_irl.demo.report import build_report
 
-        os.makedirs(self.root, exist_ok=True)
-        self.stage("task", self.make_task)
-        self.stage("base model + initial policy", self.make_base_and_init)
-        self.stage("MLE and IQ-Learn SFT", self.make_sft_policies)
-        self.stage("AfD samples and reward models", self.make_reward_models)
-        curves, selected = self.stage("Best-of-N", self.best_of_n)
-        policy_rows = self.stage("evaluate policies", self.evaluate_policies)
-        return self.stage("report", build_report, self.root, self.cfg, policy_rows, curves, selected,
-                          self.timings)
+        results = self.run_stages()
+        start = time.time()
+        report = build_report(self.root, self.cfg, [results], title=f"openrlhf-irl demo "
+                              f"({'quick' if self.cfg.quick else 'full'}, seed {self.cfg.seed})")
+        self.timings["report"] = round(time.time() - start, 1)
+        return report
 
 
-def run_demo(output_dir: str = "outputs/demo", seed: int = 0, quick: bool = False) -> dict:
+def run_demo(output_dir: str = "outputs/demo", seed: int = 0, quick: bool = False, backend: str = "auto") -> dict:
     import ray
 
-    cfg = DemoConfig.make(output_dir, seed=seed, quick=quick)
+    cfg = DemoConfig.make(output_dir, seed=seed, quick=quick, backend=backend)
     print(f"openrlhf-irl demo ({'quick' if quick else 'full'}): {json.dumps(asdict(cfg))}")
     try:
         return Demo(cfg).run()

@@ -1,0 +1,145 @@
+"""``openrlhf-irl experiment``: the demo's stages (:class:`openrlhf_irl.demo.pipeline.Demo`) over K seeds with the
+papers' comparisons, every row reported as mean with a 95% interval (seeds, then held-out prompts, resampled).
+
+Per seed (each seed draws its own held-out split, demonstrations, models and samples):
+
+* IQ-Learn: MLE SFT (td_weight 0) and IQ-Learn at each ``td_weights`` value, sampled at each of ``temperatures``
+  (quality: golden reward; diversity: within-prompt self-BLEU, distinct-n, per-token entropy); MLE and IQ-Learn
+  (``td_weight``) on demonstration subsets.
+* AfD: reward models for every variant (init-sft, init-demo, sft-demo) x {Bradley-Terry pairs, BCE classifier},
+  plus the log-ratio; Best-of-N from MLE SFT for N up to 64; a SPIN-style baseline (OpenRLHF ``train_dpo`` on
+  sft-demo pairs).
+* Win rates of every policy and Best-of-N pick against the SFT sample and the demonstration.
+
+Each seed writes ``seed_<s>/results.json``; a rerun with the same settings reuses finished seeds and redoes a seed
+whose settings differ (its directory is cleared first, so results never mix). The report is rebuilt after every
+seed, so an interrupted run still leaves a report of the seeds it finished.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import shutil
+import sys
+import time
+from dataclasses import asdict, replace
+
+from openrlhf_irl.demo.pipeline import Demo, DemoConfig
+
+# Wall time per seed on this project's 2-core CPU machine shared with other jobs (measured 2026-11-27), stated
+# before a run starts; an idle machine is faster.
+MINUTES_PER_SEED = {"quick": 4.0, "full": 20.0}
+
+
+def experiment_config(output_dir: str, quick: bool = False, backend: str = "auto", spin: bool = True) -> DemoConfig:
+    """The demo's settings with the experiment's sweeps; ``quick`` shrinks models, data and sweeps for CI."""
+    if quick:
+        return DemoConfig.make(output_dir, quick=True, backend=backend, td_weights=(0.05,), temperatures=(0.7, 1.0),
+                               demo_subsets=(0.3,), afd_variants=("init-sft", "sft-demo"), spin=spin,
+                               bon_ns=(1, 2, 4), n_boot=500)
+    # The demo's task, model and data; SFT epochs halved (16 -> 8) so that several seeds fit in an hour on a
+    # shared 2-core machine (chosen for time before any result was seen).
+    return DemoConfig.make(output_dir, backend=backend, sft_epochs=8, td_weights=(0.01, 0.05, 0.1, 0.3),
+                           temperatures=(0.7, 1.0, 1.3), demo_subsets=(0.1, 0.3),
+                           afd_variants=("init-sft", "init-demo", "sft-demo"), spin=spin,
+                           bon_ns=(1, 2, 4, 8, 16, 32, 64))
+
+
+def _jsonable(cfg: DemoConfig) -> dict:
+    return json.loads(json.dumps(asdict(cfg)))
+
+
+def _finished(path: str, cfg: DemoConfig) -> dict | None:
+    """The seed's stored results if they were made with exactly ``cfg``."""
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path) as f:
+            stored = json.load(f)
+    except (OSError, json.JSONDecodeError):
+        return None
+    return stored if stored.get("config") == _jsonable(cfg) else None
+
+
+def settings_md(cfg: DemoConfig, seeds: list[int], command: str, wall_s: float, seed_times: dict) -> list[str]:
+    return [
+        "## How this was made", "",
+        f"Command: `{command}`", "",
+        f"Wall time of this invocation: {wall_s / 60:.1f} min; per seed (s): "
+        + ", ".join(f"seed {s}: {t:.0f}" for s, t in seed_times.items()) + ".", "",
+        "Settings (every setting tried is listed; none was tuned toward a result):", "",
+        f"- task: {cfg.n_train_prompts} demonstrations (expert noise {cfg.expert_noise}) on the training prompts; "
+        f"a seeded {cfg.held_out_fraction:.0%} of each k's targets held out for evaluation",
+        f"- model: Llama, hidden {cfg.hidden_size}, {cfg.num_layers} layers, {cfg.vocab_size}-token BPE; "
+        f"pre-training {cfg.pretrain_epochs} epoch on {cfg.n_pretrain} lines",
+        f"- SFT: {cfg.sft_epochs} epochs, lr {cfg.sft_lr}, batch {cfg.batch_size}; IQ-Learn td_weight in "
+        f"{{0 (= MLE, --trainer sft), {', '.join(f'{t:g}' for t in cfg.td_weights)}}}, gamma 1, offline",
+        f"- sampling temperatures for the SFT policies: {', '.join(f'{t:g}' for t in cfg.temperatures)} "
+        f"(top-p 1, {cfg.max_new_tokens} new tokens, {cfg.eval_samples_per_prompt} samples per held-out prompt)",
+        f"- demonstration subsets: {', '.join(f'{f:.0%}' for f in cfg.demo_subsets) or 'none'} (same epochs, so "
+        "fewer steps), MLE and IQ-Learn at td_weight " + f"{cfg.td_weight:g}",
+        f"- AfD: {cfg.afd_samples_per_prompt} samples per training prompt from init and MLE SFT; variants "
+        f"{', '.join(cfg.afd_variants)}, each as Bradley-Terry pairs (--trainer rm) and BCE classifier "
+        f"(--trainer afd_rm), {cfg.rm_epochs} epochs, lr 1e-3, started from {cfg.rm_backbone}; log-ratio "
+        "log pi_SFT - log pi_init",
+        f"- Best-of-N from MLE SFT, N in {', '.join(map(str, cfg.bon_ns))}",
+        (f"- SPIN-style baseline: OpenRLHF train_dpo from MLE SFT (reference MLE SFT), sft-demo pairs "
+         f"(demonstration chosen, SFT sample rejected), beta {cfg.dpo_beta}, lr {cfg.dpo_lr}, {cfg.dpo_epochs} epoch"
+         if cfg.spin else "- SPIN baseline: skipped"),
+        f"- intervals: {cfg.n_boot} hierarchical bootstrap draws (seeds {', '.join(map(str, seeds))}, then "
+        "held-out prompts)", "",
+    ]
+
+
+def run_experiment(output_dir: str, seeds: list[int], quick: bool = False, backend: str = "auto",
+                   spin: bool = True, command: str | None = None) -> dict:
+    import ray
+    from tqdm import tqdm
+
+    from openrlhf_irl.demo.report import build_report
+
+    root = os.path.abspath(output_dir)
+    base = experiment_config(root, quick=quick, backend=backend, spin=spin)
+    command = command or "openrlhf-irl " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    n_stages = len(Demo(base).stages())
+    per_seed = MINUTES_PER_SEED["quick" if quick else "full"]
+    print(f"openrlhf-irl experiment ({'quick' if quick else 'full'}): seeds {seeds}, {n_stages} stages per seed; "
+          f"about {per_seed:g} min per seed on a busy 2-core CPU, so about {per_seed * len(seeds):.0f} min in all.",
+          flush=True)
+    start = time.time()
+    results, seed_times = [], {}
+    bar = tqdm(total=n_stages * len(seeds), unit="stage", file=sys.stderr, dynamic_ncols=True)
+    try:
+        for s in seeds:
+            cfg = replace(base, seed=s, output_dir=os.path.join(root, f"seed_{s}"))
+            path = os.path.join(cfg.output_dir, "results.json")
+            done = _finished(path, cfg)
+            if done is None:
+                if os.path.exists(cfg.output_dir):
+                    shutil.rmtree(cfg.output_dir)  # settings changed or the seed was cut short: start it clean
+                seed_start = time.time()
+                bar.set_description(f"seed {s}")
+                done = Demo(cfg, progress=lambda _name: bar.update(1)).run_stages()
+                seed_times[s] = time.time() - seed_start
+            else:
+                print(f"seed {s}: reusing {path} (same settings)", flush=True)
+                bar.update(n_stages)
+                seed_times[s] = sum(done.get("timings_s", {}).values())
+            results.append(done)
+            stage_means = {k: round(sum(r["timings_s"].get(k, 0) for r in results) / len(results), 1)
+                           for k in results[0]["timings_s"]}
+            report = build_report(
+                root, replace(base, seed=seeds[0]), results,
+                title=f"openrlhf-irl experiment ({'quick' if quick else 'full'}, {len(results)} seed"
+                      f"{'s' if len(results) > 1 else ''})",
+                extra_md=settings_md(base, [r["seed"] for r in results], command, time.time() - start, seed_times),
+                timings={f"{k} (mean per seed)": v for k, v in stage_means.items()})
+    finally:
+        bar.close()
+        if ray.is_initialized():
+            ray.shutdown()
+    print(f"experiment: {len(results)} seed(s) in {(time.time() - start) / 60:.1f} min; report: "
+          f"{os.path.join(root, 'report.md')}")
+    return report

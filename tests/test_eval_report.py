@@ -1,0 +1,111 @@
+"""The report over seeds (openrlhf_irl.demo.report) on hand-built seed results: every number against a plain loop;
+and the experiment's reuse of finished seeds (openrlhf_irl.eval.experiment)."""
+
+import json
+
+import pytest
+
+from openrlhf_irl.demo.pipeline import DemoConfig
+from openrlhf_irl.demo.report import aggregate, build_report, row_metrics
+from openrlhf_irl.eval import experiment as E
+
+
+def _seed(seed, shift):
+    """Two held-out prompts; MLE SFT is the SFT reference, an IQ-Learn row, a Best-of-N row, the demonstrator."""
+    p, q = f"add 2 numbers to make {5 + seed}", f"add 3 numbers to make {9 + seed}"
+    mle = {p: [0.2, 0.4], q: [0.0, 1.0]}
+    iq = {p: [0.4 + shift, 0.4], q: [1.0, 1.0]}
+    demo = {p: [0.5, 0.5], q: [0.5, 0.9]}
+    rows = {
+        "policy:sft_mle": {"label": "MLE SFT", "group": "policy", "policy": "sft_mle", "temperature": 1.0,
+                           "td_weight": 0.0, "demo_fraction": 1.0, "golden": mle,
+                           "responses": {p: ["1 + 4 = 5", "2 + 3 = 5"], q: ["1 + 2 + 6 = 9", "1 + 2 + 6 = 9"]},
+                           "entropy": {p: [3.0, 6], q: [1.0, 4]}},
+        "policy:sft_iq_td0.05": {"label": "IQ-Learn SFT (td 0.05)", "group": "policy", "policy": "sft_iq_td0.05",
+                                 "temperature": 1.0, "td_weight": 0.05, "demo_fraction": 1.0, "golden": iq,
+                                 "responses": {p: ["a b", "a c"], q: ["x", "y"]}, "entropy": {p: [2.0, 4], q: [2.0, 4]}},
+        "bon:BT init-sft:2": {"label": "Best-of-2 (BT init-sft)", "group": "bon", "scorer": "BT init-sft", "N": 2,
+                              "golden": {p: [0.4], q: [1.0]}, "responses": {p: ["1 + 4 = 5"], q: ["x"]}},
+        "bon:oracle:2": {"label": "Best-of-2 (oracle: golden)", "group": "oracle", "scorer": "oracle", "N": 2,
+                         "golden": {p: [0.9], q: [1.0]}},
+        "demonstrations": {"label": "demonstrations (noisy expert)", "group": "policy", "golden": demo,
+                           "responses": {p: ["2 + 3 = 5", "1 + 4 = 5"], q: ["2 + 3 + 4 = 9", "1 + 3 + 5 = 9"]}},
+    }
+    return {"seed": seed, "rows": rows, "refs": {"sft": mle, "demo": demo}, "backend": "hf",
+            "prompts": {"train": [], "held_out": [p, q]}, "timings_s": {"task": 0.1}}
+
+
+def _win(a, b):
+    return sum(1.0 if x > y else 0.5 if x == y else 0.0 for x in a for y in b) / (len(a) * len(b))
+
+
+def test_row_metrics_by_plain_loops():
+    res = _seed(0, 0.0)
+    m = row_metrics(res)
+    p, q = res["prompts"]["held_out"]
+    iq = m["policy:sft_iq_td0.05"]
+    assert iq["golden"] == {p: pytest.approx(0.4), q: 1.0}
+    assert iq["win_sft"][p] == _win([0.4, 0.4], [0.2, 0.4]) == 0.75
+    assert iq["win_demo"][q] == _win([1.0, 1.0], [0.5, 0.9]) == 1.0
+    assert iq["entropy"] == {p: 0.5, q: 0.5}
+    assert m["policy:sft_mle"]["win_sft"] == {p: 0.5, q: 0.5}  # the reference against itself
+    assert m["policy:sft_mle"]["entropy"] == {p: 0.5, q: 0.25}  # token-weighted: sum H / tokens
+    assert m["policy:sft_mle"]["self_bleu"][q] == pytest.approx(1.0)  # two identical answers
+    assert "self_bleu" not in m["bon:BT init-sft:2"]  # one response per prompt: no within-prompt diversity
+    assert m["bon:BT init-sft:2"]["win_sft"][p] == _win([0.4], [0.2, 0.4]) == 0.75
+    assert m["bon:oracle:2"]["win_sft"][q] == _win([1.0], [0.0, 1.0]) == 0.75
+
+
+def test_aggregate_over_seeds_and_paired_comparison():
+    seeds = [_seed(0, 0.0), _seed(1, 0.2)]
+    rows, comps = aggregate(seeds, n_boot=300)
+    # nested mean: per seed the mean over prompts, then the mean over seeds
+    seed_means = [(0.4 + 1.0) / 2, ((0.6 + 0.4) / 2 + 1.0) / 2]
+    assert rows["policy:sft_iq_td0.05"]["golden"]["mean"] == pytest.approx(sum(seed_means) / 2)
+    assert rows["policy:sft_iq_td0.05"]["golden"]["n_seeds"] == 2
+    lo, hi = rows["policy:sft_iq_td0.05"]["golden"]["lo"], rows["policy:sft_iq_td0.05"]["golden"]["hi"]
+    assert 0.4 <= lo <= hi <= 1.0
+    (c,) = comps
+    assert c["a"] == "policy:sft_iq_td0.05" and c["b"] == "policy:sft_mle"
+    # paired differences per (seed, prompt): seed 0: .4-.3, 1-.5; seed 1: .5-.3, 1-.5
+    assert c["golden"]["mean"] == pytest.approx(((0.1 + 0.5) / 2 + (0.2 + 0.5) / 2) / 2)
+    assert c["golden"]["lo"] > 0  # every difference is positive
+    assert "self_bleu" in c and "entropy" in c
+
+
+def test_build_report_files(tmp_path):
+    cfg = DemoConfig(output_dir=str(tmp_path), n_boot=200)
+    report = build_report(str(tmp_path), cfg, [_seed(0, 0.0), _seed(1, 0.1)], title="t")
+    md = (tmp_path / "report.md").read_text()
+    assert "held-out prompts" in md and "Sampling backend: **hf**" in md
+    assert "| IQ-Learn SFT (td 0.05) |" in md and "win vs SFT" in md and "N=2" in md
+    assert report["backend"] == "hf" and report["seeds"] == [0, 1] and report["n_eval_prompts"] == 4
+    stored = json.loads((tmp_path / "report.json").read_text())
+    assert stored["rows"]["bon:BT init-sft:2"]["win_demo"]["mean"] == pytest.approx(
+        sum((_win([0.4], [0.5, 0.5]) + _win([1.0], [0.5, 0.9])) / 2 for _ in range(2)) / 2)
+    for name in ("best_of_n.png", "policies.png"):
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_experiment_reuses_only_seeds_with_the_same_settings(tmp_path):
+    cfg = E.experiment_config(str(tmp_path), quick=True, backend="hf")
+    assert cfg.afd_variants and cfg.temperatures and cfg.demo_subsets and cfg.spin
+    full = E.experiment_config(str(tmp_path))
+    assert set(full.afd_variants) == {"init-sft", "init-demo", "sft-demo"} and max(full.bon_ns) == 64
+    assert tuple(full.td_weights) == (0.01, 0.05, 0.1, 0.3) and full.demo_subsets == (0.1, 0.3)
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps({"config": E._jsonable(cfg), "seed": 0}))
+    assert E._finished(str(path), cfg)["seed"] == 0
+    from dataclasses import replace
+
+    assert E._finished(str(path), replace(cfg, sft_epochs=cfg.sft_epochs + 1)) is None
+    path.write_text("{torn")
+    assert E._finished(str(path), cfg) is None
+
+
+def test_experiment_cli_rejects_bad_seeds(capsys):
+    from openrlhf_irl.__main__ import main
+
+    with pytest.raises(SystemExit):
+        main(["experiment", "--seeds", "0,0"])
+    assert "--seeds" in capsys.readouterr().err

@@ -2,8 +2,9 @@
 
 Every refusal asserts: the exit code, one clear ``error`` line naming the file/record/field or the flag, no Python
 traceback, and the case's directory byte-for-byte untouched (nothing written, nothing repaired, nothing deleted).
-The slow cases check complete outputs: a resumed run after a torn write, a SIGKILLed sampling job's Ray processes,
-and a whole Best-of-N run with a rerun under other settings.
+The slow cases run a few of them as subprocesses and check a whole Best-of-N run with a rerun under other settings
+(``tests/test_sampling.py::test_cli_kill_and_resume`` covers a SIGKILLed sampling job: its Ray processes and the
+resume).
 """
 
 from __future__ import annotations
@@ -432,10 +433,15 @@ def test_cli_fault(name, models, tmp_path, capsys, monkeypatch):
                                                                                         monkeypatch))
 
 
+SUBPROCESS_CASES = ["sample/foreign-output-torn-tail-not-repaired", "sample/hub-name-offline",
+                    "sample/tokenizer-without-eos", "sample/batch-size-0", "build/output-is-init-samples",
+                    "bon/bad-golden-module", "hh/empty-input", "train_rm/afd-rm-few-records-no-eval"]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize("name", SUBPROCESS_CASES)
 def test_cli_fault_subprocess(name, models, tmp_path):
-    """The same cases as ``python -m openrlhf_irl.cli.<module>``: the exit code and stderr a user sees."""
+    """Cases of each CLI as ``python -m openrlhf_irl.cli.<module>``: the exit code and stderr a user sees."""
     check_case(CASES[name], models, tmp_path, run_cli)
 
 
@@ -461,47 +467,10 @@ def check_case(case: Case, models: dict, tmp_path: Path, runner) -> None:
     assert len(error_lines) == 1, err[-3000:]
     assert case.needle in error_lines[0], error_lines[0]
     assert snapshot(case_dir) == before, "the CLI changed files although it refused"
-    assert elapsed < 60, f"{elapsed:.0f} s to refuse"
+    assert elapsed < 90, f"{elapsed:.0f} s to refuse"
 
 
 # ------------------------------------------------------------------------------------------- complete outputs (slow)
-
-
-@pytest.mark.slow
-def test_sample_sigkill_of_the_driver_leaves_no_ray_processes_and_resume_completes(models, tmp_path):
-    import psutil
-
-    prompts = write(tmp_path / "prompts.jsonl", [{"prompt": f"count from {i}"} for i in range(40)])
-    out = tmp_path / "out.jsonl"
-    argv = sample_args(models["llm"], prompts, str(out), "--batch-size", "1", "--num-actors", "2")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    env.pop("RAY_ADDRESS", None)
-    proc = subprocess.Popen([sys.executable, "-m", "openrlhf_irl.cli.sample", *argv], env=env, cwd=str(REPO),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.time() + 180
-        while time.time() < deadline and proc.poll() is None:
-            if out.exists() and out.read_bytes().count(b"\n") >= 2:
-                break
-            time.sleep(0.05)
-        assert proc.poll() is None, "the job ended before it could be killed"
-        ray_children = [p for p in psutil.Process(proc.pid).children(recursive=True)
-                        if "watchdog" not in " ".join(p.cmdline())]
-        assert ray_children, "expected Ray processes under the job"
-    finally:
-        os.kill(proc.pid, signal.SIGKILL)  # the driver only, as an OOM killer would
-        proc.wait()
-    _, alive = psutil.wait_procs(ray_children, timeout=30)
-    assert not alive, [" ".join(p.cmdline())[:80] for p in alive]
-
-    with open(out, "ab") as f:
-        f.write(b'{"prompt": "count from 1", "resp')  # the kill's torn write
-    done = run_cli("sample", argv + ["--batch-size", "1", "--num-actors", "2"])
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "dropped a partial last line" in done.stdout
-    records = [json.loads(line) for line in out.read_text().splitlines()]
-    keys = [(r["prompt"], r["sample_index"]) for r in records]
-    assert len(keys) == len(set(keys)) == 80
 
 
 @pytest.mark.slow

@@ -180,16 +180,21 @@ def test_hf_generator_subsets_and_greedy(generator):
         assert rows[0].token_ids == expected
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only error")
-def test_vllm_backend_needs_cuda(models, tmp_path, capsys):
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU attention limit")
+def test_vllm_backend_refuses_a_model_it_cannot_serve_before_starting_engines(tmp_path, capsys, vllm_ready):
+    """vLLM's CPU attention needs head_dim >= 32: a head_dim-16 model is refused up front, naming the model, the
+    setting and the fix (vLLM itself would start and then fail at the first generate)."""
     from openrlhf_irl.generation import VLLMGenerator
 
-    with pytest.raises(RuntimeError, match="needs a CUDA GPU"):
-        VLLMGenerator(models[1])
+    narrow = write_tiny_llama(str(tmp_path / "narrow"), hidden_size=64, num_heads=4)
+    with pytest.raises(ValueError, match="head_dim 16 .* below the 32"):
+        VLLMGenerator(narrow)
     prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "a"}])
-    code, _, err = run_main(capsys, ["--model", models[1], "--prompts", prompts, "--backend", "vllm",
+    code, _, err = run_main(capsys, ["--model", narrow, "--prompts", prompts, "--backend", "vllm",
                                      "--policy-name", "sft", "--output", str(tmp_path / "o.jsonl")])
-    assert code == 2 and "needs a CUDA GPU" in err
+    assert code == 2 and "head_dim 16" in err and "backend 'hf'" in err
+    out = tmp_path / "o.jsonl"
+    assert not out.exists() or not out.read_text().strip()  # no samples
 
 
 # ------------------------------------------------------------------------------------------ scoring
@@ -407,9 +412,16 @@ def test_cli_kill_and_resume(models, tmp_path):
                 break
             time.sleep(0.02)
         assert proc.poll() is None, "the job ended before it could be killed"
+        import psutil
+
+        ray_procs = [p for p in psutil.Process(proc.pid).children(recursive=True)
+                     if "ray_watchdog" not in " ".join(p.cmdline())]
+        assert ray_procs, "expected the job's Ray processes"
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)  # the job and its Ray processes, as in a crash
+        os.kill(proc.pid, signal.SIGKILL)  # the driver only, as an OOM killer would
         proc.wait()
+    _, alive = psutil.wait_procs(ray_procs, timeout=30)  # the job's watchdog shuts its Ray down
+    assert not alive, [" ".join(p.cmdline())[:80] for p in alive]
     first = out.read_bytes()
     kept = first[: first.rfind(b"\n") + 1]
     n_first = kept.count(b"\n")

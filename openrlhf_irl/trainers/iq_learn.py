@@ -96,7 +96,7 @@ class PolicyForward:
     attention_mask: Optional[torch.Tensor] = None  # [B, T]; None: every position is real
     hidden_full: Optional[torch.Tensor] = None  # [B, T, H] (fused loss: also the last position, for bootstrapping)
     head: Optional[FusedHead] = None  # fused loss: lm_head module + logit transform; ops run inside its forward
-    single_pass: bool = False  # fused loss: the offline loss through ``objective`` (gradients in forward)
+    single_pass: bool = False  # fused loss: the loss (offline and online) through ``objective`` (grads in forward)
 
     def head_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits of a few hidden rows (fused loss), differentiable."""

@@ -79,6 +79,9 @@ BAD_DATA = [
     ([{"prompt": "a", "response": ""}], "bad.jsonl, line 1, field 'response': empty response"),
     ([{"response": "b"}], "bad.jsonl, line 1, field 'prompt': missing"),
     (["[1, 2]"], "bad.jsonl, line 1: expected a JSON object, got list"),
+    ([{"prompt": "a", "response": "b", "id": 1}, {"prompt": "c", "response": "d", "id": "x2"}],
+     "bad.jsonl, line 2, field 'id': a string here but a number at line 1"),
+    (["", "  "], "has no records"),
 ]
 
 
@@ -106,7 +109,7 @@ def test_eval_dataset_output_key_and_chat_prompts(tmp_path, good_data, capsys):
                                                   {"prompt": "plain", "response": "c"}])
     with pytest.raises(SystemExit):
         parse(["--data.apply_chat_template"], chat)
-    assert "chat.jsonl, line 2, field 'prompt': prompt is a str here but a list" in capsys.readouterr().err
+    assert "chat.jsonl, line 2, field 'prompt': a string here but a list at line 1" in capsys.readouterr().err
     multi = write_jsonl(tmp_path / "multi.jsonl", [{"prompt": [{"role": "user", "content": "a"},
                                                                {"role": "assistant", "content": "b"},
                                                                {"role": "user", "content": "c"}]}])

@@ -104,12 +104,33 @@ def validate_sft_record(rec: dict, path: str, where, *, input_key: str, output_k
     return "str" if isinstance(prompt, str) else "list"
 
 
+def _json_kind(value) -> str:
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, (int, float)):
+        return "number"
+    return {str: "string", list: "list", dict: "object"}.get(type(value), "null")
+
+
+def _check_column_types(rec: dict, seen: dict, path: str, where: str) -> None:
+    """pyarrow loads a JSON file as columns: a field whose type changes between records fails there with a row
+    number; say which record and field here instead (null is allowed anywhere)."""
+    for key, value in rec.items():
+        kind = _json_kind(value)
+        if kind == "null":
+            continue
+        first = seen.setdefault(key, (kind, where))
+        if first[0] != kind:
+            raise data_error(path, where, f"a {kind} here but a {first[0]} at {first[1]} (a field must keep one "
+                             "type across records to load)", field=key, reason="mixed_types")
+
+
 def validate_sft_datasets(spec: str, *, flag: str, input_key: str, output_key: Optional[str], multiturn: bool,
                           chat_template: bool) -> int:
     """Check every local JSON/JSONL file of a comma-separated dataset spec; returns the records checked.
 
     Raises ``ValueError`` with one line: an empty file, a malformed line, a record whose fields OpenRLHF
-    would mishandle, or a prompt whose type changes between records (pyarrow's error otherwise).
+    would mishandle, or a field whose type changes between records (pyarrow's error otherwise).
     """
     total = 0
     for path in _local_files(spec):
@@ -117,15 +138,11 @@ def validate_sft_datasets(spec: str, *, flag: str, input_key: str, output_key: O
             continue  # OpenRLHF names it in its own error (example scripts parse with placeholder paths)
         if not os.path.isfile(path):
             raise ValueError(f"{flag}: {path} is not a file")
-        count, first_kind = 0, None
+        count, field_kinds = 0, {}
         for where, rec in _records(path):
-            kind = validate_sft_record(rec, path, where, input_key=input_key,
-                                       output_key=output_key, multiturn=multiturn, chat_template=chat_template)
-            if first_kind is None:
-                first_kind = kind
-            elif kind != first_kind:
-                raise data_error(path, where, f"prompt is a {kind} here but a {first_kind} in earlier records (one type per file)",
-                                 field=input_key, reason="bad_field")
+            _check_column_types(rec, field_kinds, path, where)
+            validate_sft_record(rec, path, where, input_key=input_key, output_key=output_key, multiturn=multiturn,
+                                chat_template=chat_template)
             count += 1
         if count == 0:
             raise ValueError(f"{flag}: {path} has no records")

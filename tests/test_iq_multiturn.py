@@ -249,3 +249,24 @@ def test_multiturn_and_truncated_rows_train_through_the_cli(tiny_model, tmp_path
         return float(-logp.gather(-1, inputs[:, 1:, None]).squeeze(-1)[mask].mean())
 
     assert nll(out) < 0.85 * nll(tiny_model)  # 8 optimizer steps: 5.73 -> 4.30 when written
+
+
+@pytest.mark.slow
+def test_non_finite_loss_stops_the_cli_run_with_one_line(tiny_model, sft_data, tmp_path):
+    """A model whose final norm holds a NaN: the first micro-batch's loss is NaN and the run stops at once."""
+    from transformers import AutoModelForCausalLM
+
+    from conftest import run_python, sft_flags
+
+    broken = str(tmp_path / "broken")
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    with torch.no_grad():
+        model.model.norm.weight[0] = float("nan")
+    model.save_pretrained(broken)
+    AutoTokenizer.from_pretrained(tiny_model).save_pretrained(broken)
+    out = str(tmp_path / "out")
+    proc = run_python(["-m", "openrlhf_irl.cli.train_sft", *sft_flags(broken, sft_data, out), "--trainer", "irl_iq"])
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    lines = [line for line in proc.stderr.splitlines() if "non-finite loss" in line]
+    assert lines and "optimizer step 0" in lines[0] and "nll=nan" in lines[0], proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr

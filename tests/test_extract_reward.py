@@ -149,3 +149,29 @@ def test_output_that_is_the_input_is_refused(tiny_model, tmp_path, capsys):
     before = data.read_text()
     assert main(["--model", tiny_model, "--data", str(data), "--output", str(data)]) == 2
     assert "is the same file as --data" in capsys.readouterr().err and data.read_text() == before
+
+
+def test_multiturn_rows_are_scored_as_the_trainer_scores_them(tiny_model, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from openrlhf_irl.trainers.iq_learn import IQConfig, PolicyForward, forward_terms
+    from test_iq_multiturn import TEMPLATE as CHAT, conversations, multiturn_batch
+
+    records = conversations()
+    data = write_jsonl(tmp_path / "conv.jsonl", records)
+    out = tmp_path / "rewards.jsonl"
+    assert main(["--model", tiny_model, "--data", str(data), "--output", str(out), "--input-key", "messages",
+                 "--multiturn", "--tokenizer-chat-template", CHAT, "--max-len", "64", "--gamma", "0.9"]) == 0
+    rows = _rows(out)
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    inputs, attn, loss_mask = multiturn_batch(tok, records)
+    mask = loss_mask[:, :-1].bool()
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
+    with torch.no_grad():
+        fwd = PolicyForward(inputs, inputs[:, 1:], logits=model(inputs, attention_mask=attn).logits.float(),
+                            attention_mask=attn)
+        _, terms, _, _ = forward_terms(fwd, mask, tok.eos_token_id, IQConfig(gamma=0.9), 0.0)
+    for b, row in enumerate(rows):
+        assert row["tokens"] == tok.convert_ids_to_tokens(inputs[b, 1:][mask[b]].tolist())
+        assert row["token_rewards"] == pytest.approx(terms.rewards[b][mask[b]].tolist(), abs=1e-4)
+        assert row["terminal"] and row["tokens"].count(tok.eos_token) == 2  # both turns; only the last ends it

@@ -55,7 +55,10 @@ def main(argv=None) -> int:
     exp.add_argument("--output-dir", default="outputs/experiment")
     exp.add_argument("--seeds", default="3",
                      help="a count K (seeds 0..K-1), a list 0,1,2 or a range 0-4 (default: %(default)s)")
-    exp.add_argument("--quick", action="store_true", help="tiny models and sweeps: a CI-sized run")
+    exp.add_argument("--scale", choices=("quick", "small", "full"), default="full",
+                     help="full: the demo's model and data; small: a smaller model and data set, every sweep; "
+                          "quick: tiny models and sweeps, a CI-sized run (default: %(default)s)")
+    exp.add_argument("--quick", action="store_true", help="same as --scale quick")
     exp.add_argument("--backend", choices=("auto", "hf", "vllm"), default="auto",
                      help="sampling backend of the GenerationPool (default: %(default)s)")
     exp.add_argument("--no-spin", action="store_true", help="skip the SPIN-style DPO baseline")
@@ -75,7 +78,8 @@ def main(argv=None) -> int:
             parser.error("--seeds: need at least one seed")
         from openrlhf_irl.eval.experiment import run_experiment
 
-        run_experiment(args.output_dir, seeds, quick=args.quick, backend=args.backend, spin=not args.no_spin)
+        run_experiment(args.output_dir, seeds, backend=args.backend, spin=not args.no_spin,
+                       scale="quick" if args.quick else args.scale)
     return 0
 
 

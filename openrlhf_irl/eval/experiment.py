@@ -30,21 +30,32 @@ from openrlhf_irl.demo.pipeline import Demo, DemoConfig
 
 # Wall time per seed on this project's 2-core CPU machine shared with other jobs (measured 2026-11-27), stated
 # before a run starts; an idle machine is faster.
-MINUTES_PER_SEED = {"quick": 4.0, "full": 20.0}
+MINUTES_PER_SEED = {"quick": 15.0, "small": 18.0, "full": 120.0}
 
 
-def experiment_config(output_dir: str, quick: bool = False, backend: str = "auto", spin: bool = True) -> DemoConfig:
-    """The demo's settings with the experiment's sweeps; ``quick`` shrinks models, data and sweeps for CI."""
-    if quick:
+SCALES = ("quick", "small", "full")
+
+
+def experiment_config(output_dir: str, quick: bool = False, backend: str = "auto", spin: bool = True,
+                      scale: str | None = None) -> DemoConfig:
+    """The experiment's sweeps at a scale: ``full`` = the demo's task, model and data (SFT epochs halved);
+    ``small`` = every sweep on a smaller model and data set (for a busy 2-core machine); ``quick`` (or
+    ``quick=True``) = tiny models, data and sweeps for CI."""
+    scale = scale or ("quick" if quick else "full")
+    if scale not in SCALES:
+        raise ValueError(f"scale must be one of {SCALES}, got {scale!r}")
+    sweeps = dict(td_weights=(0.01, 0.05, 0.1, 0.3), temperatures=(0.7, 1.0, 1.3), demo_subsets=(0.1, 0.3),
+                  afd_variants=("init-sft", "init-demo", "sft-demo"), spin=spin, bon_ns=(1, 2, 4, 8, 16, 32, 64))
+    if scale == "small":
+        return DemoConfig.make(output_dir, backend=backend, hidden_size=64, num_layers=2, n_train_prompts=400,
+                               n_pretrain=1500, sft_epochs=6, rm_epochs=1, afd_samples_per_prompt=8, **sweeps)
+    if scale == "quick":
         return DemoConfig.make(output_dir, quick=True, backend=backend, td_weights=(0.05,), temperatures=(0.7, 1.0),
                                demo_subsets=(0.3,), afd_variants=("init-sft", "sft-demo"), spin=spin,
                                bon_ns=(1, 2, 4), n_boot=500)
     # The demo's task, model and data; SFT epochs halved (16 -> 8) so that several seeds fit in an hour on a
     # shared 2-core machine (chosen for time before any result was seen).
-    return DemoConfig.make(output_dir, backend=backend, sft_epochs=8, td_weights=(0.01, 0.05, 0.1, 0.3),
-                           temperatures=(0.7, 1.0, 1.3), demo_subsets=(0.1, 0.3),
-                           afd_variants=("init-sft", "init-demo", "sft-demo"), spin=spin,
-                           bon_ns=(1, 2, 4, 8, 16, 32, 64))
+    return DemoConfig.make(output_dir, backend=backend, sft_epochs=8, **sweeps)
 
 
 def _jsonable(cfg: DemoConfig) -> dict:
@@ -94,18 +105,19 @@ def settings_md(cfg: DemoConfig, seeds: list[int], command: str, wall_s: float, 
 
 
 def run_experiment(output_dir: str, seeds: list[int], quick: bool = False, backend: str = "auto",
-                   spin: bool = True, command: str | None = None) -> dict:
+                   spin: bool = True, command: str | None = None, scale: str | None = None) -> dict:
     import ray
     from tqdm import tqdm
 
     from openrlhf_irl.demo.report import build_report
 
     root = os.path.abspath(output_dir)
-    base = experiment_config(root, quick=quick, backend=backend, spin=spin)
+    scale = scale or ("quick" if quick else "full")
+    base = experiment_config(root, backend=backend, spin=spin, scale=scale)
     command = command or "openrlhf-irl " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     n_stages = len(Demo(base).stages())
-    per_seed = MINUTES_PER_SEED["quick" if quick else "full"]
-    print(f"openrlhf-irl experiment ({'quick' if quick else 'full'}): seeds {seeds}, {n_stages} stages per seed; "
+    per_seed = MINUTES_PER_SEED[scale]
+    print(f"openrlhf-irl experiment ({scale}): seeds {seeds}, {n_stages} stages per seed; "
           f"about {per_seed:g} min per seed on a busy 2-core CPU, so about {per_seed * len(seeds):.0f} min in all.",
           flush=True)
     start = time.time()
@@ -132,7 +144,7 @@ def run_experiment(output_dir: str, seeds: list[int], quick: bool = False, backe
                            for k in results[0]["timings_s"]}
             report = build_report(
                 root, replace(base, seed=seeds[0]), results,
-                title=f"openrlhf-irl experiment ({'quick' if quick else 'full'}, {len(results)} seed"
+                title=f"openrlhf-irl experiment ({scale} scale, {len(results)} seed"
                       f"{'s' if len(results) > 1 else ''})",
                 extra_md=settings_md(base, [r["seed"] for r in results], command, time.time() - start, seed_times),
                 timings={f"{k} (mean per seed)": v for k, v in stage_means.items()})

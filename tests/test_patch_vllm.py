@@ -31,8 +31,13 @@ if __name__ == "__main__":
     tok = AutoTokenizer.from_pretrained(MODEL)
     prompts = [tok(f"User: count from {a}\nAssistant: ", add_special_tokens=False)["input_ids"] for a in (3, 41)]
     import vllm
-    params = vllm.SamplingParams(temperature=0.0, max_tokens=8, min_tokens=8, ignore_eos=True)
-    greedy = lambda: [list(o.outputs[0].token_ids) for o in ray.get([engines[0].generate.remote(p, params) for p in prompts])]
+    params = vllm.SamplingParams(temperature=0.0, max_tokens=8)
+    eos = tok.eos_token_id
+
+    def greedy():  # the engine's tokens, ending in EOS exactly when it stopped there
+        outs = [o.outputs[0] for o in ray.get([engines[0].generate.remote(p, params) for p in prompts])]
+        return [list(o.token_ids) + ([eos] if o.finish_reason == "stop" and eos not in o.token_ids else []) for o in outs]
+
     before = greedy()
 
     model = AutoModelForCausalLM.from_pretrained(MODEL, dtype=torch.bfloat16)
@@ -55,8 +60,9 @@ if __name__ == "__main__":
     for p in prompts:
         ids = torch.tensor([p])
         out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=8,
-                             min_new_tokens=8, eos_token_id=None, pad_token_id=tok.pad_token_id)
-        expected.append(out[0, len(p):].tolist())
+                             eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+        tokens = out[0, len(p):].tolist()
+        expected.append(tokens[: tokens.index(eos) + 1] if eos in tokens else tokens)
     assert after == expected, (after, expected)
     assert before != after
     print("pushed", len(named), "tensors; greedy tokens match transformers")

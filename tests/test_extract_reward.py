@@ -149,6 +149,8 @@ def test_output_that_is_the_input_is_refused(tiny_model, tmp_path, capsys):
     before = data.read_text()
     assert main(["--model", tiny_model, "--data", str(data), "--output", str(data)]) == 2
     assert "is the same file as --data" in capsys.readouterr().err and data.read_text() == before
+    assert main(["--model", str(tmp_path), "--data", str(data), "--output", str(tmp_path / "o.jsonl")]) == 2
+    assert "not a model directory (no config.json)" in capsys.readouterr().err
 
 
 def test_multiturn_rows_are_scored_as_the_trainer_scores_them(tiny_model, tmp_path):

@@ -25,7 +25,15 @@ from types import SimpleNamespace
 
 import torch
 
-from openrlhf_irl.cli.common import positive_int
+from openrlhf_irl.cli.common import (
+    UsageError,
+    check_device,
+    check_model,
+    check_not_same_file,
+    check_output_file,
+    load_checked_tokenizer,
+    positive_int,
+)
 from openrlhf_irl.utils.jsonl import DataError, atomic_write_json, atomic_write_jsonl, read_jsonl
 from openrlhf_irl.utils.metrics import spearman
 
@@ -77,20 +85,14 @@ def build_parser() -> argparse.ArgumentParser:
 def _check_paths(args) -> None:
     """Flags and paths, before any model or data is loaded or any output is opened."""
     if not os.path.isfile(args.data):
-        raise DataError(f"--data {args.data}: no such file")
-    for flag, path in (("--output", args.output), ("--report", args.report)):
-        if not path:
-            continue
-        if os.path.isdir(path):
-            raise DataError(f"{flag} {path}: is a directory, expected a file path")
-        if os.path.exists(path) and os.path.samefile(path, args.data):
-            raise DataError(f"{flag} {path} is the same file as --data: it would be overwritten")
-    if args.report and os.path.abspath(args.report) == os.path.abspath(args.output):
-        raise DataError("--report and --output name the same file")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise DataError(f"--device {args.device}: CUDA is not available on this machine (use --device cpu)")
-    if not os.path.isfile(os.path.join(args.model, "config.json")):
-        raise DataError(f"--model {args.model}: not a model directory (no config.json)")
+        raise UsageError(f"--data {args.data}: no such file")
+    check_output_file(args.output, "--output")
+    check_not_same_file(args.output, {"--data": args.data}, "--output")
+    if args.report:
+        check_output_file(args.report, "--report")
+        check_not_same_file(args.report, {"--data": args.data, "--output": args.output}, "--report")
+    check_device(args.device)
+    check_model(args.model)
 
 
 def _check_records(records, args) -> None:
@@ -206,24 +208,14 @@ def main(argv=None) -> int:
         if not records:
             raise DataError(f"{args.data}: no records")
         _check_records(records, args)
-    except DataError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
-    if tokenizer.eos_token_id is None:
-        print(f"error: --model {args.model}: its tokenizer has no EOS token", file=sys.stderr)
-        return 2
-    if tokenizer.pad_token_id is None:  # as OpenRLHF's get_tokenizer
-        tokenizer.pad_token = tokenizer.eos_token
-    tokenizer.padding_side = "right"
-    try:
+        tokenizer = load_checked_tokenizer(args.model)  # pad falls back to EOS, as OpenRLHF's get_tokenizer
+        tokenizer.padding_side = "right"
         ds = build_dataset(tokenizer, records, args)
-    except DataError as err:
+    except (DataError, UsageError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+
+    from transformers import AutoModelForCausalLM
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).to(args.device).eval()
 
     out = []

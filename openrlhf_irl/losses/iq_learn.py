@@ -170,7 +170,7 @@ def iq_online_term(
         -E_E[r] + E_mix[V(s) - gamma V(s')] + lambda E_mix[r^2]                      (lambda = 1 / (4 alpha_iq))
 
     (the chi^2 regulariser on the mixture is IQ-Learn's online ``regularize`` option; its reference code takes it
-    over the concatenated expert and policy batches, i.e. alpha = 1/2). Since -E_E[r] + E_E[V - gamma V'] =
+    over the concatenated expert and policy batches of equal size, i.e. alpha = 1/2). Since -E_E[r] + E_E[V - gamma V'] =
     E_E[-log pi], this is the offline loss plus ``alpha * (P[g] - E[g])`` with per-token
 
         g_t = V(s_t) - gamma V(s_{t+1}) + lambda r_t^2        (lambda r^2 only with ``chi2_on_policy``)

@@ -358,6 +358,17 @@ def test_cli_prompt_longer_than_context(models, tmp_path, capsys):
     assert code == 2 and "p.jsonl, line 2, field 'prompt'" in err and "context of 256 tokens" in err
     assert not out.exists()
 
+    # --skip-long-prompts: the long prompt is skipped and counted; the short one's samples are all there already
+    write_jsonl(out, [{"prompt": "short", "response": "r", "policy": "sft", "sample_index": 0, "finished": True,
+                       "logprob": -1.0}])
+    sign(argv + ["--skip-long-prompts"], out)
+    code, stdout, _ = run_main(capsys, argv + ["--skip-long-prompts"])
+    assert code == 0 and "skipped 1 prompts longer" in stdout and "nothing to do: all 1 samples" in stdout
+
+    only_long = write_jsonl(tmp_path / "long.jsonl", [{"prompt": long_prompt}])
+    code, _, err = run_main(capsys, [*argv[:3], only_long, *argv[4:], "--skip-long-prompts"])
+    assert code == 2 and "every prompt leaves less than --max-new-tokens" in err
+
 
 # ------------------------------------------------------------------------------------------ CLI with Ray (slow)
 

@@ -193,6 +193,8 @@ def main(argv=None) -> int:
             print(f"{name:>24}: " + "  ".join(
                 f"N={n}: {s['mean']:.4f}" + (f"±{s['se']:.4f}" if s["se"] is not None else "")
                 + f" (unfinished {s['unfinished']:.1f})" for n, s in stats.items()))
+    elif os.path.exists(os.path.join(args.output_dir, "best_of_n.png")):
+        os.unlink(os.path.join(args.output_dir, "best_of_n.png"))  # a previous run's curve, not this run's
     atomic_write_json(os.path.join(args.output_dir, "best_of_n.json"), result)
     print(f"wrote {args.output_dir}/best_of_n.json")
     return 0

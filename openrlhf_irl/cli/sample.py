@@ -235,6 +235,9 @@ def check_prompt_lengths(args, tokenizer, prompts: List[str], formatted: List[st
                                  "it, lower --max-new-tokens, or pass --skip-long-prompts", field=args.input_key,
                                  reason="too_long")
             too_long.append(i)
+    if too_long and len(too_long) == len(formatted):
+        raise UsageError(f"--prompts {args.prompts}: every prompt leaves less than --max-new-tokens "
+                         f"{args.max_new_tokens} of the model's context of {context} tokens; nothing to sample")
     return too_long
 
 

@@ -31,7 +31,6 @@ import importlib.abc
 import importlib.util
 import os
 import sys
-import tempfile
 from functools import wraps
 from typing import Callable
 
@@ -126,19 +125,12 @@ def pending_weights(worker) -> int:
 
 
 # ------------------------------------------------------------------------------------------ engines on a CPU cluster
-_RUN_DIR: dict[str, str] = {}
-
-
 def engine_run_dir() -> str:
-    """One private directory per driver process for vLLM's sockets, caches and temp files (removed at exit)."""
-    if "path" not in _RUN_DIR:
-        import atexit
-        import shutil
+    """The driver's private directory (:func:`~openrlhf_irl.utils.run_dir.private_run_dir`) for vLLM's sockets,
+    caches and temp files (removed at exit)."""
+    from openrlhf_irl.utils.run_dir import private_run_dir
 
-        path = tempfile.mkdtemp(prefix="openrlhf_irl_vllm_")
-        _RUN_DIR["path"] = path
-        atexit.register(shutil.rmtree, path, True)
-    return _RUN_DIR["path"]
+    return private_run_dir()
 
 
 def engine_env() -> dict[str, str]:

@@ -14,7 +14,8 @@ def ensure_ray(num_cpus: Optional[int] = None) -> bool:
     """Start a local Ray instance unless one is initialised; returns whether this call started it.
 
     ``RAY_ADDRESS`` (when set) names a cluster to join; otherwise a fresh local instance is started
-    (``address="local"``: never attach to a stale cluster a killed job left behind).
+    (``address="local"``: never attach to a stale cluster a killed job left behind), with its session files in
+    this process's private run directory (removed at exit) instead of a ``/tmp/ray/session_*`` left behind.
     """
     if ray.is_initialized():
         return False
@@ -23,5 +24,8 @@ def ensure_ray(num_cpus: Optional[int] = None) -> bool:
     if address:
         ray.init(address=address, **kwargs)
     else:
-        ray.init(address="local", num_cpus=num_cpus or os.cpu_count() or 1, **kwargs)
+        from openrlhf_irl.utils.run_dir import private_run_dir
+
+        ray.init(address="local", num_cpus=num_cpus or os.cpu_count() or 1,
+                 _temp_dir=os.path.join(private_run_dir(), "ray"), **kwargs)
     return True

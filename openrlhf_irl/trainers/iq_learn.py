@@ -304,6 +304,9 @@ class IQLearnTrainer(SFTTrainer):
 
     def __init__(self, model, strategy, *args, **kwargs):
         super().__init__(model, strategy, *args, **kwargs)
+        from openrlhf_irl.utils.checkpoint import write_then_retire
+
+        write_then_retire(self.strategy)  # --ckpt.max_num rotation never deletes the only complete checkpoint
         self.iq_config = IQConfig.from_args(self.args)
         if self.packing_samples:
             raise ValueError(

@@ -4,13 +4,16 @@
 Methods (all: forward + loss + backward + ``torch.optim.AdamW`` step + ``loss.item()``, as in ``SFTTrainer.fit``):
 
   mle       OpenRLHF 0.11.2: ``Actor(..., return_output=True, return_logprobs=True)`` + ``openrlhf.models.SFTLoss``
+  mle_fused fused-MLE baseline: the same model call as the fused IQ loss, then ``benchmarks/fused_mle.py``'s chunked
+            single-pass linear cross-entropy on the response rows (gradients in forward, as Liger; plain PyTorch)
   iq_plain  ``IQLearnTrainer.policy_forward`` + ``IQLearnSFTLoss`` (full fp32 logits), td_weight 0.1
-  iq_fused  same with ``fused_loss=True`` (chunked lm_head: ``linear_q_and_v``), td_weight 0.1
+  iq_fused  same with ``fused_loss=True``: the single-pass fused op (``linear_iq_objective``), td_weight 0.1
   mle_liger MLE with Liger-Kernel's fused linear cross-entropy on the response rows (CUDA + liger_kernel only)
 
-Ablations (``--ablations``; same loss and gradients, only the logging or the tensor layout differs): the plain loss
-with its logged entropy on every response token (``entropy_sample_tokens`` = all) and on none (0); the fused loss with
-no entropy logged.
+Targets: IQ fused <= 1.05 x fused MLE in step time and in step peak memory (and both IQ losses <= 1.05 x OpenRLHF's
+MLE step time). Ablations (``--ablations``; same loss and gradients, only the logging or the algorithm differs): the
+plain loss with its logged entropy on every response token (``entropy_sample_tokens`` = all) and on none (0); the
+fused loss with no entropy logged; the fused loss with the two-pass reference op (logits recomputed in backward).
 
 Timing: ``--warmup`` steps per method, then ``--steps`` timed steps, methods interleaved round-robin (the starting
 method rotates every round) so that load drift on a shared machine hits all of them alike; medians reported.
@@ -59,9 +62,13 @@ from openrlhf.models import Actor, SFTLoss  # noqa: E402
 
 from openrlhf_irl.trainers.iq_learn import IQConfig, IQLearnSFTLoss, IQLearnTrainer  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from fused_mle import fused_linear_cross_entropy  # noqa: E402
+
 PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
 TD_WEIGHT = 0.1
 TIME_RATIO_TARGET = 1.05
+FUSED_RATIO_TARGET = 1.05  # IQ fused / fused MLE, time and memory
 
 
 # ---- configurations -------------------------------------------------------------------------------------------
@@ -95,6 +102,12 @@ CONFIGS = {
         name="cpu-small", device="cpu", arch="llama", vocab_size=32_000, hidden_size=256, num_layers=2,
         num_heads=4, num_kv_heads=4, intermediate_size=688, tie_word_embeddings=False,
         batch_size=4, seq_len=256, dtype="fp32", steps=10, warmup=1, threads=1,
+    ),
+    # The same small body with Qwen2's 151,936-token vocabulary: where the lm_head dominates even more.
+    "cpu-152k": BenchConfig(
+        name="cpu-152k", device="cpu", arch="llama", vocab_size=151_936, hidden_size=256, num_layers=2,
+        num_heads=4, num_kv_heads=4, intermediate_size=688, tie_word_embeddings=False,
+        batch_size=4, seq_len=256, dtype="fp32", steps=8, warmup=1, threads=1,
     ),
     # Qwen2-0.5B's shapes (random weights built from the config: nothing is downloaded).
     "gpu-0.5b": BenchConfig(
@@ -179,7 +192,7 @@ class Method:
     loss: object  # callable(inputs, attn, loss_mask) -> scalar loss tensor
     ablation: bool = False
     skipped: str | None = None
-    targets: tuple = ()  # ("time",), ("time", "memory")
+    targets: tuple = ()  # of "time" (vs MLE), "memory" (vs MLE), "fused_time", "fused_memory" (vs fused MLE)
 
 
 def make_methods(actor, cfg: BenchConfig, ablations: bool) -> list[Method]:
@@ -189,8 +202,20 @@ def make_methods(actor, cfg: BenchConfig, ablations: bool) -> list[Method]:
         logp, _ = actor(inputs, attention_mask=attn, return_output=True, return_logprobs=True)
         return sft_loss(logp, loss_mask[:, :-1])
 
-    def iq(fused: bool, entropy_tokens: int | None = None):
+    hf = actor.model
+
+    def mle_fused(inputs, attn, loss_mask):
+        # the model call of the trainer's fused path, then the fused cross-entropy on the response rows (mean)
+        position_ids = attn.long().cumsum(-1) - 1
+        position_ids.masked_fill_(attn == 0, 1)
+        out = hf(inputs, attention_mask=attn, position_ids=position_ids, output_hidden_states=True, logits_to_keep=1)
+        mask = loss_mask[:, :-1].bool()
+        return fused_linear_cross_entropy(out.hidden_states[-1][:, :-1][mask], hf.get_output_embeddings().weight,
+                                          inputs[:, 1:][mask], chunk_size=cfg.fused_chunk_size)
+
+    def iq(fused: bool, entropy_tokens: int | None = None, single_pass: bool = True):
         kw = {} if entropy_tokens is None else {"entropy_sample_tokens": entropy_tokens}
+        kw["fused_single_pass"] = single_pass
         trainer = bare_trainer(actor, td_weight=TD_WEIGHT, fused_loss=fused, fused_chunk_size=cfg.fused_chunk_size,
                                **kw)
 
@@ -209,8 +234,10 @@ def make_methods(actor, cfg: BenchConfig, ablations: bool) -> list[Method]:
         Method("mle", "MLE: OpenRLHF Actor + SFTLoss", mle),
         Method("iq_plain", f"IQ-Learn plain (td_weight {TD_WEIGHT}; entropy logged on {ent} tokens)", iq(False),
                targets=("time",)),
-        Method("iq_fused", f"IQ-Learn fused (td_weight {TD_WEIGHT}, chunk {cfg.fused_chunk_size}; entropy logged on "
-               f"{ent} tokens)", iq(True), targets=("time", "memory")),
+        Method("mle_fused", f"MLE fused: chunked single-pass linear cross-entropy (chunk {cfg.fused_chunk_size})",
+               mle_fused),
+        Method("iq_fused", f"IQ-Learn fused, single pass (td_weight {TD_WEIGHT}, chunk {cfg.fused_chunk_size}; "
+               f"entropy logged on {ent} tokens)", iq(True), targets=("time", "memory", "fused_time", "fused_memory")),
     ]
     methods.append(_liger_method(actor, cfg))
     if ablations:
@@ -221,6 +248,8 @@ def make_methods(actor, cfg: BenchConfig, ablations: bool) -> list[Method]:
                    ablation=True),
             Method("iq_fused_noent", "ablation: IQ fused, no entropy logged", iq(True, entropy_tokens=0),
                    ablation=True),
+            Method("iq_fused_two_pass", "ablation: IQ fused, two-pass reference op (logits recomputed in backward)",
+                   iq(True, single_pass=False), ablation=True),
         ]
     return methods
 
@@ -300,6 +329,8 @@ def sanity(actor, cfg, batch) -> dict:
     mask = loss_mask[:, :-1]
     logp = actor(inputs, attention_mask=attn, return_logprobs=True)
     out = {"mle_loss": float(SFTLoss()(logp, mask))}
+    fused_mle = next(m for m in make_methods(actor, cfg, False) if m.key == "mle_fused")
+    out["mle_fused_loss"] = float(fused_mle.loss(inputs, attn, loss_mask))
     for key, fused in (("iq_plain", False), ("iq_fused", True)):
         trainer = bare_trainer(actor, td_weight=TD_WEIGHT, fused_loss=fused, fused_chunk_size=cfg.fused_chunk_size)
         out[f"{key}_loss"] = float(trainer.loss_fn(trainer.policy_forward(inputs, attention_mask=attn), mask))
@@ -353,6 +384,8 @@ def run(cfg: BenchConfig, seed: int, ablations: bool, log=print) -> dict:
     mle_time = statistics.median(ratio_times["mle"])
     mle_wall = statistics.median(times["mle"])
     mle_mem = memory["mle"]["step_peak_bytes"]
+    fused_time = statistics.median(ratio_times["mle_fused"])
+    fused_mem = memory["mle_fused"]["step_peak_bytes"]
     for m in methods:
         r = {"label": m.label, "ablation": m.ablation, "skipped": m.skipped}
         if m.skipped is None:
@@ -363,12 +396,19 @@ def run(cfg: BenchConfig, seed: int, ablations: bool, log=print) -> dict:
                 losses=losses[m.key], **memory[m.key],
                 time_ratio=statistics.median(ratio_times[m.key]) / mle_time, time_ratio_basis=basis,
                 wall_time_ratio=med / mle_wall, memory_ratio=memory[m.key]["step_peak_bytes"] / mle_mem,
+                fused_time_ratio=statistics.median(ratio_times[m.key]) / fused_time,
+                fused_time_ratio_min=min(ratio_times[m.key]) / min(ratio_times["mle_fused"]),
+                fused_memory_ratio=memory[m.key]["step_peak_bytes"] / fused_mem,
             )
             r["targets"] = {}
             if "time" in m.targets:
                 r["targets"]["time_ratio<=1.05"] = r["time_ratio"] <= TIME_RATIO_TARGET
             if "memory" in m.targets:
                 r["targets"]["memory<mle"] = r["memory_ratio"] < 1.0
+            if "fused_time" in m.targets:
+                r["targets"]["time/fused_mle<=1.05"] = r["fused_time_ratio"] <= FUSED_RATIO_TARGET
+            if "fused_memory" in m.targets:
+                r["targets"]["memory/fused_mle<=1.05"] = r["fused_memory_ratio"] <= FUSED_RATIO_TARGET
         results[m.key] = r
     return {
         "config": dataclasses.asdict(cfg),
@@ -445,18 +485,22 @@ def markdown(report: dict) -> str:
            "machine moves with other jobs' load)"),
         "",
         "| method | median wall (ms) | min wall (ms) | median CPU (ms) | step peak (MiB) | time / MLE | "
-        "memory / MLE | targets |",
-        "|---|---:|---:|---:|---:|---:|---:|---|",
+        "memory / MLE | time / fused MLE | memory / fused MLE | targets |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for key, r in report["methods"].items():
         if r["skipped"]:
-            lines.append(f"| {r['label']} | skipped: {r['skipped']} | | | | | | |")
+            lines.append(f"| {r['label']} | skipped: {r['skipped']} | | | | | | | | |")
             continue
         targets = []
         if "time_ratio<=1.05" in r["targets"]:
             targets.append(f"time <= 1.05: {'PASS' if r['targets']['time_ratio<=1.05'] else 'FAIL'}")
         if "memory<mle" in r["targets"]:
             targets.append(f"memory < MLE: {'PASS' if r['targets']['memory<mle'] else 'FAIL'}")
+        for key, text in (("time/fused_mle<=1.05", "time / fused MLE <= 1.05"),
+                          ("memory/fused_mle<=1.05", "memory / fused MLE <= 1.05")):
+            if key in r["targets"]:
+                targets.append(f"{text}: {'PASS' if r['targets'][key] else 'FAIL'}")
         peak = _mib(r["step_peak_bytes"])
         if "peak_allocated_bytes" in r:
             peak += f" ({_mib(r['peak_allocated_bytes'])} abs.)"
@@ -466,20 +510,27 @@ def markdown(report: dict) -> str:
             ratio += f" ({r['wall_time_ratio']:.3f})"
         lines.append(
             f"| {r['label']} | {r['median_s'] * 1e3:,.1f} | {r['min_s'] * 1e3:,.1f} | {cpu} | {peak} | "
-            f"{ratio} | {r['memory_ratio']:.3f} | {'; '.join(targets)} |"
+            f"{ratio} | {r['memory_ratio']:.3f} | {r['fused_time_ratio']:.3f} | {r['fused_memory_ratio']:.3f} | "
+            f"{'; '.join(targets)} |"
         )
     liger, fused = report["methods"].get("mle_liger", {}), report["methods"].get("iq_fused", {})
     if liger and not liger["skipped"] and fused and not fused["skipped"]:
         lines += ["", f"IQ-Learn fused / Liger MLE: time {fused['median_s'] / liger['median_s']:.3f} (wall), "
                       f"step peak memory {fused['step_peak_bytes'] / liger['step_peak_bytes']:.3f}."]
+    if fused and not fused["skipped"] and "fused_time_ratio_min" in fused:
+        lines += ["", f"IQ-Learn fused / fused MLE, ratio of the fastest steps ({'wall' if cfg['device'] == 'cuda' else 'CPU'}"
+                      f" time): {fused['fused_time_ratio_min']:.3f}."]
     s = report["sanity"]
     lines += [
         "",
-        f"Sanity (batch 0, before training): MLE loss {s['mle_loss']:.4f}; IQ nll {s['iq_plain_nll']:.4f} (plain) / "
+        f"Sanity (batch 0, before training): MLE loss {s['mle_loss']:.4f} (fused MLE {s['mle_fused_loss']:.4f}); IQ nll {s['iq_plain_nll']:.4f} (plain) / "
         f"{s['iq_fused_nll']:.4f} (fused); IQ loss {s['iq_plain_loss']:.4f} (plain) / {s['iq_fused_loss']:.4f} "
         f"(fused). Total measured wall time {report['wall_s']:.1f} s.",
         "",
     ]
+    if report.get("load"):
+        lines[-1:-1] = [f"Machine load while it ran (1-min load average of /proc/loadavg, {env['cpu_count']} "
+                        f"logical CPUs): start {report['load']['start']}, end {report['load']['end']}.", ""]
     return "\n".join(lines)
 
 
@@ -500,8 +551,8 @@ def write_atomic(path: Path, text: str) -> None:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", choices=sorted(CONFIGS),
-                   help="default: gpu-0.5b when CUDA is available, else cpu-small")
+    p.add_argument("--config", help=f"one or more of {', '.join(sorted(CONFIGS))}, comma-separated; default: "
+                   "gpu-0.5b when CUDA is available, else cpu-small,cpu-152k")
     p.add_argument("--steps", type=int, help="timed steps per method (after warm-up)")
     p.add_argument("--warmup", type=int, help="warm-up steps per method")
     p.add_argument("--batch-size", type=int)
@@ -517,34 +568,58 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def _loadavg() -> str | None:
+    try:
+        return Path("/proc/loadavg").read_text().split()[0]
+    except OSError:
+        return None
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
-    name = args.config or ("gpu-0.5b" if torch.cuda.is_available() else "cpu-small")
-    cfg = CONFIGS[name]
-    if cfg.device == "cuda" and not torch.cuda.is_available():
-        print(f"--config {name} needs CUDA, which this machine lacks; run --config cpu-small here.", file=sys.stderr)
+    names = (args.config or ("gpu-0.5b" if torch.cuda.is_available() else "cpu-small,cpu-152k")).split(",")
+    bad = [n for n in names if n not in CONFIGS]
+    if bad:
+        print(f"--config: unknown {', '.join(bad)}; choose from {', '.join(sorted(CONFIGS))}", file=sys.stderr)
         return 2
-    overrides = {k: v for k, v in {
-        "steps": args.steps, "warmup": args.warmup, "batch_size": args.batch_size, "seq_len": args.seq_len,
-        "dtype": args.dtype, "fused_chunk_size": args.chunk_size,
-    }.items() if v is not None}
-    cfg = dataclasses.replace(cfg, **overrides)
-    if args.threads:
-        cfg = dataclasses.replace(cfg, threads=args.threads)
-    if cfg.threads and cfg.device == "cpu":
-        torch.set_num_threads(cfg.threads)
+    summary = []
+    for name in names:
+        cfg = CONFIGS[name]
+        if cfg.device == "cuda" and not torch.cuda.is_available():
+            print(f"--config {name} needs CUDA, which this machine lacks; run --config cpu-small here.",
+                  file=sys.stderr)
+            return 2
+        overrides = {k: v for k, v in {
+            "steps": args.steps, "warmup": args.warmup, "batch_size": args.batch_size, "seq_len": args.seq_len,
+            "dtype": args.dtype, "fused_chunk_size": args.chunk_size,
+        }.items() if v is not None}
+        cfg = dataclasses.replace(cfg, **overrides)
+        if args.threads:
+            cfg = dataclasses.replace(cfg, threads=args.threads)
+        if cfg.threads and cfg.device == "cpu":
+            torch.set_num_threads(cfg.threads)
 
-    report = run(cfg, args.seed, ablations=args.ablations)
-    report["seed"] = args.seed
-    report["command"] = " ".join(["benchmarks/iq_vs_mle.py", *(sys.argv[1:] if argv is None else argv)])
-    text = markdown(report)
+        load_start = _loadavg()
+        report = run(cfg, args.seed, ablations=args.ablations)
+        report["load"] = {"start": load_start, "end": _loadavg()}
+        report["seed"] = args.seed
+        report["command"] = " ".join(["benchmarks/iq_vs_mle.py", *(sys.argv[1:] if argv is None else argv)])
+        text = markdown(report)
+        print()
+        print(text)
+        if not args.no_write:
+            stem = Path(args.out_dir) / f"{cfg.name}-{cfg.device}"
+            write_atomic(Path(f"{stem}.json"), json.dumps(report, indent=1) + "\n")
+            write_atomic(Path(f"{stem}.md"), text)
+            print(f"wrote {stem}.md and {stem}.json")
+        r = report["methods"]["iq_fused"]
+        summary.append(f"{name} (vocab {cfg.vocab_size:,}): IQ fused / fused MLE: time {r['fused_time_ratio']:.3f} "
+                       f"(ratio of the fastest steps: {r['fused_time_ratio_min']:.3f}), "
+                       f"step peak memory {r['fused_memory_ratio']:.3f} (targets <= {FUSED_RATIO_TARGET}: "
+                       f"{'PASS' if r['fused_time_ratio'] <= FUSED_RATIO_TARGET else 'FAIL'}, "
+                       f"{'PASS' if r['fused_memory_ratio'] <= FUSED_RATIO_TARGET else 'FAIL'})")
     print()
-    print(text)
-    if not args.no_write:
-        stem = Path(args.out_dir) / f"{cfg.name}-{cfg.device}"
-        write_atomic(Path(f"{stem}.json"), json.dumps(report, indent=1) + "\n")
-        write_atomic(Path(f"{stem}.md"), text)
-        print(f"wrote {stem}.md and {stem}.json")
+    print("\n".join(summary))
     return 0
 
 

@@ -296,3 +296,20 @@ def test_online_term_as_weights_equals_iq_online_term(gamma, chi2):
     for got, want in ((fh.grad, hidden.grad), (fph.grad, phidden.grad), (fw.grad, weight.grad)):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
     assert float(policy.loss.detach().abs()) > 1e-3  # the policy rows really enter
+
+
+@pytest.mark.parametrize("dtype,head", [(torch.float32, HeadTransform()), (torch.float32, HeadTransform(scale=0.5)),
+                                        (torch.float32, HeadTransform(softcap=2.0)),
+                                        (torch.bfloat16, HeadTransform())], ids=str)
+def test_logged_entropy_with_gradients(dtype, head):
+    """With input gradients the logged entropy comes from the dense gradient rows (h . dh / B = sum p l), without
+    (or with a soft-cap) from the logits: both equal -sum p log p of the transformed logits."""
+    gen, mask, term, cut, labels, h0, w0 = data(9)
+    pick = mask & (torch.rand(mask.shape, generator=gen) < 0.6)
+    hidden = h0.to(dtype).requires_grad_(True)
+    out = linear_iq_objective(hidden, w0.to(dtype), labels, mask, term, offline_weights(mask, 0.3, 1.0, gen),
+                              head=head, entropy_mask=pick, chunk_size=4, bootstrap_mask=cut)
+    logits = head.apply(h0.to(dtype).double() @ w0.to(dtype).double().T)[pick]
+    expected = -(torch.softmax(logits, -1) * torch.log_softmax(logits, -1)).sum(-1)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=0, atol=0.05)
+    torch.testing.assert_close(out.entropy.double(), expected, **tol)

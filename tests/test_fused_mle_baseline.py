@@ -44,3 +44,27 @@ def test_fused_mle_bf16_close():
     F.cross_entropy(rh @ rw.T, labels).backward()
     for got, ref in ((hidden.grad, rh.grad), (weight.grad, rw.grad)):
         assert float((got.double() - ref).norm() / ref.norm()) < 2e-2
+
+
+@pytest.mark.slow
+def test_benchmark_runs_on_a_tiny_config_and_reports_fused_ratios():
+    """benchmarks/iq_vs_mle.py end to end on a tiny config: every row measured, the fused-MLE and fused IQ rows carry
+    their ratios and targets, and the sanity losses agree (fused MLE = OpenRLHF MLE; fused IQ = plain IQ)."""
+    import dataclasses
+
+    import iq_vs_mle as bench
+
+    cfg = dataclasses.replace(bench.CONFIGS["cpu-small"], name="tiny", vocab_size=512, hidden_size=64, num_heads=2,
+                              num_kv_heads=2, intermediate_size=128, num_layers=1, batch_size=2, seq_len=32, steps=1,
+                              warmup=0, fused_chunk_size=16)
+    report = bench.run(cfg, seed=0, ablations=True, log=lambda *_: None)
+    s = report["sanity"]
+    assert s["mle_fused_loss"] == pytest.approx(s["mle_loss"], rel=1e-5)
+    assert s["iq_fused_loss"] == pytest.approx(s["iq_plain_loss"], rel=1e-5)
+    methods = report["methods"]
+    assert methods["mle_fused"]["fused_time_ratio"] == 1.0 and methods["mle_fused"]["fused_memory_ratio"] == 1.0
+    assert set(methods["iq_fused"]["targets"]) == {"time_ratio<=1.05", "memory<mle", "time/fused_mle<=1.05",
+                                                   "memory/fused_mle<=1.05"}
+    assert methods["iq_fused_two_pass"]["step_peak_bytes"] > 0
+    text = bench.markdown(report)
+    assert "time / fused MLE" in text and "IQ-Learn fused, single pass" in text

@@ -183,7 +183,11 @@ class LinearIQObjective(torch.autograd.Function):
         prev_c2 = torch.cat([first, (c2 * lf)[:-1]])
         dh = torch.empty_like(hidden) if need_h else None
         dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
-        ent = []
+        ent = torch.zeros(n, dtype=torch.float32, device=dev) if entropy_rows is not None else None
+        # logged entropy H_t = v_t - sum_a p_a l_a. With the dense gradient row dh_t = B_t T'(..) p_t W (no soft-cap),
+        # sum_a p_a l_a = h_t . dh_t / B_t comes for free; otherwise (soft-cap, no input gradient, B_t = 0) it is
+        # computed from the chunk's logits.
+        from_dh = need_h and head.softcap is None
         q_prev = q.new_zeros(1)
         for s in range(0, n, chunk_size):
             e = min(s + chunk_size, n)
@@ -193,18 +197,23 @@ class LinearIQObjective(torch.autograd.Function):
             qc = torch.where(valid[s:e], qc, torch.zeros_like(qc))
             vc = torch.logsumexp(logits, dim=-1)
             q[s:e], v[s:e] = qc, vc
+            b = None
+            if need_h or need_w:  # B_t for the chunk's rows; r_{t-1} = q_{t-1} - gamma v_t
+                r_prev = torch.cat([q_prev, qc[:-1]]) - gamma * vc
+                b = cv[s:e] + prev_n[s:e] - 2.0 * gamma * prev_c2[s:e] * r_prev
+                q_prev = qc[-1:]
+            sel_dh = None
             if entropy_rows is not None:
-                sel = entropy_rows[s:e].nonzero().squeeze(1)
+                sel = entropy_rows[s:e]
+                if from_dh:
+                    sel_dh, sel = sel & (b != 0), sel & (b == 0)
+                sel = sel.nonzero().squeeze(1)
                 for k in range(0, len(sel), 32):  # a few rows at a time: no second [chunk, V] buffer
                     rows_k = sel[k:k + 32]
                     ls, vs = logits[rows_k], vc[rows_k, None]
-                    ent.append(vs.squeeze(1) - (ls - vs).exp_().mul_(ls).sum(-1))
-            if not (need_h or need_w):
+                    ent[s + rows_k] = vs.squeeze(1) - (ls - vs).exp_().mul_(ls).sum(-1)
+            if b is None:
                 continue
-            # B_t for the chunk's rows; r_{t-1} = q_{t-1} - gamma v_t
-            r_prev = torch.cat([q_prev, qc[:-1]]) - gamma * vc
-            b = cv[s:e] + prev_n[s:e] - 2.0 * gamma * prev_c2[s:e] * r_prev
-            q_prev = qc[-1:]
             dz = None
             if head.softcap is not None:  # dl/dz = scale * (1 - (l / c)^2), needs l: before l becomes p in place
                 dz = (logits / head.softcap).square_().neg_().add_(1.0)
@@ -221,6 +230,9 @@ class LinearIQObjective(torch.autograd.Function):
             g = g.to(hidden.dtype)
             if need_h:
                 dh[s:e] = g @ weight
+                if sel_dh is not None and bool(sel_dh.any()):
+                    k = sel_dh.nonzero().squeeze(1)
+                    ent[s + k] = vc[k] - (h[k].float() * dh[s + k].float()).sum(-1) / b[k]
             if need_w:
                 dw.add_(g.t() @ h)
         v_next = torch.cat([v[1:], v.new_zeros(min(n, 1))]) * lf
@@ -235,7 +247,7 @@ class LinearIQObjective(torch.autograd.Function):
                 dw = dw.to(weight.dtype)
         ctx.save_for_backward(*(t for t in (dh, dw) if t is not None))
         ctx.has = (need_h, need_w)
-        entropy = torch.cat(ent) if ent else q.new_zeros(0)
+        entropy = ent[entropy_rows] if ent is not None else q.new_zeros(0)
         ctx.mark_non_differentiable(q, v, entropy)
         return loss, q, v, entropy
 

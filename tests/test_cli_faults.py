@@ -12,11 +12,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -86,7 +85,6 @@ class Case:
     needle: str
     code: int = 2
     hold_lock: bool = False
-    extra_checks: list = field(default_factory=list)
 
 
 # ------------------------------------------------------------------------------------------- sample
@@ -345,8 +343,8 @@ CASES = {
     "sample/corrupt-provenance": Case("sample", s_corrupt_sidecar, "provenance.json: not valid JSON"),
     "sample/second-writer": Case("sample", s_locked, "another job is writing this file", hold_lock=True),
     "sample/prompt-longer-than-context": Case("sample", s_prompt_too_long,
-                                              "prompts.jsonl, line 3, field 'prompt': 401 prompt tokens + --max-new-tokens 8 exceed "
-                                              "the model's context of 256 tokens"),
+                                              "prompts.jsonl, line 3, field 'prompt': 401 prompt tokens + "
+                                              "--max-new-tokens 8 exceed the model's context of 256 tokens"),
     "sample/model-dir-not-a-model": Case("sample", s_not_a_model, "not a model directory (no config.json)"),
     "sample/missing-model": Case("sample", s_missing_model, "no such model directory"),
     "sample/model-is-a-file": Case("sample", s_model_is_a_file, "is a file, expected a model directory"),
@@ -461,7 +459,8 @@ def check_case(case: Case, models: dict, tmp_path: Path, runner) -> None:
             holder.kill()
             holder.wait()
     err = proc.stderr
-    assert proc.returncode == case.code, f"exit {proc.returncode}\nSTDOUT:\n{proc.stdout[-2000:]}\nSTDERR:\n{err[-3000:]}"
+    assert proc.returncode == case.code, (f"exit {proc.returncode}\nSTDOUT:\n{proc.stdout[-2000:]}\n"
+                                          f"STDERR:\n{err[-3000:]}")
     assert "Traceback" not in err, err[-3000:]
     error_lines = [line for line in err.splitlines() if "error" in line.lower()]
     assert len(error_lines) == 1, err[-3000:]

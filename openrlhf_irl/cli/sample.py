@@ -322,7 +322,9 @@ def _run(args, params, prompts, formatted, done, too_long, skipped) -> int:
     except (RuntimeError, ValueError) as e:  # e.g. --backend vllm without CUDA
         print(f"error: {e}", file=sys.stderr)
         return 2
-    watchdog = start_watchdog(current_ray_session()) if pool._started_ray else None
+    # only a Ray this job started on this machine: never the processes of a cluster joined through RAY_ADDRESS
+    local_ray = pool._started_ray and not os.environ.get("RAY_ADDRESS")
+    watchdog = start_watchdog(current_ray_session()) if local_ray else None
     try:
         with pool:
             print(f"sampling {todo} completions ({len(prompts) - remaining.count(0)} prompts x up to {params.n}) "

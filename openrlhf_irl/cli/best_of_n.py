@@ -169,9 +169,7 @@ def main(argv=None) -> int:
     except DataError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    golden = load_golden(args.golden, batch_size=args.batch_size, **(
-        {"input_template": args.input_template, "apply_chat_template": args.apply_chat_template})) \
-        if args.golden else None
+    golden = load_golden(args.golden, batch_size=args.batch_size) if args.golden else None
     out = score_and_select(records, build_scorers(args), ns, golden, unfinished=args.unfinished,
                            estimator=args.estimator)
     atomic_write_jsonl(os.path.join(args.output_dir, "scored.jsonl"), records)

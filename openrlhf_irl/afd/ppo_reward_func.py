@@ -28,6 +28,18 @@ def _scorer():
     return LogRatioScorer(sft, init, device=os.environ.get("AFD_DEVICE"))
 
 
+def check_environment() -> None:
+    """Raise with one line when the two model directories are not set or missing (the launcher calls this before
+    starting Ray; OpenRLHF would only fail inside a vLLM engine, minutes later)."""
+    for key in ("AFD_SFT_MODEL", "AFD_INIT_MODEL"):
+        path = os.environ.get(key)
+        if not path:
+            raise RuntimeError(f"set {key} to use the AfD log-ratio reward")
+        if (path.startswith((".", "/")) or os.path.exists(path)) and not os.path.isfile(
+                os.path.join(path, "config.json")):
+            raise RuntimeError(f"{key}={path}: not a model directory (no config.json)")
+
+
 def split_response(query: str, prompt: str, eos_token: str | None) -> tuple[str, bool]:
     """The response text of ``query`` = prompt + response (+ EOS); returns (response, ended_with_eos)."""
     response = query[len(prompt):] if query.startswith(prompt) else query

@@ -1,0 +1,304 @@
+"""OpenRLHF's own Ray PPO (``train_ppo_ray``) on CPU through ``openrlhf_irl.cli.train_ppo``: real vLLM rollouts,
+DeepSpeed actor and reference, the AfD log-ratio reward through ``--reward.remote_url``; bad input refused up front."""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from pathlib import Path
+
+import pytest
+import torch
+
+from openrlhf_irl.compat import ray_ppo
+
+REPO = Path(__file__).resolve().parents[1]
+needs_cpu_layer = pytest.mark.skipif(not ray_ppo.needed(), reason="the CPU layer is off (CUDA present or disabled)")
+
+RECORDING_REWARD = """
+import json, os
+from openrlhf_irl.afd.ppo_reward_func import check_environment, reward_func as afd_reward_func
+
+def reward_func(queries, prompts, labels):
+    out = afd_reward_func(queries, prompts, labels)
+    with open(os.environ["PPO_TEST_REWARD_LOG"], "a") as f:
+        for q, p, r in zip(queries, prompts, out["rewards"].tolist()):
+            f.write(json.dumps({"query": q, "prompt": p, "reward": r}) + "\\n")
+    return out
+"""
+
+
+def _prompts(n: int = 4) -> list[str]:
+    from openrlhf_irl.utils.tiny_model import sample_corpus
+
+    return [" ".join(t.split()[:4]) for t in sample_corpus(seed=0)[:n]]
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    from openrlhf_irl.utils.tiny_model import sample_corpus, write_tiny_llama
+
+    root = tmp_path_factory.mktemp("ppo_models")
+    texts = sample_corpus(seed=0)
+    return (write_tiny_llama(str(root / "policy"), texts, seed=0),
+            write_tiny_llama(str(root / "init"), texts, seed=1))
+
+
+@pytest.fixture(scope="module")
+def log_ratio_run(models, tmp_path_factory):
+    """One PPO run over the log-ratio reward (SFT = the policy), 2 steps of 4 prompts x 2 samples."""
+    from openrlhf_irl.afd.ppo import run_ppo
+
+    policy, init = models
+    out = tmp_path_factory.mktemp("ppo_log_ratio")
+    reward_file = out / "recording_reward.py"
+    reward_file.write_text(RECORDING_REWARD)
+    reward_log = out / "rewards.jsonl"
+    tag = f"test-ppo-{uuid.uuid4().hex}"
+    result = run_ppo(policy, _prompts(8), str(out), log_ratio=(policy, init), reward_func=str(reward_file),
+                     env={"PPO_TEST_REWARD_LOG": str(reward_log), ray_ppo.RUN_TAG_ENV: tag,
+                          "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"},
+                     steps=2, lr=1e-3, timeout_s=900)
+    leftovers = ray_ppo.tagged_processes(tag)
+    ray_ppo.kill_tagged(tag)
+    return result, reward_log, leftovers
+
+
+@pytest.mark.slow
+@needs_cpu_layer
+def test_ppo_log_ratio_trains_saves_and_cleans_up(log_ratio_run, models):
+    from transformers import AutoModelForCausalLM
+
+    result, _, leftovers = log_ratio_run
+    assert leftovers == [], "Ray/vLLM processes of the job outlived it"
+    assert len(result.logs) == 2 and all("reward" in step and "policy_loss" in step for step in result.logs)
+    trained = AutoModelForCausalLM.from_pretrained(result.policy)
+    start = AutoModelForCausalLM.from_pretrained(models[0])
+    moved = max((a.float() - b.float()).abs().max().item()
+                for a, b in zip(trained.parameters(), start.parameters()))
+    assert moved > 1e-4, "PPO left the policy unchanged"
+    ids = torch.tensor([[1, 5, 9]])
+    assert torch.isfinite(trained(ids).logits).all()
+
+
+def _log_ratio(sft, init, tok, prompt: str, response_ids: list[int]) -> float:
+    """log pi_SFT(y|x) - log pi_init(y|x) by plain teacher forcing (the reward's definition)."""
+    p_ids = tok(prompt, add_special_tokens=False)["input_ids"]
+    ids = torch.tensor([p_ids + response_ids])
+    total = 0.0
+    for model, sign in ((sft, 1.0), (init, -1.0)):
+        with torch.no_grad():
+            lp = torch.log_softmax(model(ids).logits[0, :-1].float(), -1)
+        total += sign * float(sum(lp[len(p_ids) - 1 + i, t] for i, t in enumerate(response_ids)))
+    return total
+
+
+@pytest.mark.slow
+@needs_cpu_layer
+def test_ppo_logged_reward_is_the_log_ratio_of_its_responses(log_ratio_run, models):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    result, reward_log, _ = log_ratio_run
+    records = [json.loads(line) for line in reward_log.read_text().splitlines()]
+    assert len(records) == 16  # 2 steps x 4 prompts x 2 samples
+    tok = AutoTokenizer.from_pretrained(models[0])
+    sft = AutoModelForCausalLM.from_pretrained(models[0]).eval()
+    init = AutoModelForCausalLM.from_pretrained(models[1]).eval()
+    own = []
+    for rec in records:
+        assert rec["query"].startswith(rec["prompt"])
+        response = rec["query"][len(rec["prompt"]):]
+        ended = response.endswith(tok.eos_token)
+        text = response[: -len(tok.eos_token)] if ended else response
+        ids = tok(text, add_special_tokens=False)["input_ids"] + ([tok.eos_token_id] if ended else [])
+        own.append(_log_ratio(sft, init, tok, rec["prompt"], ids))
+    assert [r["reward"] for r in records] == pytest.approx(own, abs=1e-3)
+    for step, logged in enumerate(result.logs):
+        mean = sum(own[8 * step: 8 * step + 8]) / 8
+        assert logged["reward"] == pytest.approx(mean, abs=1e-3)
+    assert any(abs(x) > 1e-2 for x in own), "the two models agree: the check would not see a wrong reward"
+
+
+# ------------------------------------------------------------------------------------------ refused up front
+def _run_cli(argv, capsys):
+    from openrlhf_irl.cli.train_ppo import run_cpu
+
+    rc = run_cpu(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    return rc, err
+
+
+def _argv(policy, prompts, *extra):
+    return ["--actor.model_name_or_path", policy, "--data.prompt_dataset", prompts, "--data.input_key", "prompt",
+            "--actor.num_gpus_per_node", "1", "--ref.num_gpus_per_node", "1", "--reward.num_gpus_per_node", "1",
+            "--critic.num_gpus_per_node", "1", "--vllm.num_engines", "1", *extra]
+
+
+@pytest.fixture()
+def prompt_file(tmp_path):
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in _prompts()))
+    return str(path)
+
+
+@needs_cpu_layer
+def test_reward_func_that_fails_to_import_is_refused(models, prompt_file, tmp_path, capsys):
+    bad = tmp_path / "bad_reward.py"
+    bad.write_text("import no_such_module_for_ppo\n")
+    rc, err = _run_cli(_argv(models[0], prompt_file, "--reward.remote_url", str(bad)), capsys)
+    assert rc == 2 and len(err) == 1
+    assert "--reward.remote_url" in err[0] and "no_such_module_for_ppo" in err[0]
+
+
+@needs_cpu_layer
+def test_log_ratio_reward_without_its_models_is_refused(models, prompt_file, capsys, monkeypatch):
+    monkeypatch.delenv("AFD_SFT_MODEL", raising=False)
+    monkeypatch.setenv("AFD_INIT_MODEL", models[1])
+    rc, err = _run_cli(_argv(models[0], prompt_file, "--reward.remote_url",
+                             str(REPO / "openrlhf_irl/afd/ppo_reward_func.py")), capsys)
+    assert rc == 2 and len(err) == 1 and "AFD_SFT_MODEL" in err[0]
+
+
+@needs_cpu_layer
+def test_reward_model_with_another_tokenizer_is_refused(models, prompt_file, tmp_path, capsys):
+    from openrlhf_irl.utils.tiny_model import write_tiny_llama
+
+    other = write_tiny_llama(str(tmp_path / "other_vocab"), ["zebra quartz " * 20] * 50, seed=2)
+    _add_score_head(other)
+    capsys.readouterr()
+    rc, err = _run_cli(_argv(models[0], prompt_file, "--reward.model_name_or_path", other), capsys)
+    assert rc == 2 and len(err) == 1
+    assert "--reward.model_name_or_path" in err[0] and "tokenizer differs" in err[0]
+
+
+@needs_cpu_layer
+def test_reward_model_without_a_head_is_refused(models, prompt_file, capsys):
+    rc, err = _run_cli(_argv(models[0], prompt_file, "--reward.model_name_or_path", models[1]), capsys)
+    assert rc == 2 and len(err) == 1 and "score.weight" in err[0]
+
+
+@needs_cpu_layer
+def test_too_many_processes_for_the_cores_is_refused(models, prompt_file, capsys, monkeypatch):
+    monkeypatch.setenv("AFD_SFT_MODEL", models[0])
+    monkeypatch.setenv("AFD_INIT_MODEL", models[1])
+    argv = _argv(models[0], prompt_file, "--reward.remote_url", str(REPO / "openrlhf_irl/afd/ppo_reward_func.py"))
+    argv[argv.index("--actor.num_gpus_per_node") + 1] = str(8 * (os.cpu_count() or 1))
+    rc, err = _run_cli(argv, capsys)
+    assert rc == 2 and len(err) == 1 and "CPU core" in err[0]
+
+
+@needs_cpu_layer
+def test_flash_attention_and_nccl_are_refused_on_cpu(models, prompt_file, capsys):
+    func = str(REPO / "openrlhf_irl/afd/ppo_reward_func.py")
+    rc, err = _run_cli(_argv(models[0], prompt_file, "--reward.remote_url", func,
+                             "--ds.attn_implementation", "flash_attention_2"), capsys)
+    assert rc == 2 and "--ds.attn_implementation" in err[0]
+    rc, err = _run_cli(_argv(models[0], prompt_file, "--reward.remote_url", func, "--vllm.sync_backend", "nccl"),
+                       capsys)
+    assert rc == 2 and "--vllm.sync_backend" in err[0]
+
+
+def _add_score_head(path: str, scale: float = 0.0) -> None:
+    """Give a causal LM directory a ``score.weight`` tensor (the key OpenRLHF's reward models carry)."""
+    from safetensors.torch import load_file, save_file
+
+    file = os.path.join(path, "model.safetensors")
+    state = load_file(file)
+    hidden = state["model.embed_tokens.weight"].shape[1]
+    state["score.weight"] = scale * torch.randn(1, hidden, generator=torch.Generator().manual_seed(0))
+    save_file(state, file, metadata={"format": "pt"})
+
+
+def test_logical_gpus_cover_what_train_ppo_ray_reserves():
+    from types import SimpleNamespace as NS
+
+    def args(estimator="gae", kl=0.01, remote=None, **train):
+        group = NS(num_nodes=1, num_gpus_per_node=2)
+        flags = {**dict(colocate_all=False, colocate_actor_ref=False, colocate_critic_reward=False), **train}
+        return NS(actor=group, ref=group, critic=group, reward=group, train=NS(**flags),
+                  algo=NS(advantage=NS(estimator=estimator), kl=NS(init_coef=kl)), reward_remote=remote)
+
+    def with_remote(a, url):
+        a.reward = NS(num_nodes=1, num_gpus_per_node=2, remote_url=url)
+        return a
+
+    assert ray_ppo.required_gpus(with_remote(args(), None)) == 8  # actor, ref, critic, reward: 2 each
+    assert ray_ppo.required_gpus(with_remote(args(estimator="reinforce", kl=0), "f.py")) == 2  # actor only
+    assert ray_ppo.required_gpus(with_remote(args(colocate_actor_ref=True), None)) == 6
+    assert ray_ppo.required_gpus(with_remote(args(colocate_critic_reward=True), None)) == 6
+    assert ray_ppo.required_gpus(with_remote(args(colocate_all=True), None)) == 2
+
+
+# ------------------------------------------------------------------------------------------ the reward-model route
+@pytest.mark.slow
+@needs_cpu_layer
+def test_ppo_over_a_reward_model_trains(models, tmp_path):
+    """``--reward.model_name_or_path``: a reward model (the policy's backbone with a random ``score`` head, the
+    layout ``train_rm`` / ``afd_rm`` save) scores the rollouts in its own Ray actor."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    from openrlhf_irl.afd.ppo import run_ppo
+
+    rm = tmp_path / "rm"
+    shutil.copytree(models[0], rm)
+    _add_score_head(str(rm), scale=1.0)
+    tag = f"test-ppo-{uuid.uuid4().hex}"
+    result = run_ppo(models[0], _prompts(8), str(tmp_path / "run"), reward_model=str(rm),
+                     env={ray_ppo.RUN_TAG_ENV: tag, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"},
+                     steps=2, lr=1e-3, timeout_s=900)
+    leftovers = ray_ppo.tagged_processes(tag)
+    ray_ppo.kill_tagged(tag)
+    assert leftovers == []
+    assert len(result.logs) == 2
+    rewards = [step["reward"] for step in result.logs]
+    assert all(abs(r) > 1e-4 for r in rewards) and all(r == r for r in rewards)  # the head was used, no NaN
+    AutoModelForCausalLM.from_pretrained(result.policy)
+
+
+# ------------------------------------------------------------------------------------------------ interrupted
+@pytest.mark.slow
+@needs_cpu_layer
+def test_ctrl_c_stops_the_job_with_one_line_and_no_orphans(models, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from openrlhf_irl.afd.ppo import ppo_argv
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in _prompts(8)))
+    tag = f"test-ppo-{uuid.uuid4().hex}"
+    env = {**os.environ, ray_ppo.RUN_TAG_ENV: tag, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1",
+           "AFD_SFT_MODEL": models[0], "AFD_INIT_MODEL": models[1], "AFD_DEVICE": "cpu"}
+    argv = ppo_argv(models[0], str(prompts), str(tmp_path / "run"),
+                    reward_func=str(REPO / "openrlhf_irl/afd/ppo_reward_func.py"))
+    proc = subprocess.Popen([sys.executable, "-m", "openrlhf_irl.cli.train_ppo", *argv], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline and proc.poll() is None:  # wait for the Ray actors to exist
+            names = []
+            for pid in ray_ppo.tagged_processes(tag, exclude=(proc.pid,)):
+                try:
+                    names.append(Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace"))
+                except OSError:
+                    pass
+            if any("PolicyModelActor" in n for n in names) and any("RolloutRayActor" in n for n in names):
+                break
+            time.sleep(1)
+        assert proc.poll() is None, proc.stderr.read()[-2000:]
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        leftovers = ray_ppo.tagged_processes(tag)
+        ray_ppo.kill_tagged(tag)
+    assert proc.returncode == 130
+    assert err.strip().splitlines()[-1].startswith("error: PPO interrupted")
+    assert "Traceback" not in err.split("error: PPO interrupted")[-1]
+    assert leftovers == []

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # PPO over the training-free AfD reward log pi_SFT(y|x) - log pi_init(y|x), through OpenRLHF's custom reward-function
 # hook (--reward.remote_url pointing at a Python file that defines reward_func). REINFORCE++ needs no critic.
+# On a machine without GPUs, `python -m openrlhf_irl.cli.train_ppo` takes the same flags (one process per model:
+# --*.num_gpus_per_node 1, --vllm.num_engines 1) and starts Ray with the CPU layer itself (see the README).
 set -euo pipefail
 
 WORK=${WORK:-runs/afd_harmless}

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # PPO with OpenRLHF's train_ppo_ray over the AfD reward model (output of afd_hh_rlhf.sh), KL-regularised to the SFT
 # policy. Start Ray first (`ray start --head --num-gpus 8`; add nodes with `ray start --address ...`).
+# On a machine without GPUs, `python -m openrlhf_irl.cli.train_ppo` takes the same flags (one process per model:
+# --*.num_gpus_per_node 1, --vllm.num_engines 1) and starts Ray with the CPU layer itself (see the README).
 set -euo pipefail
 
 WORK=${WORK:-runs/afd_harmless}

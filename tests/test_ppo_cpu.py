@@ -302,3 +302,103 @@ def test_ctrl_c_stops_the_job_with_one_line_and_no_orphans(models, tmp_path):
     assert err.strip().splitlines()[-1].startswith("error: PPO interrupted")
     assert "Traceback" not in err.split("error: PPO interrupted")[-1]
     assert leftovers == []
+
+
+# ------------------------------------------------------------------------------------ the upstream patch (0005)
+PATCHED_DRIVER = """
+import runpy, sys
+import ray
+ray.init(address="local", num_cpus=8, include_dashboard=False)  # logical CPUs: one per model process and engine
+sys.argv = ["train_ppo_ray", *sys.argv[1:]]
+runpy.run_module("openrlhf.cli.train_ppo_ray", run_name="__main__")
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU path")
+def test_patched_openrlhf_runs_ppo_on_cpu_without_the_compat_layer(models, tmp_path):
+    """patches/0001-0006 applied to a copy of OpenRLHF 0.11.2: its own ``train_ppo_ray`` on a Ray cluster without
+    GPUs, with ``OPENRLHF_IRL_COMPAT=0`` (no run-time layer, no vLLM plugin, no worker setup hook)."""
+    import shutil
+    import subprocess
+    import sys
+    from importlib.util import find_spec
+
+    from openrlhf_irl.afd.ppo import ppo_argv
+
+    root = tmp_path / "patched"
+    source = Path(list(find_spec("openrlhf").submodule_search_locations)[0])
+    shutil.copytree(source, root / "openrlhf", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    git_env = {**os.environ, "GIT_CEILING_DIRECTORIES": str(tmp_path)}
+    for patch in sorted((REPO / "patches").glob("*.patch")):
+        applied = subprocess.run(["git", "apply", str(patch)], cwd=root, env=git_env, capture_output=True, text=True)
+        assert applied.returncode == 0, f"{patch.name}: {applied.stderr}"
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in _prompts(8)))
+    script = tmp_path / "driver.py"
+    script.write_text(PATCHED_DRIVER)
+    import tempfile
+
+    run_dir = Path(tempfile.mkdtemp(prefix="ppo5_"))  # short: Ray's sockets go under TMPDIR (AF_UNIX <= 107 bytes)
+    tag = f"test-ppo-{uuid.uuid4().hex}"
+    cache = ray_ppo.DEFAULT_CACHE
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                            "MASTER_PORT", "RAY_ADDRESS")}
+    env.update({ray_ppo.RUN_TAG_ENV: tag, "OPENRLHF_IRL_COMPAT": "0", "HF_HUB_OFFLINE": "1",
+                "PYTHONPATH": os.pathsep.join([str(root), str(REPO)]), "VLLM_CPU_KVCACHE_SPACE": "1",
+                "TORCHDYNAMO_DISABLE": "1", "VLLM_RPC_BASE_PATH": str(run_dir), "VLLM_CACHE_ROOT": str(run_dir / "c"),
+                "TMPDIR": str(run_dir), "TORCH_EXTENSIONS_DIR": str(cache / "torch_extensions"),
+                "TRITON_HOME": str(cache / "triton"), "AFD_SFT_MODEL": models[0], "AFD_INIT_MODEL": models[1],
+                "AFD_DEVICE": "cpu"})
+    out = tmp_path / "run"
+    argv = ppo_argv(models[0], str(prompts), str(out), reward_func=str(REPO / "openrlhf_irl/afd/ppo_reward_func.py"),
+                    lr=1e-3, extra=["--ds.attn_implementation", "sdpa", "--vllm.enforce_eager",
+                                    "--vllm.sync_backend", "gloo"])
+    try:
+        proc = subprocess.run([sys.executable, str(script), *argv], env=env, capture_output=True, text=True,
+                              timeout=900)
+    finally:
+        ray_ppo.kill_tagged(tag)
+        shutil.rmtree(run_dir, ignore_errors=True)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output[-3000:]
+    assert "Global step 2" in output
+    from transformers import AutoModelForCausalLM
+
+    trained = AutoModelForCausalLM.from_pretrained(out / "policy")
+    start = AutoModelForCausalLM.from_pretrained(models[0])
+    assert max((a.float() - b.float()).abs().max().item()
+               for a, b in zip(trained.parameters(), start.parameters())) > 1e-4
+
+
+# ------------------------------------------------------------------------------------------- the layer itself
+@needs_cpu_layer
+def test_worker_layer_gives_the_replay_buffer_and_the_broadcast_a_cpu_device():
+    from openrlhf_irl import compat
+
+    compat.activate()
+    ray_ppo.install()
+    from openrlhf.trainer.ppo_utils.replay_buffer import NaiveReplayBuffer
+
+    buffer = NaiveReplayBuffer(2, 0, True, False, False)  # stock 0.11.2: "Invalid device string: 'cuda:cpu'"
+    assert buffer.target_device == torch.device("cpu")
+    assert torch.cuda.current_stream() is None  # what PolicyModelActor.broadcast_to_vllm hands the gloo group
+
+
+def test_setup_hook_is_what_ray_loads_into_every_worker():
+    from types import SimpleNamespace as NS
+
+    from ray._common.utils import load_class
+
+    assert load_class(ray_ppo.SETUP_HOOK) is ray_ppo.setup_worker
+    group = NS(num_nodes=1, num_gpus_per_node=1)
+    args = NS(actor=group, ref=group, critic=group, reward=NS(num_nodes=1, num_gpus_per_node=1, remote_url=["f.py"]),
+              train=NS(colocate_all=False, colocate_actor_ref=False, colocate_critic_reward=False),
+              algo=NS(advantage=NS(estimator="reinforce"), kl=NS(init_coef=0.01)),
+              vllm=NS(num_engines=1, tensor_parallel_size=1))
+    env = ray_ppo.worker_env(run_tag="t")
+    kwargs = ray_ppo.ray_init_kwargs(args, env)
+    assert kwargs["num_gpus"] == 2 and kwargs["num_cpus"] >= 3  # actor + ref; one engine bundle
+    assert kwargs["runtime_env"]["worker_process_setup_hook"] == ray_ppo.SETUP_HOOK
+    assert kwargs["runtime_env"]["env_vars"][ray_ppo.RUN_TAG_ENV] == "t"
+    assert not kwargs["runtime_env"]["env_vars"]["TORCH_EXTENSIONS_DIR"].startswith(os.path.expanduser("~"))

@@ -222,33 +222,36 @@ def run_cpu(argv: list[str]) -> int:
         raise KeyboardInterrupt
 
     previous = signal.signal(signal.SIGTERM, _terminate)
+    code, message = 0, None
     try:
         if os.environ.get("RAY_ADDRESS"):
             ray.init(address=os.environ["RAY_ADDRESS"],
                      runtime_env={"worker_process_setup_hook": ray_ppo.SETUP_HOOK, "env_vars": env})
-            problem = ray_ppo.cluster_shortfall(args, ray.cluster_resources())
-            if problem:
-                print(f"error: {problem}", file=sys.stderr)
-                return 2
+            message = ray_ppo.cluster_shortfall(args, ray.cluster_resources())
+            code = 2 if message else 0
         else:
             ray.init(**ray_ppo.ray_init_kwargs(args, env))
-        _run_openrlhf(argv)
-        return 0
+        if not message:
+            _run_openrlhf(argv)
     except KeyboardInterrupt:
-        print("error: PPO interrupted; its Ray actors and vLLM engines were stopped", file=sys.stderr)
-        return 130
+        code, message = 130, "PPO interrupted; its Ray actors and vLLM engines were stopped"
     except SystemExit:
         raise
     except Exception as err:  # a dead actor or a failure inside one: Ray's error, in one line
-        print(f"error: PPO failed: {_one_line(err)}", file=sys.stderr)
-        return 1
+        code, message = 1, f"PPO failed: {_one_line(err)}"
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # let the clean-up finish
+        sigint = signal.signal(signal.SIGINT, signal.SIG_IGN)
         if ray.is_initialized():
             ray.shutdown()
         ray_ppo.kill_tagged(tag, exclude=(reaper.pid,), grace_s=3.0)  # actors, vLLM engines and their workers
         reaper.stdin.close()
         reaper.wait(timeout=30)
+        signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGINT, sigint)
+    if message:  # last, after Ray stopped streaming its workers' output
+        print(f"error: {message}", file=sys.stderr)
+    return code
 
 
 def main(argv: list[str] | None = None) -> None:

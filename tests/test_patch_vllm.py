@@ -6,6 +6,8 @@ the way ``broadcast_to_vllm`` does, and the engine's greedy tokens then equal tr
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 
 import pytest
 from conftest import assert_ok, run_python
@@ -74,12 +76,14 @@ def test_patched_openrlhf_pushes_weights_into_a_cpu_engine_without_the_compat_la
         tiny_model, patched_openrlhf, tmp_path, vllm_ready):  # noqa: F811
     script = tmp_path / "push.py"
     script.write_text(SCRIPT)
-    run_dir = tmp_path / "vllm"
-    run_dir.mkdir()
+    run_dir = tempfile.mkdtemp(prefix="oirl_t_")  # short: Ray and vLLM put unix sockets under it (107-byte limit)
     env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS}
     env.update(OPENRLHF_IRL_COMPAT="0", PYTHONPATH=os.pathsep.join([str(patched_openrlhf), env.get("PYTHONPATH", "")]),
-               VLLM_CPU_KVCACHE_SPACE="1", TORCHDYNAMO_DISABLE="1", VLLM_RPC_BASE_PATH=str(run_dir),
-               VLLM_CACHE_ROOT=str(run_dir / "cache"), TMPDIR=str(run_dir))
-    proc = run_python([str(script), tiny_model, str(patched_openrlhf)], timeout=900, env=env)
+               VLLM_CPU_KVCACHE_SPACE="1", TORCHDYNAMO_DISABLE="1", VLLM_RPC_BASE_PATH=run_dir,
+               VLLM_CACHE_ROOT=os.path.join(run_dir, "cache"), TMPDIR=run_dir)
+    try:
+        proc = run_python([str(script), tiny_model, str(patched_openrlhf)], timeout=900, env=env)
+    finally:
+        shutil.rmtree(run_dir, ignore_errors=True)
     assert_ok(proc)
     assert "greedy tokens match transformers" in proc.stdout

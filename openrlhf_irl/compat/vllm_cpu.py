@@ -156,6 +156,20 @@ def engine_env() -> dict[str, str]:
     return env
 
 
+class _EagerEngine:
+    """``RolloutRayActor.options(...)`` whose ``.remote(**engine_kwargs)`` runs the engine eagerly: with TorchDynamo
+    off (:func:`engine_env`) vLLM's compiled mode fails at start-up ("aot_compile is not supported"), and CPU has no
+    CUDA graphs to gain."""
+
+    def __init__(self, actor_options):
+        self._actor_options = actor_options
+
+    def remote(self, *args, **kwargs):
+        if engine_env()["TORCHDYNAMO_DISABLE"] == "1":
+            kwargs["enforce_eager"] = True
+        return self._actor_options.remote(*args, **kwargs)
+
+
 class _CPUActorClass:
     """``RolloutRayActor`` whose ``.options`` asks Ray for no GPU and adds :func:`engine_env`."""
 
@@ -167,7 +181,7 @@ class _CPUActorClass:
         runtime_env = dict(kwargs.get("runtime_env") or {})
         runtime_env["env_vars"] = {**engine_env(), **runtime_env.get("env_vars", {})}
         kwargs["runtime_env"] = runtime_env
-        return self._actor_cls.options(**kwargs)
+        return _EagerEngine(self._actor_cls.options(**kwargs))
 
     def __getattr__(self, name):
         return getattr(self._actor_cls, name)

@@ -402,3 +402,27 @@ def test_setup_hook_is_what_ray_loads_into_every_worker():
     assert kwargs["runtime_env"]["worker_process_setup_hook"] == ray_ppo.SETUP_HOOK
     assert kwargs["runtime_env"]["env_vars"][ray_ppo.RUN_TAG_ENV] == "t"
     assert not kwargs["runtime_env"]["env_vars"]["TORCH_EXTENSIONS_DIR"].startswith(os.path.expanduser("~"))
+
+
+@pytest.mark.skipif(not os.path.isdir(ray_ppo.SHM_DIR), reason="no /dev/shm")
+def test_stale_shared_memory_is_removed_and_live_segments_kept():
+    import mmap
+
+    before = ray_ppo.shm_segments()
+    stale, live = (f"psm_test{uuid.uuid4().hex[:8]}" for _ in range(2))
+    paths = [os.path.join(ray_ppo.SHM_DIR, n) for n in (stale, live)]
+    for path in paths:
+        with open(path, "wb") as f:
+            f.write(b"\0" * 4096)
+    handle = open(paths[1], "r+b")
+    mapped = mmap.mmap(handle.fileno(), 4096)  # a live process maps it: another job's engine
+    try:
+        removed = ray_ppo.remove_stale_shm(before)
+        assert stale in removed and live not in removed
+        assert not os.path.exists(paths[0]) and os.path.exists(paths[1])
+    finally:
+        mapped.close()
+        handle.close()
+        for path in paths:
+            if os.path.exists(path):
+                os.unlink(path)

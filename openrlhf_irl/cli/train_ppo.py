@@ -216,6 +216,7 @@ def run_cpu(argv: list[str]) -> int:
     env = ray_ppo.worker_env()
     os.environ.update(env)  # the driver's own DeepSpeed pieces (and a locally started Ray) see the same
     tag = env[ray_ppo.RUN_TAG_ENV]
+    shm_before = ray_ppo.shm_segments()
     reaper = ray_ppo.start_reaper(tag)  # cleans up even if this process is killed
 
     def _terminate(signum, frame):
@@ -247,6 +248,7 @@ def run_cpu(argv: list[str]) -> int:
         ray_ppo.kill_tagged(tag, exclude=(reaper.pid,), grace_s=3.0)  # actors, vLLM engines and their workers
         reaper.stdin.close()
         reaper.wait(timeout=30)
+        ray_ppo.remove_stale_shm(shm_before)
         signal.signal(signal.SIGTERM, previous)
         signal.signal(signal.SIGINT, sigint)
     if message:  # last, after Ray stopped streaming its workers' output

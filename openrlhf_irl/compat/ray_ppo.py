@@ -236,3 +236,40 @@ def start_reaper(tag: str):
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
                             close_fds=True, env={**os.environ, RUN_TAG_ENV: ""})
     return proc
+
+
+SHM_DIR = "/dev/shm"
+SHM_PREFIXES = ("psm_", "sem.mp-")  # vLLM's shared-memory broadcast buffers, multiprocessing semaphores
+
+
+def shm_segments() -> set[str]:
+    try:
+        return {n for n in os.listdir(SHM_DIR) if n.startswith(SHM_PREFIXES)}
+    except OSError:
+        return set()
+
+
+def remove_stale_shm(before: set[str]) -> list[str]:
+    """Remove the shared-memory segments that appeared since ``before`` and that no live process maps (vLLM leaves
+    its ``psm_*`` buffers behind when its processes are killed); segments other jobs still use are kept."""
+    new = shm_segments() - before
+    if not new:
+        return []
+    in_use = set()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/maps", encoding="utf-8", errors="replace") as f:
+                text = f.read()
+        except OSError:
+            continue
+        in_use.update(n for n in new if f"{SHM_DIR}/{n}" in text)
+    removed = []
+    for name in sorted(new - in_use):
+        try:
+            os.unlink(os.path.join(SHM_DIR, name))
+            removed.append(name)
+        except OSError:
+            pass
+    return removed

@@ -259,10 +259,8 @@ def test_ppo_over_a_reward_model_trains(models, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------ interrupted
-@pytest.mark.slow
-@needs_cpu_layer
-def test_ctrl_c_stops_the_job_with_one_line_and_no_orphans(models, tmp_path):
-    import signal
+def _start_and_wait_for_actors(models, tmp_path):
+    """Start a CPU PPO job; return (process, tag, {name: pid}) once its policy actor and vLLM engine exist."""
     import subprocess
     import sys
     import time
@@ -278,29 +276,46 @@ def test_ctrl_c_stops_the_job_with_one_line_and_no_orphans(models, tmp_path):
                     reward_func=str(REPO / "openrlhf_irl/afd/ppo_reward_func.py"))
     proc = subprocess.Popen([sys.executable, "-m", "openrlhf_irl.cli.train_ppo", *argv], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline and proc.poll() is None:
+        names = {}
+        for pid in ray_ppo.tagged_processes(tag, exclude=(proc.pid,)):
+            try:
+                names[Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")] = pid
+            except OSError:
+                pass
+        actors = {key: pid for key in ("PolicyModelActor", "ReferenceModelActor", "RolloutRayActor")
+                  for name, pid in names.items() if key in name}
+        if len(actors) == 3:
+            return proc, tag, actors
+        time.sleep(1)
+    proc.kill()
+    raise AssertionError(f"the PPO job did not start its actors: {proc.stderr.read()[-2000:]}")
+
+
+@pytest.mark.slow
+@needs_cpu_layer
+@pytest.mark.parametrize("fault", ["ctrl_c", "killed_actor"])
+def test_interrupt_or_dead_actor_ends_the_job_with_one_line_and_no_orphans(models, tmp_path, fault):
+    import signal
+
+    proc, tag, actors = _start_and_wait_for_actors(models, tmp_path)
     try:
-        deadline = time.monotonic() + 600
-        while time.monotonic() < deadline and proc.poll() is None:  # wait for the Ray actors to exist
-            names = []
-            for pid in ray_ppo.tagged_processes(tag, exclude=(proc.pid,)):
-                try:
-                    names.append(Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace"))
-                except OSError:
-                    pass
-            if any("PolicyModelActor" in n for n in names) and any("RolloutRayActor" in n for n in names):
-                break
-            time.sleep(1)
-        assert proc.poll() is None, proc.stderr.read()[-2000:]
-        proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=120)
+        if fault == "ctrl_c":
+            proc.send_signal(signal.SIGINT)
+        else:
+            os.kill(actors["ReferenceModelActor"], signal.SIGKILL)
+        _, err = proc.communicate(timeout=180)
     finally:
         if proc.poll() is None:
             proc.kill()
         leftovers = ray_ppo.tagged_processes(tag)
         ray_ppo.kill_tagged(tag)
-    assert proc.returncode == 130
-    assert err.strip().splitlines()[-1].startswith("error: PPO interrupted")
-    assert "Traceback" not in err.split("error: PPO interrupted")[-1]
+    last = err.strip().splitlines()[-1]
+    if fault == "ctrl_c":
+        assert proc.returncode == 130 and last.startswith("error: PPO interrupted")
+    else:
+        assert proc.returncode == 1 and last.startswith("error: PPO failed:") and "Actor" in last, last
     assert leftovers == []
 
 

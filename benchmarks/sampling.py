@@ -1,8 +1,9 @@
 #!/usr/bin/env python
 """Sampling throughput: bare vLLM vs our sampling job on OpenRLHF's engines vs the transformers backend.
 
-Same model, prompts and sampling settings (temperature 1, top-p 1, ``--new-tokens`` tokens, EOS ignored so that
-every backend generates exactly the same number of tokens), one request per (prompt, sample) with its own seed:
+Same model, prompts and sampling settings (temperature 1, top-p 1, up to ``--new-tokens`` tokens), one request per
+(prompt, sample) with the same per-request seed in every backend, so the vLLM rows draw the same samples; tokens/s
+counts the tokens each backend actually generated:
 
   (a) vllm_bare  ``vllm.LLM(...).generate`` in this process: the ceiling for one engine
   (b) ours_vllm  :class:`openrlhf_irl.generation.GenerationPool` ``backend="vllm"``: OpenRLHF's
@@ -77,19 +78,21 @@ def timed_rounds(run_round, rounds: int) -> list[float]:
 
 
 def bench_vllm_bare(model, prompts, args):
+    import torch
     import vllm
 
-    from openrlhf_irl.compat.vllm_cpu import engine_env
+    from openrlhf_irl.compat.vllm_cpu import CPU_ENGINE_ARGS, engine_env
     from openrlhf_irl.generation.params import derive_seed
 
     for key, value in engine_env().items():  # the same engine settings as the engines of (b) get
         os.environ.setdefault(key, value)
     start = time.perf_counter()
+    extra = CPU_ENGINE_ARGS if not torch.cuda.is_available() else {}
     llm = vllm.LLM(model, enforce_eager=True, dtype="bfloat16", max_model_len=256, seed=0,
-                   enable_prefix_caching=True, gpu_memory_utilization=0.5)
+                   enable_prefix_caching=True, gpu_memory_utilization=0.5, **extra)
     startup = time.perf_counter() - start
-    params = [vllm.SamplingParams(n=1, temperature=1.0, top_p=1.0, max_tokens=args.new_tokens,
-                                  min_tokens=args.new_tokens, ignore_eos=True, seed=derive_seed(0, i, s), logprobs=1)
+    params = [vllm.SamplingParams(n=1, temperature=1.0, top_p=1.0, top_k=-1, max_tokens=args.new_tokens,
+                                  seed=derive_seed(0, i, s), logprobs=1, skip_special_tokens=True)
               for i in range(len(prompts)) for s in range(args.n)]
     texts = [p for p in prompts for _ in range(args.n)]
     tokens = []
@@ -114,18 +117,6 @@ def bench_pool(model, prompts, args, backend, actors):
     params = SamplingParams(n=args.n, max_new_tokens=args.new_tokens, temperature=1.0, top_p=1.0, seed=0)
     tokens = []
     with pool:
-        if backend == "vllm":  # EOS ignored, as in (a): every request generates exactly --new-tokens tokens
-            import openrlhf_irl.generation.vllm as vllm_gen
-
-            original = vllm_gen._to_vllm_params
-
-            def fixed_length(p, seed):
-                sp = original(p, seed)
-                sp.min_tokens, sp.ignore_eos = args.new_tokens, True
-                return sp
-
-            vllm_gen._to_vllm_params = fixed_length
-
         def run_round():
             out = [c for batch in pool.generate_stream(prompts, params) for c in batch]
             tokens.append(sum(len(c.token_ids) for c in out))

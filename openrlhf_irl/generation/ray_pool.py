@@ -29,8 +29,13 @@ def resolve_backend(backend: str) -> str:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend != "auto":
         return backend
+    import torch
+
+    from openrlhf_irl import compat
     from openrlhf_irl.compat.vllm_probe import vllm_status
 
+    if not torch.cuda.is_available() and not compat.needed():
+        return "hf"  # CPU engines need the CPU layer, which is off here
     return "vllm" if vllm_status()[0] else "hf"
 
 

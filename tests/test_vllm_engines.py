@@ -76,6 +76,23 @@ def test_engine_samples_logprobs_and_greedy_match_transformers(engine, tiny_mode
     assert exact >= 1
 
 
+def test_closing_a_generator_releases_its_placement_group(engine, tiny_model):
+    """A pool closed inside a Ray session it did not start (the demo's stages) must hand back the CPUs/GPUs its
+    engines reserved, or the next pool waits for them forever."""
+    from ray.util import placement_group_table
+
+    from openrlhf_irl.generation.vllm import VLLMGenerator
+
+    def reserved() -> int:
+        return sum(1 for g in placement_group_table().values() if g["state"] != "REMOVED")
+
+    before = reserved()
+    gen = VLLMGenerator(tiny_model, num_engines=1, max_model_len=128)
+    assert reserved() == before + 1
+    gen.close()
+    assert reserved() == before
+
+
 def _processes_with(tag: str) -> list[int]:
     """Live processes whose environment carries ``tag`` (the job and everything it started: Ray, vLLM)."""
     pids = []

@@ -112,6 +112,29 @@ def wait_engines_ready(engines: Sequence, model: str) -> None:
         raise RuntimeError(f"vLLM engine for {model} failed to start: {cause}{hint}") from None
 
 
+def _capturing_placement_groups(sink: list, create_vllm_engines):
+    """``create_vllm_engines`` that appends the placement group it reserves to ``sink``: OpenRLHF returns only the
+    engines, and a group left behind keeps its CPUs/GPUs reserved, so the next pool in the same Ray session waits
+    for them forever."""
+    import openrlhf.trainer.ray.vllm_engine as engine_module
+
+    def create(*args, **kwargs):
+        reserve = engine_module.placement_group
+
+        def capture(*a, **k):
+            group = reserve(*a, **k)
+            sink.append(group)
+            return group
+
+        engine_module.placement_group = capture
+        try:
+            return create_vllm_engines(*args, **kwargs)
+        finally:
+            engine_module.placement_group = reserve
+
+    return create
+
+
 def _to_vllm_params(params: SamplingParams, seed: int) -> Any:
     import vllm
 
@@ -178,7 +201,8 @@ class VLLMGenerator:
         self.model = model
         self.tokenizer = load_tokenizer(tokenizer or model)
         self.max_in_flight = max_in_flight
-        self.engines = create_vllm_engines(
+        self._placement_groups = []
+        self.engines = _capturing_placement_groups(self._placement_groups, create_vllm_engines)(
             num_engines,
             tensor_parallel_size,
             model,
@@ -283,6 +307,14 @@ class VLLMGenerator:
             except Exception:  # pragma: no cover - best effort
                 pass
         self.engines = []
+        from ray.util.placement_group import remove_placement_group
+
+        for group in getattr(self, "_placement_groups", []):
+            try:
+                remove_placement_group(group)
+            except Exception:  # pragma: no cover - best effort
+                pass
+        self._placement_groups = []
         if self._tmpdir is not None:
             self._tmpdir.cleanup()
             self._tmpdir = None

@@ -200,22 +200,15 @@ def kill_tagged(tag: str, exclude: tuple[int, ...] = (), grace_s: float = 5.0) -
     """SIGTERM, then SIGKILL after ``grace_s``, every process of the job (:func:`tagged_processes`)."""
     import psutil
 
+    from openrlhf_irl.utils.ray_watchdog import terminate_then_kill
+
     procs = []
     for pid in tagged_processes(tag, exclude=(os.getpid(), *exclude)):
         try:
-            proc = psutil.Process(pid)
-            proc.terminate()
-            procs.append(proc)
+            procs.append(psutil.Process(pid))
         except psutil.Error:
             pass
-    _, alive = psutil.wait_procs(procs, timeout=grace_s)
-    for proc in alive:
-        try:
-            proc.kill()
-        except psutil.Error:
-            pass
-    psutil.wait_procs(alive, timeout=grace_s)
-    return len(procs)
+    return terminate_then_kill(procs, grace_s)
 
 
 _WATCHDOG = """

@@ -14,7 +14,7 @@ import subprocess
 import sys
 from typing import IO, Optional, Sequence, Tuple
 
-__all__ = ["start_watchdog", "current_ray_session", "kill_session_processes"]
+__all__ = ["start_watchdog", "current_ray_session", "kill_session_processes", "terminate_then_kill"]
 
 _SCRIPT = """
 import sys
@@ -58,6 +58,13 @@ def kill_session_processes(session: str, known: Sequence[Tuple[float, float]] = 
             continue
         if session in cmdline or (pid in started and abs(started[pid] - proc.info["create_time"]) < 0.01):
             procs.append(proc)
+    return terminate_then_kill(procs, grace_s)
+
+
+def terminate_then_kill(procs, grace_s: float = 5.0) -> int:
+    """SIGTERM every ``psutil.Process`` in ``procs``, SIGKILL those alive after ``grace_s``; returns how many."""
+    import psutil
+
     for proc in procs:
         try:
             proc.terminate()
@@ -69,6 +76,7 @@ def kill_session_processes(session: str, known: Sequence[Tuple[float, float]] = 
             proc.kill()
         except psutil.Error:
             pass
+    psutil.wait_procs(alive, timeout=grace_s)
     return len(procs)
 
 

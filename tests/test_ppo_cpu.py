@@ -233,12 +233,15 @@ def test_logical_gpus_cover_what_train_ppo_ray_reserves():
 # ------------------------------------------------------------------------------------------ the reward-model route
 @pytest.mark.slow
 @needs_cpu_layer
-def test_ppo_over_a_reward_model_trains(models, tmp_path):
+def test_ppo_over_a_reward_model_logs_the_models_own_scores(models, tmp_path):
     """``--reward.model_name_or_path``: a reward model (the policy's backbone with a random ``score`` head, the
-    layout ``train_rm`` / ``afd_rm`` save) scores the rollouts in its own Ray actor."""
+    layout ``train_rm`` / ``afd_rm`` save) scores the rollouts in its own Ray actor. Every score it returned (recorded
+    in the actor by ``tests/support/record_rewards.py``) equals a plain fp32 transformers pass over the same tokens,
+    hidden state of the last token times the head, and the reward PPO logs per step is their mean."""
     import shutil
 
-    from transformers import AutoModelForCausalLM
+    from safetensors.torch import load_file
+    from transformers import AutoModel, AutoModelForCausalLM
 
     from openrlhf_irl.afd.ppo import run_ppo
 
@@ -246,15 +249,30 @@ def test_ppo_over_a_reward_model_trains(models, tmp_path):
     shutil.copytree(models[0], rm)
     _add_score_head(str(rm), scale=1.0)
     tag = f"test-ppo-{uuid.uuid4().hex}"
+    log = tmp_path / "rm_rewards.jsonl"
     result = run_ppo(models[0], _prompts(8), str(tmp_path / "run"), reward_model=str(rm),
-                     env={ray_ppo.RUN_TAG_ENV: tag, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"},
+                     env={ray_ppo.RUN_TAG_ENV: tag, "HF_HUB_OFFLINE": "1", "PPO_TEST_RM_LOG": str(log),
+                          ray_ppo.EXTRA_HOOK_ENV: "record_rewards.install",
+                          "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests" / "support")])},
                      steps=2, lr=1e-3, timeout_s=900)
     leftovers = ray_ppo.tagged_processes(tag)
     ray_ppo.kill_tagged(tag)
     assert leftovers == []
     assert len(result.logs) == 2
-    rewards = [step["reward"] for step in result.logs]
-    assert all(abs(r) > 1e-4 for r in rewards) and all(r == r for r in rewards)  # the head was used, no NaN
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    assert len(records) == 16  # 2 steps x 4 prompts x 2 samples, each scored once
+    backbone = AutoModel.from_pretrained(rm).float().eval()
+    head = load_file(str(rm / "model.safetensors"))["score.weight"].float()
+    own = []
+    for rec in records:
+        with torch.no_grad():
+            hidden = backbone(torch.tensor([rec["ids"]])).last_hidden_state[0, -1]
+        own.append(float(head[0] @ hidden))
+    assert [r["reward"] for r in records] == pytest.approx(own, rel=0.03, abs=0.05)  # bf16 actor, fp32 here
+    assert max(abs(x) for x in own) > 1.0, "scores near zero: the check would not see a wrong one"
+    for step, logged in enumerate(result.logs):
+        recorded = [r["reward"] for r in records[8 * step: 8 * step + 8]]
+        assert logged["reward"] == pytest.approx(sum(recorded) / 8, abs=1e-4)
     AutoModelForCausalLM.from_pretrained(result.policy)
 
 

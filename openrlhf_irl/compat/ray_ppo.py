@@ -32,6 +32,7 @@ import torch
 from openrlhf_irl import compat
 
 SETUP_HOOK = "openrlhf_irl.compat.ray_ppo.setup_worker"
+EXTRA_HOOK_ENV = "OPENRLHF_IRL_WORKER_HOOK"  # "module.function": a user's own worker setup hook, run after ours
 RUN_TAG_ENV = "OPENRLHF_IRL_PPO_RUN"
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_CACHE = REPO_ROOT / "outputs" / ".cache"
@@ -43,10 +44,15 @@ def needed() -> bool:
 
 # ------------------------------------------------------------------------------------------------ in each worker
 def setup_worker() -> None:
-    """Ray worker setup hook: the CPU layer for every PPO actor process (a no-op where CUDA is present)."""
-    if not compat.activate():
-        return
-    install()
+    """Ray worker setup hook: the CPU layer for every PPO actor process (a no-op where CUDA is present), then the
+    hook ``OPENRLHF_IRL_WORKER_HOOK`` names, if any."""
+    if compat.activate():
+        install()
+    extra = os.environ.get(EXTRA_HOOK_ENV)
+    if extra:  # Ray takes one setup hook per job: ours, which then runs the user's
+        from ray._common.utils import load_class
+
+        load_class(extra)()
 
 
 def install() -> None:
@@ -122,6 +128,8 @@ def worker_env(cache_dir: str | os.PathLike | None = None, run_tag: str | None =
         if os.environ.get(key):
             env[key] = os.environ[key]
     env[RUN_TAG_ENV] = run_tag or os.environ.get(RUN_TAG_ENV) or uuid.uuid4().hex
+    if os.environ.get(EXTRA_HOOK_ENV):
+        env[EXTRA_HOOK_ENV] = os.environ[EXTRA_HOOK_ENV]
     return env
 
 
@@ -161,9 +169,12 @@ def engine_processes(args) -> int:
 
 def ray_init_kwargs(args, env: dict[str, str]) -> dict:
     """``ray.init`` arguments for a local CPU cluster that can place every actor of the job."""
+    from openrlhf_irl.utils.run_dir import private_run_dir
+
     gpus = required_gpus(args)
     cpus = gpus + engine_processes(args) + 2  # logical: one per bundle, the trainer and a spare
     return dict(address="local", num_cpus=cpus, num_gpus=gpus, include_dashboard=False,
+                _temp_dir=os.path.join(private_run_dir(), "ray"),  # not /tmp/ray/session_*, removed at exit
                 runtime_env={"worker_process_setup_hook": SETUP_HOOK, "env_vars": dict(env)})
 
 

@@ -55,6 +55,20 @@ def test_quick_demo_end_to_end(tmp_path):
     md = (out / "report.md").read_text()
     assert "| IQ-Learn SFT (td 0.05)" in md and "Best-of-N" in md and "Sampling backend: **hf**" in md
     assert "held-out prompts" in md and "win vs SFT" in md
+    # PPO over the AfD rewards: OpenRLHF's train_ppo_ray from MLE SFT, one run per reward, evaluated like every row
+    for reward in ("BCE init-sft", "log-ratio"):
+        name = f"ppo_{reward.lower().replace(' ', '_')}"
+        row = report["rows"][f"policy:{name}"]
+        assert row["group"] == "ppo" and row["label"] == f"PPO ({reward})"
+        assert 0.0 <= row["golden"]["lo"] <= row["golden"]["mean"] <= row["golden"]["hi"] <= 1.0
+        assert set(results["rows"][f"policy:{name}"]["golden"]) == held
+        run = results["ppo"][name]
+        assert len(run["logs"]) == report["config"]["ppo_steps"] and all("reward" in s for s in run["logs"])
+        assert any(c["comparison"] == f"PPO ({reward}) - MLE SFT" for c in report["comparisons"])
+        trained_on = {json.loads(line)["prompt"] for line in (out / "ppo" / name / "run" / "prompts.jsonl").open()}
+        assert trained_on and trained_on.isdisjoint(held)
+    assert "## PPO over the AfD rewards" in md and "PPO over the AfD rewards (OpenRLHF train_ppo_ray)" in \
+        report["timings_s"]
     # the AfD reward models are OpenRLHF reward models: they load through OpenRLHF's own loader
     check = ("from openrlhf_irl import compat; compat.activate()\n"
              "from openrlhf.models import get_llm_for_sequence_regression\n"

@@ -114,3 +114,45 @@ def test_experiment_cli_rejects_bad_seeds(capsys):
     with pytest.raises(SystemExit):
         main(["experiment", "--seeds", "0,0"])
     assert "--seeds" in capsys.readouterr().err
+
+
+def _with_ppo(res, golden_shift):
+    """A seed result with a PPO row (group ``ppo``) and its run's OpenRLHF log, as the demo's PPO stage writes them."""
+    p, q = res["prompts"]["held_out"]
+    res["rows"]["policy:ppo_log-ratio"] = {
+        "label": "PPO (log-ratio)", "group": "ppo", "policy": "ppo_log-ratio", "temperature": 1.0,
+        "ppo_reward": "log-ratio", "golden": {p: [0.3 + golden_shift, 0.5], q: [0.5, 1.0]},
+        "responses": {p: ["1 + 4 = 5", "3 + 2 = 5"], q: ["1 + 2 + 6 = 9", "2 + 2 + 5 = 9"]},
+        "entropy": {p: [2.0, 6], q: [1.0, 4]}}
+    res["ppo"] = {"ppo_log-ratio": {"reward": "log-ratio", "seconds": 61.5,
+                                    "logs": [{"reward": -0.25, "policy_loss": 0.1}, {"reward": 0.125}]}}
+    return res
+
+
+def test_report_has_the_ppo_rows_their_comparison_and_run_log(tmp_path):
+    seeds = [_with_ppo(_seed(0, 0.0), 0.0), _with_ppo(_seed(1, 0.2), 0.2)]
+    rows, comps = aggregate(seeds, n_boot=300)
+    ppo = rows["policy:ppo_log-ratio"]
+    assert ppo["group"] == "ppo"
+    # per seed: mean over prompts of the per-prompt means; then over seeds
+    assert ppo["golden"]["mean"] == pytest.approx(((0.4 + 0.75) / 2 + (0.5 + 0.75) / 2) / 2)
+    (c,) = [c for c in comps if c["a"] == "policy:ppo_log-ratio"]
+    assert c["b"] == "policy:sft_mle" and c["comparison"] == "PPO (log-ratio) - MLE SFT"
+    # paired per (seed, prompt) against MLE SFT (p: .3, q: .5 in both seeds)
+    assert c["golden"]["mean"] == pytest.approx(((0.4 - 0.3 + 0.75 - 0.5) / 2 + (0.5 - 0.3 + 0.75 - 0.5) / 2) / 2)
+    build_report(str(tmp_path), DemoConfig(output_dir=str(tmp_path), n_boot=200), seeds, title="t")
+    md = (tmp_path / "report.md").read_text()
+    assert "## PPO over the AfD rewards" in md and "| PPO (log-ratio) |" in md
+    assert "seed 1, log-ratio: 2 PPO steps in 61.5 s (start-up included); training reward -0.250 at step 1, " \
+           "0.125 at step 2" in md
+    assert "PPO over the same rewards, one sample per prompt" in md  # next to Best-of-N
+    assert (tmp_path / "best_of_n.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_demo_config_refuses_a_ppo_reward_it_does_not_train():
+    DemoConfig(ppo_rewards=("BT init-sft", "log-ratio"))
+    with pytest.raises(ValueError, match="ppo_rewards: 'BCE init-demo'"):
+        DemoConfig(ppo_rewards=("BCE init-demo",))
+    with pytest.raises(ValueError, match="ppo_steps"):
+        DemoConfig(ppo_steps=0)
+    assert not DemoConfig(ppo_rewards=()).ppo_rewards

@@ -13,9 +13,11 @@ nothing is downloaded. The run is a list of stages (:meth:`Demo.stages`):
 4. afd       samples of init and MLE-SFT on the training prompts -> one reward model per (AfD variant, trainer):
              Bradley-Terry pairs (``--trainer rm``) and the BCE classifier (``--trainer afd_rm``)
 5. spin      (optional) SPIN-style baseline: OpenRLHF's ``train_dpo`` on sft-demo pairs
-   (PPO over the AfD rewards slots in here: a stage that trains a policy and calls ``add_policy``)
-6. bon       Best-of-N from MLE SFT on the held-out prompts over every reward model and the log-ratio
-7. eval      every registered policy sampled on the held-out prompts (at each of ``temperatures`` for the SFT
+6. ppo       PPO from MLE SFT on the training prompts with OpenRLHF's own ``train_ppo_ray`` (vLLM rollouts, DeepSpeed
+             actor and reference; CPU layer where there is no CUDA), one run per reward in ``ppo_rewards``: an AfD
+             reward model and the training-free log-ratio ``log pi_SFT - log pi_init``
+7. bon       Best-of-N from MLE SFT on the held-out prompts over every reward model and the log-ratio
+8. eval      every registered policy sampled on the held-out prompts (at each of ``temperatures`` for the SFT
              policies): golden reward, win rates against the SFT sample and the demonstration, diversity
 
 The demo's report is one seed of :mod:`openrlhf_irl.demo.report`; ``openrlhf-irl experiment``
@@ -76,6 +78,14 @@ class DemoConfig:
     eval_samples_per_prompt: int = 8
     temperatures: tuple = (1.0,)  # sampling temperatures for the SFT policies (others: 1.0)
     bon_ns: tuple = (1, 2, 4, 8, 16)
+    # PPO over the AfD rewards (OpenRLHF train_ppo_ray), from MLE SFT on the training prompts: one run per reward,
+    # named like the Best-of-N scorers ("BCE init-sft", "BT init-sft", "log-ratio"); () skips the stage
+    ppo_rewards: tuple = ("BCE init-sft", "log-ratio")
+    ppo_steps: int = 8  # rollout batches, one optimiser step each
+    ppo_prompts_per_step: int = 16
+    ppo_samples_per_prompt: int = 4
+    ppo_lr: float = 1e-3
+    ppo_kl: float = 0.01  # initial KL coefficient against the MLE SFT reference
     max_new_tokens: int = 24
     num_actors: int = 1  # Ray actors per GenerationPool: the tiny model samples in about a second, an actor's start
     # costs a process with torch (tens of seconds on a busy 2-core machine), so one actor is the faster choice here
@@ -87,9 +97,18 @@ class DemoConfig:
             return cls(output_dir=output_dir, seed=seed, **overrides)
         settings = dict(n_train_prompts=160, n_pretrain=600, hidden_size=64, num_layers=2, sft_epochs=2, rm_epochs=1,
                         micro_batch_size=16, batch_size=16, afd_prompts=32, afd_samples_per_prompt=2,
-                        eval_samples_per_prompt=2, bon_ns=(1, 2, 4), max_new_tokens=20, n_boot=500)
+                        eval_samples_per_prompt=2, bon_ns=(1, 2, 4), max_new_tokens=20, n_boot=500, ppo_steps=2,
+                        ppo_prompts_per_step=4, ppo_samples_per_prompt=2)
         settings.update(overrides)
         return cls(output_dir=output_dir, seed=seed, quick=True, **settings)
+
+    def __post_init__(self):
+        known = {"log-ratio", *(f"{RM_KIND[t]} {v}" for t in self.rm_trainers for v in self.afd_variants)}
+        for reward in self.ppo_rewards:
+            if reward not in known:
+                raise ValueError(f"ppo_rewards: {reward!r} is not one of this run's rewards ({', '.join(sorted(known))})")
+        if self.ppo_rewards and min(self.ppo_steps, self.ppo_prompts_per_step, self.ppo_samples_per_prompt) < 1:
+            raise ValueError("ppo_steps, ppo_prompts_per_step and ppo_samples_per_prompt must be at least 1")
 
 
 @dataclass
@@ -148,6 +167,8 @@ class Demo:
         ]
         if self.cfg.spin:
             stages.append(Stage("SPIN baseline (OpenRLHF DPO)", self.make_spin))
+        if self.cfg.ppo_rewards:
+            stages.append(Stage("PPO over the AfD rewards (OpenRLHF train_ppo_ray)", self.make_ppo))
         stages += [
             Stage("Best-of-N", self.best_of_n),
             Stage("evaluate policies", self.evaluate_policies),
@@ -363,6 +384,38 @@ class Demo:
         finally:
             sys.argv = old_argv
         self.add_policy("spin_dpo", Policy(out, "SPIN-style DPO (sft-demo pairs)", "baseline"))
+
+    def reward_model_dir(self, reward: str) -> str:
+        """The directory of a reward model named like a Best-of-N scorer ("BCE init-sft")."""
+        kind, variant = reward.split(" ", 1)
+        return self.path("models", f"rm_{variant}_{kind.lower()}")
+
+    def make_ppo(self):
+        """PPO from MLE SFT over each reward in ``ppo_rewards``: OpenRLHF's ``train_ppo_ray`` in a subprocess
+        (:func:`openrlhf_irl.afd.ppo.run_ppo`), on the training prompts in the SFT prompt format, KL against MLE SFT."""
+        from openrlhf_irl.afd.ppo import run_ppo
+
+        cfg = self.cfg
+        sft, init = self.path("models", "sft_mle"), self.path("models", "init")
+        need = cfg.ppo_steps * cfg.ppo_prompts_per_step
+        rng = random.Random(cfg.seed + 13)
+        prompts = [rng.choice(self.train_prompts) for _ in range(need)] if need > len(self.train_prompts) else \
+            rng.sample(self.train_prompts, need)
+        runs = self.results.setdefault("ppo", {})
+        for reward in cfg.ppo_rewards:
+            name = "ppo_" + reward.lower().replace(" ", "_")
+            route = {"log_ratio": (sft, init)} if reward == "log-ratio" else \
+                {"reward_model": self.reward_model_dir(reward)}
+            result = run_ppo(sft, prompts, self.path("ppo", name, "run"), **route, steps=cfg.ppo_steps,
+                             prompts_per_step=cfg.ppo_prompts_per_step, samples_per_prompt=cfg.ppo_samples_per_prompt,
+                             max_new_tokens=cfg.max_new_tokens, lr=cfg.ppo_lr, kl_coef=cfg.ppo_kl,
+                             extra=["--data.input_template", INPUT_TEMPLATE, "--train.seed", str(cfg.seed)])
+            rewards = [step.get("reward") for step in result.logs]
+            print(f"PPO ({reward}): {len(result.logs)} steps in {result.seconds:.0f} s; training reward per step "
+                  + ", ".join(f"{r:.3f}" for r in rewards if r is not None))
+            runs[name] = {"reward": reward, "seconds": round(result.seconds, 1), "logs": result.logs}
+            self.add_policy(name, Policy(result.policy, f"PPO ({reward})", "ppo",
+                                         info={"ppo_reward": reward, "ppo_steps": len(result.logs)}))
 
     def best_of_n(self):
         from openrlhf_irl.afd.best_of_n import score_and_select

@@ -32,6 +32,7 @@ METRICS = {
 GROUP_TITLES = {
     "policy": "Policies (temperature 1)",
     "baseline": "Baselines",
+    "ppo": "PPO over the AfD rewards (OpenRLHF train_ppo_ray, from MLE SFT)",
     "td_sweep": "IQ-Learn td_weight sweep (temperature 1)",
     "temperature": "Sampling temperature",
     "subset": "Demonstration subsets",
@@ -97,7 +98,7 @@ def _pairs(rows: dict) -> list[tuple[str, str, str]]:
         elif policy.startswith("sft_iq"):
             base = mle if temp == 1.0 else f"{mle}@T{temp:g}"
             out.append((f"{row['label']} - MLE SFT" + ("" if temp == 1.0 else f" @ T={temp:g}"), rid, base))
-        elif policy == "spin_dpo":
+        elif policy == "spin_dpo" or policy.startswith("ppo_"):
             out.append((f"{row['label']} - MLE SFT", rid, mle))
     return [(n, a, b) for n, a, b in out if a in rows and b in rows]
 
@@ -209,9 +210,11 @@ def build_report(root: str, cfg, seed_results: list[dict], title: str, extra_md:
           "the demonstrator's responses ('vs demo'), ties counted half; the MLE SFT row against itself and the "
           "demonstrations against themselves are 0.5 by construction. Self-BLEU (lower = more diverse), distinct-2 "
           "and per-token entropy are among one prompt's samples.", ""]
-    for group in ("policy", "baseline", "td_sweep", "temperature", "subset"):
+    for group in ("policy", "baseline", "ppo", "td_sweep", "temperature", "subset"):
         if group in groups:
             md += [f"## {GROUP_TITLES[group]}", "", table(groups[group]), ""]
+            if group == "ppo":
+                md += ppo_md(seed_results)
     if comps:
         md += ["## Paired differences (per seed and prompt)", "",
                "| comparison | golden | self-BLEU in prompt | entropy/token |", "|---|---:|---:|---:|"]
@@ -223,6 +226,9 @@ def build_report(root: str, cfg, seed_results: list[dict], title: str, extra_md:
                "Win rate of the selected response against an SFT sample for the same prompt:", "",
                bon_table(rows, "win_sft"), "", "Win rate against the demonstration:", "",
                bon_table(rows, "win_demo"), ""]
+        if "ppo" in groups:
+            md += ["PPO over the same rewards, one sample per prompt (the Best-of-N plot draws them as lines): "
+                   + "; ".join(f"{r['label']} {fmt_ci(r['golden'])}" for r in groups["ppo"]) + ".", ""]
     for name, made in plots.items():
         if made:
             md += [f"![{name}]({name}.png)", ""]
@@ -233,13 +239,27 @@ def build_report(root: str, cfg, seed_results: list[dict], title: str, extra_md:
         md += ["## Stage timings (s)", "", *[f"- {k}: {v}" for k, v in timings.items()], ""]
     with atomic_writer(os.path.join(root, "report.md")) as f:
         f.write("\n".join(md))
-    print("\n" + table([r for g in ("policy", "baseline") for r in groups.get(g, [])]))
+    print("\n" + table([r for g in ("policy", "baseline", "ppo") for r in groups.get(g, [])]))
     if "bon" in groups:
         print("\nBest-of-N golden:\n" + bon_table(rows) + "\n")
     for s in sentences:
         print("* " + s)
     print(f"\nsampling backend: {backend}\nreport: {os.path.join(root, 'report.md')}")
     return report
+
+
+def ppo_md(seed_results: list[dict]) -> list[str]:
+    """Per PPO run and seed: its length, wall time and the training reward OpenRLHF logged at the first and last
+    step (on the training prompts' rollouts, not the held-out evaluation above)."""
+    lines = []
+    for res in seed_results:
+        for name, run in res.get("ppo", {}).items():
+            rewards = [step["reward"] for step in run["logs"] if "reward" in step]
+            trend = f"training reward {rewards[0]:.3f} at step 1, {rewards[-1]:.3f} at step {len(rewards)}" \
+                if rewards else "no reward logged"
+            lines.append(f"- seed {res['seed']}, {run['reward']}: {len(run['logs'])} PPO steps in {run['seconds']} s "
+                         f"(start-up included); {trend}")
+    return [*lines, ""] if lines else []
 
 
 # --------------------------------------------------------------------------- plots
@@ -285,6 +305,10 @@ def plot_best_of_n(rows: dict, path: str) -> bool:
             ax.axhline(s["mean"], color="gray", linestyle=":", linewidth=1)
             ax.axhspan(s["lo"], s["hi"], color="gray", alpha=0.1)
             ax.annotate(name, (1, s["mean"]), textcoords="offset points", xytext=(2, 3), fontsize=8)
+    for i, row in enumerate(r for r in rows.values() if r["group"] == "ppo"):
+        color = f"C{(len(bon) + i) % 10}"
+        ax.axhline(row["golden"]["mean"], color=color, linestyle="-.", linewidth=1.2, label=row["label"])
+        ax.axhspan(row["golden"]["lo"], row["golden"]["hi"], color=color, alpha=0.08)
     ax.set_xscale("log", base=2)
     ax.set_xlabel("N (samples per prompt)")
     ax.set_ylabel("golden reward of the selected response")
@@ -296,7 +320,7 @@ def plot_best_of_n(rows: dict, path: str) -> bool:
 
 
 def plot_policies(rows: dict, path: str) -> bool:
-    pols = [r for r in rows.values() if r["group"] in ("policy", "baseline")]
+    pols = [r for r in rows.values() if r["group"] in ("policy", "baseline", "ppo")]
     if not pols:
         return False
     plt = _plt()

@@ -1,0 +1,41 @@
+"""benchmarks/gpu_loss_check.py in --smoke mode (tiny shapes, CPU): every op passes against its float64 truth, the
+report files are written, and a truth with the cut-row bootstrap deleted makes every fp32 check fail."""
+
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+import gpu_loss_check as glc  # noqa: E402
+
+
+def test_smoke_passes_and_writes_reports(tmp_path):
+    lines = []
+    rc = glc.main(["--smoke", "--device", "cpu", "--out", str(tmp_path)], log=lines.append)
+    assert rc == 0, "\n".join(lines)
+    rep = json.loads((tmp_path / "gpu-loss-cpu-smoke.json").read_text())
+    assert rep["correctness_pass"] and len(rep["correctness"]) == 5
+    for case in rep["correctness"]:
+        assert set(case["ops"]) == {"single", "two_pass", "plain"} and all(r["pass"] for r in case["ops"].values())
+    (speed,) = rep["speed"]
+    assert set(speed["rows"]) == {"iq_fused", "iq_fused_two_pass", "mle_fused", "mle_plain", "iq_plain",
+                                  "iq_fused_no_entropy"}
+    assert speed["profile"] is None  # the profiler runs only on CUDA (or with --profile)
+    assert speed["rows"]["mle_fused"]["time_ratio_vs_mle_fused"] == 1.0
+    assert max(speed["loss_sanity"].values()) < 1e-5  # fused = plain loss, IQ and MLE
+    assert "**Correctness: PASS**" in (tmp_path / "gpu-loss-cpu-smoke.md").read_text()
+
+
+def test_check_fails_when_the_truth_drops_the_bootstrap(tmp_path, monkeypatch):
+    table = glc.next_state_table
+
+    def no_bootstrap(mask, term, cut):
+        return table(mask, term, cut & False)
+
+    monkeypatch.setattr(glc, "next_state_table", no_bootstrap)
+    lines = []
+    assert glc.main(["--smoke", "--device", "cpu", "--skip-speed", "--out", str(tmp_path)], log=lines.append) == 1
+    rep = json.loads((tmp_path / "gpu-loss-cpu-smoke.json").read_text())
+    fp32 = [c for c in rep["correctness"] if " fp32 " in c["name"]]
+    assert len(fp32) == 3 and not any(r["pass"] for c in fp32 for r in c["ops"].values())  # bf16's 2e-2 is looser

@@ -164,6 +164,8 @@ class LinearIQObjective(torch.autograd.Function):
 
         L = sum_t cq q_t + cv v_t + cn link_t v_{t+1} + c2 r_t^2,   r_t = q_t - gamma link_t v_{t+1}
 
+    ``entropy_rows``: None, or (index [k] of the rows whose entropy is logged, ascending; tuple of how many of them
+    fall in each chunk), so that the chunk loop never reads a device value (no host sync).
     Returns (L, q, v, entropy of the ``entropy_rows`` rows); only L is differentiable."""
 
     @staticmethod
@@ -183,13 +185,16 @@ class LinearIQObjective(torch.autograd.Function):
         prev_c2 = torch.cat([first, (c2 * lf)[:-1]])
         dh = torch.empty_like(hidden) if need_h else None
         dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
-        ent = torch.zeros(n, dtype=torch.float32, device=dev) if entropy_rows is not None else None
+        ent_index, ent_counts = entropy_rows if entropy_rows is not None else (None, ())
+        ent = torch.zeros(0 if ent_index is None else len(ent_index), dtype=torch.float32, device=dev)
         # logged entropy H_t = v_t - sum_a p_a l_a. With the dense gradient row dh_t = B_t T'(..) p_t W (no soft-cap),
-        # sum_a p_a l_a = h_t . dh_t / B_t comes for free; otherwise (soft-cap, no input gradient, B_t = 0) it is
-        # computed from the chunk's logits.
-        from_dh = need_h and head.softcap is None
+        # sum_a p_a l_a = h_t . dh_t / B_t comes for free; there a row with B_t = 0 is run with B_t = 1 and its
+        # gradient rows are zeroed (masked h in dW, dh row set to 0), so no row needs a host-side test. Otherwise
+        # (soft-cap, no input gradient) it is computed from the chunk's logits of the entropy rows.
+        from_dh = need_h and head.softcap is None and ent_index is not None
         q_prev = q.new_zeros(1)
-        for s in range(0, n, chunk_size):
+        ent_at = 0
+        for c, s in enumerate(range(0, n, chunk_size)):
             e = min(s + chunk_size, n)
             h = hidden[s:e]
             logits = _chunk_logits(h, weight, head)
@@ -202,18 +207,20 @@ class LinearIQObjective(torch.autograd.Function):
                 r_prev = torch.cat([q_prev, qc[:-1]]) - gamma * vc
                 b = cv[s:e] + prev_n[s:e] - 2.0 * gamma * prev_c2[s:e] * r_prev
                 q_prev = qc[-1:]
-            sel_dh = None
-            if entropy_rows is not None:
-                sel = entropy_rows[s:e]
-                if from_dh:
-                    sel_dh, sel = sel & (b != 0), sel & (b == 0)
-                sel = sel.nonzero().squeeze(1)
-                for k in range(0, len(sel), 32):  # a few rows at a time: no second [chunk, V] buffer
+            k_c = ent_counts[c] if ent_index is not None else 0
+            sel = ent_index[ent_at:ent_at + k_c] - s if k_c else None  # the chunk's entropy rows, chunk-local
+            if sel is not None and not from_dh:
+                for k in range(0, k_c, 32):  # a few rows at a time: no second [chunk, V] buffer
                     rows_k = sel[k:k + 32]
-                    ls, vs = logits[rows_k], vc[rows_k, None]
-                    ent[s + rows_k] = vs.squeeze(1) - (ls - vs).exp_().mul_(ls).sum(-1)
+                    ls, vs = logits.index_select(0, rows_k), vc.index_select(0, rows_k)[:, None]
+                    ent[ent_at + k:ent_at + k + len(rows_k)] = vs.squeeze(1) - (ls - vs).exp_().mul_(ls).sum(-1)
             if b is None:
+                ent_at += k_c
                 continue
+            zero_b = None
+            if from_dh:
+                zero_b = b == 0
+                b = torch.where(zero_b, torch.ones_like(b), b)
             dz = None
             if head.softcap is not None:  # dl/dz = scale * (1 - (l / c)^2), needs l: before l becomes p in place
                 dz = (logits / head.softcap).square_().neg_().add_(1.0)
@@ -229,12 +236,17 @@ class LinearIQObjective(torch.autograd.Function):
                 g.mul_(head.scale)
             g = g.to(hidden.dtype)
             if need_h:
-                dh[s:e] = g @ weight
-                if sel_dh is not None and bool(sel_dh.any()):
-                    k = sel_dh.nonzero().squeeze(1)
-                    ent[s + k] = vc[k] - (h[k].float() * dh[s + k].float()).sum(-1) / b[k]
+                dh_c = g @ weight
+                if from_dh:
+                    if sel is not None:
+                        hs, dhs = h.index_select(0, sel).float(), dh_c.index_select(0, sel).float()
+                        ent[ent_at:ent_at + k_c] = vc.index_select(0, sel) - (hs * dhs).sum(-1) / b.index_select(0, sel)
+                    dh_c.masked_fill_(zero_b[:, None], 0)
+                dh[s:e] = dh_c
+                del dh_c
             if need_w:
-                dw.add_(g.t() @ h)
+                dw.add_(g.t() @ (h if zero_b is None else h.masked_fill(zero_b[:, None], 0)))
+            ent_at += k_c
         v_next = torch.cat([v[1:], v.new_zeros(min(n, 1))]) * lf
         r = q - gamma * v_next
         loss = (cq * q).sum() + (cv * v).sum() + (cn * v_next).sum() + (c2 * r.square()).sum()
@@ -247,7 +259,7 @@ class LinearIQObjective(torch.autograd.Function):
                 dw = dw.to(weight.dtype)
         ctx.save_for_backward(*(t for t in (dh, dw) if t is not None))
         ctx.has = (need_h, need_w)
-        entropy = ent[entropy_rows] if ent is not None else q.new_zeros(0)
+        entropy = ent if ent_index is not None else q.new_zeros(0)
         ctx.mark_non_differentiable(q, v, entropy)
         return loss, q, v, entropy
 
@@ -294,38 +306,51 @@ def linear_iq_objective(hidden, weight, labels, loss_mask, terminal_mask, weight
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     resp = loss_mask.bool()
     batch, width = resp.shape
-    if hidden.shape[1] < width:
+    t_h = hidden.shape[1]
+    if t_h < width:
         raise ValueError(f"hidden {tuple(hidden.shape)} is shorter than labels {tuple(labels.shape)}")
+    dev = resp.device
+
+    def padded(x, fill=0):  # [B, T] -> [B, T_h], ``fill`` beyond the label width
+        out = torch.full((batch, t_h), fill, dtype=x.dtype, device=dev)
+        out[:, :width] = x
+        return out
+
     term = terminal_mask.bool() & resp
-    rows = torch.zeros(hidden.shape[:2], dtype=torch.bool, device=resp.device)
-    rows[:, :width] = resp
+    rows = padded(resp)
     boot = None
     if bootstrap_mask is not None:
         boot = bootstrap_mask.bool() & resp & ~term
-        boot_at = torch.zeros_like(rows)
-        boot_at[:, :width] = boot
-        if boot_at[:, -1].any():
-            raise ValueError("bootstrap_mask needs the hidden state after the last label position")
-        rows[:, 1:] |= boot_at[:, :-1]
-    is_resp = torch.zeros_like(rows)
-    is_resp[:, :width] = resp
-    is_term = torch.zeros_like(rows)
-    is_term[:, :width] = term
-    # compressed (row-major) rows: row i's next state is row i + 1 when both lie in the same sequence
-    flat_b = torch.arange(batch, device=resp.device)[:, None].expand_as(rows)[rows]
+        rows[:, 1:] |= padded(boot)[:, :-1]
+    # Row selection without host syncs but one: the compressed (row-major) row of every selected position is its rank
+    # among them; one small device-to-host copy brings the row count, the bootstrap check and the number of entropy
+    # rows per chunk, so that everything after it (gathers, the chunk loop, the scatter back) is sync-free.
+    flat = rows.reshape(-1)
+    rank = torch.cumsum(flat, 0) - 1
+    ent_flat = padded(entropy_mask.bool() & resp).reshape(-1) if entropy_mask is not None else None
+    n_chunks = max(1, -(-flat.numel() // chunk_size))
+    host = [flat.sum().view(1)]
+    host.append((boot[:, -1].any() if boot is not None and t_h == width else flat.new_zeros(())).long().view(1))
+    if ent_flat is not None:
+        per_chunk = torch.zeros(n_chunks, dtype=torch.long, device=dev)
+        host.append(per_chunk.scatter_add_(0, rank.clamp(min=0) // chunk_size, ent_flat.long()))
+    n, boot_at_end, *ent_counts = torch.cat(host).tolist()
+    if boot_at_end:
+        raise ValueError("bootstrap_mask needs the hidden state after the last label position")
+    positions = torch.arange(flat.numel(), device=dev)
+    # idx[j] = flat position of compressed row j (unselected positions all land in the dropped slot n)
+    idx = torch.zeros(n + 1, dtype=torch.long, device=dev).scatter_(0, torch.where(flat, rank, n), positions)[:n]
+    pick = lambda x: x.reshape(-1).index_select(0, idx)  # noqa: E731  [B, T_h] -> [n]
+    # row i's next state is row i + 1 when both lie in the same sequence
+    flat_b = idx // t_h
     same_seq = torch.zeros_like(flat_b, dtype=torch.bool)
     same_seq[:-1] = flat_b[1:] == flat_b[:-1]
-    r_resp, r_term = is_resp[rows], is_term[rows]
+    r_resp, r_term = pick(padded(resp)), pick(padded(term))
     link = r_resp & ~r_term & same_seq
     td = r_resp & (r_term | link)
-    n = int(rows.sum())
 
     def w(x, where):
-        if x is None:
-            return None
-        full = torch.zeros(rows.shape, dtype=torch.float32, device=resp.device)
-        full[:, :width] = x.float()
-        return torch.where(where, full[rows], 0.0)
+        return None if x is None else torch.where(where, pick(padded(x.float())), 0.0)
 
     zeros = torch.zeros(n, dtype=torch.float32, device=hidden.device)
     w_lp, w_r, w_r2, w_v, w_n = (w(x, td if i in (1, 2) else r_resp) for i, x in enumerate(weights))
@@ -341,20 +366,20 @@ def linear_iq_objective(hidden, weight, labels, loss_mask, terminal_mask, weight
         cv += w_v
     if w_n is not None:
         cn += w_n
-    flat_labels = torch.full(rows.shape, -1, dtype=labels.dtype, device=labels.device)
-    flat_labels[:, :width] = torch.where(resp, labels, -1)
+    flat_labels = pick(padded(torch.where(resp, labels, -1), -1))
     grad = torch.is_grad_enabled()
     ent_rows = None
-    if entropy_mask is not None:
-        ent_full = torch.zeros_like(rows)
-        ent_full[:, :width] = entropy_mask.bool() & resp
-        ent_rows = ent_full[rows]
+    if ent_flat is not None:  # compressed rows of the entropy positions, ascending, and how many per chunk
+        k = sum(ent_counts)
+        ent_rank = torch.where(ent_flat, torch.cumsum(ent_flat, 0) - 1, k)
+        ent_index = torch.zeros(k + 1, dtype=torch.long, device=dev).scatter_(0, ent_rank, rank)[:k]
+        ent_rows = (ent_index, tuple(ent_counts))
     loss, q, v, entropy = LinearIQObjective.apply(
-        hidden[rows], weight, flat_labels[rows], cq, cv, cn, c2, link, float(gamma), head, int(chunk_size),
-        grad and hidden.requires_grad, grad and weight.requires_grad, ent_rows,
+        hidden.reshape(batch * t_h, -1).index_select(0, idx), weight, flat_labels, cq, cv, cn, c2, link, float(gamma),
+        head, int(chunk_size), grad and hidden.requires_grad, grad and weight.requires_grad, ent_rows,
     )
-    q_rows = q.new_zeros(rows.shape).masked_scatter(rows, q)
-    v_rows = v.new_zeros(rows.shape).masked_scatter(rows, v)
+    q_rows = q.new_zeros(batch * t_h).index_copy_(0, idx, q).view(batch, t_h)
+    v_rows = v.new_zeros(batch * t_h).index_copy_(0, idx, v).view(batch, t_h)
     q_full = torch.where(resp, q_rows[:, :width], 0.0)
     v_full = torch.where(resp, v_rows[:, :width], 0.0)
     if boot is None:

@@ -18,17 +18,20 @@ without transformers/OpenRLHF. ``--smoke``: tiny shapes, any device (CPU), a few
      L = sum_t m_t [w_lp (q_t - v_t) + w_v v_t + w_n V'_t] + td_t [w_r r_t + w_r2 r_t^2],  r_t = q_t - gamma V'_t
 
    with offline weights (w_lp = -w, w_r2 = lambda w, w = per-token normaliser) and online-term weights (all five
-   random). Criteria, those of the CPU tests: fp32 ``torch.testing.assert_close`` semantics, |x - ref| <= atol +
-   rtol |ref| elementwise (loss rtol 1e-5; gradients rtol 1e-4; atol 1e-6 offline, 1e-5 online), plus a
-   norm-relative error <= 1e-4; bf16 norm-relative error ||x - ref|| / ||ref|| < 2e-2. The single pass's logged
-   entropy against float64 (fp32 rtol = atol = 1e-5, bf16 atol 0.05).
+   random). Criteria, fp32: loss |x - ref| <= atol + 1e-5 |ref| (atol 1e-6 offline, 1e-5 online); each gradient
+   tensor max |x - ref| <= 1e-4 max |ref| and ||x - ref|| / ||ref|| <= 1e-4 (a gradient entry is a sum over the
+   vocabulary or the tokens whose terms can cancel, so its fp32 error scales with the tensor's size, not with the
+   entry: an elementwise rtol fails on cancelled entries with no error to speak of; the elementwise numbers are
+   still reported); bf16 norm-relative error ||x - ref|| / ||ref|| < 2e-2. The single pass's logged entropy
+   against float64 (fp32 elementwise rtol = atol = 1e-5, bf16 atol 0.05).
 2. Speed and memory at the lm_head level (hidden states [B, T, H] -> loss -> backward; no model body), bf16,
    Qwen2-0.5B head (H 896, V 151,936, 4 x 2,048 tokens) and a 32k-vocab head of the same width: fused IQ single
    pass, fused IQ two-pass, fused MLE (``benchmarks/fused_mle.py``), plain MLE (full logits + cross-entropy),
    plain IQ (full fp32 logits). Time: forward + backward between CUDA events, warm-up, then the median of
    ``--steps`` steps, methods interleaved round-robin. Memory: one extra step each, ``max_memory_allocated`` after
    ``reset_peak_memory_stats`` minus ``memory_allocated`` at its start (the step peak). Targets: IQ fused / fused
-   MLE <= 1.05 in time and in step peak memory.
+   MLE <= 1.05 in time and in step peak memory. Host syncs per step of every method (CUDA): one step under
+   ``torch.cuda.set_sync_debug_mode("warn")``, counting its warnings.
 3. Writes ``gpu-loss-<card>.json`` and ``.md`` into ``--out`` (atomically). Exit 1 if a correctness check fails,
    2 on bad usage (no CUDA without ``--smoke``).
 
@@ -47,6 +50,7 @@ import statistics
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -66,6 +70,7 @@ from openrlhf_irl.losses.iq_learn import iq_per_token_loss, iq_token_terms, logi
 TARGET = 1.05
 BF16_TOL = 2e-2
 FP32_NORM_TOL = 1e-4
+FP32_GRAD_MAX_TOL = 1e-4  # max |x - ref| / max |ref| of a gradient tensor (fp32)
 TD_WEIGHT = 0.1
 
 
@@ -210,6 +215,15 @@ def errors(x, ref, rtol=None, atol=None):
     return out
 
 
+def fp32_pass(key, e):
+    """The fp32 criterion on ``errors`` output. The loss is a scalar: its elementwise test is its relative error.
+    A gradient tensor is matmul-reduced (entries are sums over the vocabulary or the tokens, whose terms can cancel):
+    its error is judged against the tensor's scale, max and norm, not entry by entry."""
+    if key == "loss":
+        return e["allclose"] and e["norm_rel"] <= FP32_NORM_TOL
+    return e["max_abs_over_max_ref"] <= FP32_GRAD_MAX_TOL and e["norm_rel"] <= FP32_NORM_TOL
+
+
 def check_case(case, device, log):
     """One shape x dtype x weights x head: each op vs the float64 truth, and op vs op."""
     gen = torch.Generator().manual_seed(case["seed"])
@@ -251,7 +265,7 @@ def check_case(case, device, log):
         for key, x, y, (rt, at) in zip(("loss", "grad_hidden", "grad_weight"), vals, ref_vals, tols):
             if fp32:
                 e = errors(x, y, rt, at)
-                e["pass"] = e["allclose"] and e["norm_rel"] <= FP32_NORM_TOL
+                e["pass"] = fp32_pass(key, e)
             else:
                 e = errors(x, y)
                 e["pass"] = e["norm_rel"] < BF16_TOL
@@ -272,8 +286,9 @@ def check_case(case, device, log):
                                                                            got[a], got[b])}
     result["truth_loss"] = float(ref_vals[0])
     result["pass"] = all(r["pass"] for r in result["ops"].values())
-    result["criteria"] = ("fp32: allclose(loss rtol 1e-5, grads rtol 1e-4, atol %g) and norm_rel <= %g; entropy "
-                          "rtol=atol=1e-5" % (atol, FP32_NORM_TOL)) if fp32 else (
+    result["criteria"] = ("fp32: loss |x - ref| <= %g + 1e-5 |ref|; grads max|x - ref| / max|ref| <= %g and "
+                          "norm_rel <= %g; entropy elementwise rtol=atol=1e-5"
+                          % (atol, FP32_GRAD_MAX_TOL, FP32_NORM_TOL)) if fp32 else (
         "bf16: norm_rel < %g (loss, grads); entropy atol 0.05" % BF16_TOL)
     for name, r in result["ops"].items():
         log(f"  {case['name']:<34} {name:<9} loss {_fmt(r, 'loss')} | dh {_fmt(r, 'grad_hidden')} | "
@@ -284,7 +299,7 @@ def check_case(case, device, log):
 
 def _fmt(r, key):
     e = r[key]
-    return f"max_abs {e['max_abs']:.2e} norm_rel {e['norm_rel']:.2e}"
+    return f"max_abs {e['max_abs']:.2e} /max|ref| {e['max_abs_over_max_ref']:.1e} norm_rel {e['norm_rel']:.2e}"
 
 
 def correctness_cases(smoke):
@@ -423,13 +438,15 @@ def speed(shape, device, steps, warmup, log, profile=False):
         else:
             mem[k] = None
     hidden.grad = weight.grad = None
+    syncs = count_syncs(fns, step, device)
+    hidden.grad = weight.grad = None
     prof = profile_steps(fns, step, device, log) if profile else None
     rows = {}
     for k in fns:
         rows[k] = {"label": LABELS[k], "median_ms": statistics.median(times[k]), "min_ms": min(times[k]),
                    "times_ms": times[k], "loss": losses[k],
                    "step_peak_bytes": None if mem[k] is None else mem[k]["step_peak"],
-                   "peak_bytes": None if mem[k] is None else mem[k]["peak"]}
+                   "peak_bytes": None if mem[k] is None else mem[k]["peak"], "host_syncs_per_step": syncs[k]}
     ref = rows["mle_fused"]
     for k, r in rows.items():
         r["time_ratio_vs_mle_fused"] = r["median_ms"] / ref["median_ms"]
@@ -450,8 +467,9 @@ def speed(shape, device, steps, warmup, log, profile=False):
     for k, r in rows.items():
         mib = "-" if r["step_peak_bytes"] is None else f"{r['step_peak_bytes'] / 2**20:,.0f} MiB"
         mr = "-" if r["memory_ratio_vs_mle_fused"] is None else f"{r['memory_ratio_vs_mle_fused']:.3f}"
+        sy = "-" if r["host_syncs_per_step"] is None else r["host_syncs_per_step"]
         log(f"    {k:<18} median {r['median_ms']:8.2f} ms  min {r['min_ms']:8.2f} ms  step peak {mib:>12}"
-            f"  time/fusedMLE {r['time_ratio_vs_mle_fused']:.3f}  mem/fusedMLE {mr}")
+            f"  time/fusedMLE {r['time_ratio_vs_mle_fused']:.3f}  mem/fusedMLE {mr}  host syncs {sy}")
     log(f"    IQ fused / fused MLE: time {iq['time_ratio_vs_mle_fused']:.3f} "
         f"({'PASS' if targets['time'] else 'FAIL'} <= {TARGET})"
         + ("" if "memory" not in targets else
@@ -463,6 +481,29 @@ def speed(shape, device, steps, warmup, log, profile=False):
 
 
 PROFILED = ("iq_fused", "iq_fused_no_entropy", "mle_fused")
+
+
+def count_syncs(fns, step, device):
+    """Host syncs of one step (forward + backward) of each method: the warnings of
+    ``torch.cuda.set_sync_debug_mode("warn")`` (each synchronizing CUDA call warns once). None off CUDA."""
+    out = {}
+    for k, f in fns.items():
+        if device.type != "cuda":
+            out[k] = None
+            continue
+        torch.cuda.synchronize()
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                torch.cuda.set_sync_debug_mode("warn")
+                try:
+                    step(f)
+                finally:
+                    torch.cuda.set_sync_debug_mode("default")
+            out[k] = sum("synchroniz" in str(w.message).lower() for w in caught)
+        except Exception:  # noqa: BLE001 - a diagnostic; keep the measured numbers
+            out[k] = None
+    return out
 
 
 def profile_steps(fns, step, device, log, n=3):
@@ -538,17 +579,20 @@ def markdown(rep):
            f"reductions {env['bf16_reduced_precision_reduction']}.", "",
            "## Correctness against float64", "",
            "Each op's loss and gradients against the loss written from its equation on float64 logits of the same "
-           "(dtype-rounded) inputs. `max_abs` = max |x - ref|, `norm_rel` = ||x - ref|| / ||ref||; `rtol_needed` = "
-           "the smallest rtol with which the elementwise check (with the stated atol) would pass.", "",
-           "| case | op | loss norm_rel | dh max_abs | dh norm_rel | dh rtol_needed | dW max_abs | dW norm_rel | "
-           "dW rtol_needed | entropy max_abs | result |",
-           "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+           "(dtype-rounded) inputs. `max_abs` = max |x - ref|, `/max|ref|` = max_abs / max |ref|, `norm_rel` = "
+           "||x - ref|| / ||ref||; `rtol_needed` (information only, not a criterion) = the smallest rtol with which "
+           "an elementwise check |x - ref| <= atol + rtol |ref| would pass.", "",
+           "| case | op | loss norm_rel | dh max_abs | dh /max\\|ref\\| | dh norm_rel | dh rtol_needed | dW max_abs | "
+           "dW /max\\|ref\\| | dW norm_rel | dW rtol_needed | entropy max_abs | result |",
+           "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     g = lambda e, k: "-" if e is None or k not in e else f"{e[k]:.2e}"  # noqa: E731
     for c in rep["correctness"]:
         for op, r in c["ops"].items():
             out.append(f"| {c['name']} | {op} | {g(r['loss'], 'norm_rel')} | {g(r['grad_hidden'], 'max_abs')} | "
+                       f"{g(r['grad_hidden'], 'max_abs_over_max_ref')} | "
                        f"{g(r['grad_hidden'], 'norm_rel')} | {g(r['grad_hidden'], 'rtol_needed')} | "
-                       f"{g(r['grad_weight'], 'max_abs')} | {g(r['grad_weight'], 'norm_rel')} | "
+                       f"{g(r['grad_weight'], 'max_abs')} | {g(r['grad_weight'], 'max_abs_over_max_ref')} | "
+                       f"{g(r['grad_weight'], 'norm_rel')} | "
                        f"{g(r['grad_weight'], 'rtol_needed')} | {g(r.get('entropy'), 'max_abs')} | "
                        f"{'PASS' if r['pass'] else 'FAIL'} |")
     out += ["", "Criteria: " + "; ".join(sorted({c["criteria"] for c in rep["correctness"]})) + ".", "",
@@ -564,17 +608,19 @@ def markdown(rep):
             + ("between CUDA events, " if env["device"].startswith("cuda") else "by the wall clock (CPU: no memory), ")
             + f"{rep['timing']['warmup']} warm-up rounds then the median of {rep['timing']['steps']} steps, methods "
             "interleaved; step peak = `max_memory_allocated` - `memory_allocated` at the step's start (one extra "
-            "step). Ratios to fused MLE from the same run.", ""]
+            "step). Ratios to fused MLE from the same run. Host syncs: one step under "
+            "`torch.cuda.set_sync_debug_mode(\"warn\")`, its warnings counted.", ""]
     for s in rep["speed"]:
         out += [f"### {s['shape']['name']}", "", f"{s['response_tokens']} response tokens; chunk "
                 f"{s['shape']['chunk']}.", "",
                 "| method | median (ms) | min (ms) | step peak (MiB) | time / fused MLE | min time / fused MLE | "
-                "memory / fused MLE |", "|---|---:|---:|---:|---:|---:|---:|"]
+                "memory / fused MLE | host syncs / step |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
         for r in s["rows"].values():
             mib = "-" if r["step_peak_bytes"] is None else f"{r['step_peak_bytes'] / 2**20:,.1f}"
             mr = "-" if r["memory_ratio_vs_mle_fused"] is None else f"{r['memory_ratio_vs_mle_fused']:.3f}"
+            sy = "-" if r.get("host_syncs_per_step") is None else str(r["host_syncs_per_step"])
             out.append(f"| {r['label']} | {r['median_ms']:.2f} | {r['min_ms']:.2f} | {mib} | "
-                       f"{r['time_ratio_vs_mle_fused']:.3f} | {r['min_time_ratio_vs_mle_fused']:.3f} | {mr} |")
+                       f"{r['time_ratio_vs_mle_fused']:.3f} | {r['min_time_ratio_vs_mle_fused']:.3f} | {mr} | {sy} |")
         t = s["targets"]
         out += ["", "IQ fused / fused MLE <= 1.05: " + ", ".join(f"{k} {'PASS' if v else 'FAIL'}" for k, v in t.items())
                 + ". Loss agreement (relative): " + ", ".join(f"{k} {v:.1e}" for k, v in s["loss_sanity"].items()),

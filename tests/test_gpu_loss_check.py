@@ -39,3 +39,24 @@ def test_check_fails_when_the_truth_drops_the_bootstrap(tmp_path, monkeypatch):
     rep = json.loads((tmp_path / "gpu-loss-cpu-smoke.json").read_text())
     fp32 = [c for c in rep["correctness"] if " fp32 " in c["name"]]
     assert len(fp32) == 3 and not any(r["pass"] for c in fp32 for r in c["ops"].values())  # bf16's 2e-2 is looser
+    # each fp32 check on its own catches it: loss, and both gradients under the scaled gradient criterion
+    assert not any(r[k]["pass"] for c in fp32 for r in c["ops"].values() for k in ("loss", "grad_hidden", "grad_weight"))
+
+
+def test_fp32_gradient_criterion_is_scaled_not_elementwise():
+    """A gradient entry where large terms cancel (ref ~ 0) with an error at fp32 rounding of the tensor's scale
+    passes (the elementwise rtol test, still reported, fails it); an error of 1e-3 of the largest entry fails."""
+    import torch
+
+    ref = torch.linspace(-258.0, 258.0, 1001, dtype=torch.float64)
+    ref[500] = 1e-3  # a cancelled entry
+    rounding = ref.clone()
+    rounding[500] += 1.6e-4  # 6e-7 of max |ref|, as fp32 cuBLAS gave on the H100
+    e = glc.errors(rounding, ref, 1e-4, 1e-5)
+    assert not e["allclose"] and glc.fp32_pass("grad_weight", e)
+    wrong = ref.clone()
+    wrong[-1] *= 1 + 1e-3
+    e = glc.errors(wrong, ref, 1e-4, 1e-5)
+    assert not glc.fp32_pass("grad_weight", e)
+    assert glc.fp32_pass("loss", glc.errors(torch.tensor(2.0 + 1e-6), torch.tensor(2.0), 1e-5, 1e-6))
+    assert not glc.fp32_pass("loss", glc.errors(torch.tensor(2.0 + 1e-3), torch.tensor(2.0), 1e-5, 1e-6))

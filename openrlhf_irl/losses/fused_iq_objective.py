@@ -173,54 +173,52 @@ class LinearIQObjective(torch.autograd.Function):
                 entropy_rows):
         n, vocab = hidden.shape[0], weight.shape[0]
         dev = hidden.device
-        q = torch.zeros(n, dtype=torch.float32, device=dev)
+        qs = torch.zeros(n + 1, dtype=torch.float32, device=dev)  # qs[t + 1] = q_t; qs[0] = 0 (no row before)
+        q = qs[1:]
         v = torch.zeros(n, dtype=torch.float32, device=dev)
         dlab = torch.ones(n, dtype=torch.float32, device=dev)  # dl/dz at the label column (softcap)
         valid = (labels >= 0) & (labels < vocab)
+        invalid = ~valid
         index = torch.where(valid, labels, torch.zeros_like(labels))
         lf = link.float()
-        # coefficients of row t-1 that reach v_t
+        # coefficients of row t-1 that reach v_t, folded: B_t = base_t - c2g_t r_{t-1}
         first = cn.new_zeros(min(n, 1))
-        prev_n = torch.cat([first, (cn * lf)[:-1]])
-        prev_c2 = torch.cat([first, (c2 * lf)[:-1]])
+        base = cv + torch.cat([first, (cn * lf)[:-1]])
+        c2g = 2.0 * gamma * torch.cat([first, (c2 * lf)[:-1]])
         dh = torch.empty_like(hidden) if need_h else None
         dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
         ent_index, ent_counts = entropy_rows if entropy_rows is not None else (None, ())
-        ent = torch.zeros(0 if ent_index is None else len(ent_index), dtype=torch.float32, device=dev)
+        ent = torch.zeros(n if ent_index is not None else 0, dtype=torch.float32, device=dev)  # per row, picked at the end
         # logged entropy H_t = v_t - sum_a p_a l_a. With the dense gradient row dh_t = B_t T'(..) p_t W (no soft-cap),
-        # sum_a p_a l_a = h_t . dh_t / B_t comes for free; there a row with B_t = 0 is run with B_t = 1 and its
-        # gradient rows are zeroed (masked h in dW, dh row set to 0), so no row needs a host-side test. Otherwise
-        # (soft-cap, no input gradient) it is computed from the chunk's logits of the entropy rows.
+        # sum_a p_a l_a = h_t . dh_t / B_t comes for free (for the whole chunk); a row with B_t = 0 is run with
+        # B_t = 1 and its gradient rows are zeroed (masked h in dW, dh row set to 0), so no row needs a host-side
+        # test. Otherwise (soft-cap, no input gradient) it is computed from the chunk's logits of the entropy rows.
         from_dh = need_h and head.softcap is None and ent_index is not None
-        q_prev = q.new_zeros(1)
         ent_at = 0
         for c, s in enumerate(range(0, n, chunk_size)):
             e = min(s + chunk_size, n)
             h = hidden[s:e]
             logits = _chunk_logits(h, weight, head)
-            qc = logits.gather(1, index[s:e, None]).squeeze(1)
-            qc = torch.where(valid[s:e], qc, torch.zeros_like(qc))
-            vc = torch.logsumexp(logits, dim=-1)
-            q[s:e], v[s:e] = qc, vc
-            b = None
-            if need_h or need_w:  # B_t for the chunk's rows; r_{t-1} = q_{t-1} - gamma v_t
-                r_prev = torch.cat([q_prev, qc[:-1]]) - gamma * vc
-                b = cv[s:e] + prev_n[s:e] - 2.0 * gamma * prev_c2[s:e] * r_prev
-                q_prev = qc[-1:]
+            qc, vc = q[s:e], v[s:e]
+            torch.gather(logits, 1, index[s:e, None], out=qc[:, None])
+            qc.masked_fill_(invalid[s:e], 0.0)
+            torch.logsumexp(logits, dim=-1, out=vc)
             k_c = ent_counts[c] if ent_index is not None else 0
-            sel = ent_index[ent_at:ent_at + k_c] - s if k_c else None  # the chunk's entropy rows, chunk-local
-            if sel is not None and not from_dh:
+            if k_c and not from_dh:
+                sel = ent_index[ent_at:ent_at + k_c]  # the chunk's entropy rows
                 for k in range(0, k_c, 32):  # a few rows at a time: no second [chunk, V] buffer
                     rows_k = sel[k:k + 32]
-                    ls, vs = logits.index_select(0, rows_k), vc.index_select(0, rows_k)[:, None]
-                    ent[ent_at + k:ent_at + k + len(rows_k)] = vs.squeeze(1) - (ls - vs).exp_().mul_(ls).sum(-1)
-            if b is None:
-                ent_at += k_c
+                    ls, vs = logits.index_select(0, rows_k - s), v.index_select(0, rows_k)[:, None]
+                    ent.index_copy_(0, rows_k, vs.squeeze(1) - (ls - vs).exp_().mul_(ls).sum(-1))
+            ent_at += k_c
+            if not (need_h or need_w):
                 continue
+            # B_t for the chunk's rows; r_{t-1} = q_{t-1} - gamma v_t
+            b = base[s:e] - c2g[s:e] * (qs[s:e] - gamma * vc)
             zero_b = None
-            if from_dh:
+            if from_dh and k_c:
                 zero_b = b == 0
-                b = torch.where(zero_b, torch.ones_like(b), b)
+                b = b + zero_b
             dz = None
             if head.softcap is not None:  # dl/dz = scale * (1 - (l / c)^2), needs l: before l becomes p in place
                 dz = (logits / head.softcap).square_().neg_().add_(1.0)
@@ -237,16 +235,13 @@ class LinearIQObjective(torch.autograd.Function):
             g = g.to(hidden.dtype)
             if need_h:
                 dh_c = g @ weight
-                if from_dh:
-                    if sel is not None:
-                        hs, dhs = h.index_select(0, sel).float(), dh_c.index_select(0, sel).float()
-                        ent[ent_at:ent_at + k_c] = vc.index_select(0, sel) - (hs * dhs).sum(-1) / b.index_select(0, sel)
+                if zero_b is not None:
+                    hd = h.to(torch.float32, copy=True).mul_(dh_c).sum(-1)
+                    torch.addcdiv(vc, hd, b, value=-1.0, out=ent[s:e])
                     dh_c.masked_fill_(zero_b[:, None], 0)
                 dh[s:e] = dh_c
-                del dh_c
             if need_w:
                 dw.add_(g.t() @ (h if zero_b is None else h.masked_fill(zero_b[:, None], 0)))
-            ent_at += k_c
         v_next = torch.cat([v[1:], v.new_zeros(min(n, 1))]) * lf
         r = q - gamma * v_next
         loss = (cq * q).sum() + (cv * v).sum() + (cn * v_next).sum() + (c2 * r.square()).sum()
@@ -259,7 +254,7 @@ class LinearIQObjective(torch.autograd.Function):
                 dw = dw.to(weight.dtype)
         ctx.save_for_backward(*(t for t in (dh, dw) if t is not None))
         ctx.has = (need_h, need_w)
-        entropy = ent if ent_index is not None else q.new_zeros(0)
+        entropy = ent.index_select(0, ent_index) if ent_index is not None else q.new_zeros(0)
         ctx.mark_non_differentiable(q, v, entropy)
         return loss, q, v, entropy
 
@@ -310,73 +305,75 @@ def linear_iq_objective(hidden, weight, labels, loss_mask, terminal_mask, weight
     if t_h < width:
         raise ValueError(f"hidden {tuple(hidden.shape)} is shorter than labels {tuple(labels.shape)}")
     dev = resp.device
-
-    def padded(x, fill=0):  # [B, T] -> [B, T_h], ``fill`` beyond the label width
-        out = torch.full((batch, t_h), fill, dtype=x.dtype, device=dev)
-        out[:, :width] = x
-        return out
-
     term = terminal_mask.bool() & resp
-    rows = padded(resp)
-    boot = None
-    if bootstrap_mask is not None:
-        boot = bootstrap_mask.bool() & resp & ~term
-        rows[:, 1:] |= padded(boot)[:, :-1]
-    # Row selection without host syncs but one: the compressed (row-major) row of every selected position is its rank
-    # among them; one small device-to-host copy brings the row count, the bootstrap check and the number of entropy
-    # rows per chunk, so that everything after it (gathers, the chunk loop, the scatter back) is sync-free.
-    flat = rows.reshape(-1)
-    rank = torch.cumsum(flat, 0) - 1
-    ent_flat = padded(entropy_mask.bool() & resp).reshape(-1) if entropy_mask is not None else None
-    n_chunks = max(1, -(-flat.numel() // chunk_size))
-    host = [flat.sum().view(1)]
-    host.append((boot[:, -1].any() if boot is not None and t_h == width else flat.new_zeros(())).long().view(1))
-    if ent_flat is not None:
-        per_chunk = torch.zeros(n_chunks, dtype=torch.long, device=dev)
+    boot = bootstrap_mask.bool() & resp & ~term if bootstrap_mask is not None else None
+    ent = entropy_mask.bool() & resp if entropy_mask is not None else None
+    # Everything is set up on the hidden grid [B, T_h] and compressed by one gather, so that the op makes one host
+    # sync only: a small device-to-host copy of the row count, the bootstrap check and the number of entropy rows
+    # per chunk. The compressed (row-major) row of a selected position is its rank among the selected ones.
+    grid = resp.new_zeros((2 + (boot is not None) + (ent is not None), batch, t_h))
+    grid[:, :, :width] = torch.stack([resp, term] + [x for x in (boot, ent) if x is not None])
+    g_resp, g_term = grid[0], grid[1]
+    rows = g_resp.clone()
+    if boot is not None:
+        rows[:, 1:] |= grid[2][:, :-1]
+    flat = rows.view(-1)
+    cnt = torch.cumsum(flat, 0)  # selected positions up to and including each position
+    rank = cnt - 1
+    # row i's next state is row i + 1 when a selected position follows in the same sequence
+    later = cnt.view(batch, t_h) < cnt.view(batch, t_h)[:, -1:]
+    link = g_resp & ~g_term & later
+    td = g_resp & (g_term | later)
+    total = flat.numel()
+    positions = torch.arange(total, device=dev)
+    # idx_all[j] = flat position of compressed row j (unselected positions land in the dropped last slot)
+    idx_all = torch.zeros(total + 1, dtype=torch.long, device=dev).scatter_(0, torch.where(flat, rank, total), positions)
+    host = [cnt[-1:] if total else cnt.new_zeros(1)]
+    if boot is not None and t_h == width:
+        host.append(boot[:, -1].any().view(1))
+    ent_counts, ent_all = [], None
+    if ent is not None:
+        ent_flat = grid[-1].view(-1)
+        per_chunk = torch.zeros(max(1, -(-total // chunk_size)), dtype=torch.long, device=dev)
         host.append(per_chunk.scatter_add_(0, rank.clamp(min=0) // chunk_size, ent_flat.long()))
-    n, boot_at_end, *ent_counts = torch.cat(host).tolist()
-    if boot_at_end:
-        raise ValueError("bootstrap_mask needs the hidden state after the last label position")
-    positions = torch.arange(flat.numel(), device=dev)
-    # idx[j] = flat position of compressed row j (unselected positions all land in the dropped slot n)
-    idx = torch.zeros(n + 1, dtype=torch.long, device=dev).scatter_(0, torch.where(flat, rank, n), positions)[:n]
-    pick = lambda x: x.reshape(-1).index_select(0, idx)  # noqa: E731  [B, T_h] -> [n]
-    # row i's next state is row i + 1 when both lie in the same sequence
-    flat_b = idx // t_h
-    same_seq = torch.zeros_like(flat_b, dtype=torch.bool)
-    same_seq[:-1] = flat_b[1:] == flat_b[:-1]
-    r_resp, r_term = pick(padded(resp)), pick(padded(term))
-    link = r_resp & ~r_term & same_seq
-    td = r_resp & (r_term | link)
+        ent_rank = torch.where(ent_flat, torch.cumsum(ent_flat, 0) - 1, total)
+        ent_all = torch.zeros(total + 1, dtype=torch.long, device=dev).scatter_(0, ent_rank, rank)
+    n, *rest = torch.cat(host).tolist()
+    if boot is not None and t_h == width:
+        if rest.pop(0):
+            raise ValueError("bootstrap_mask needs the hidden state after the last label position")
+    ent_counts = rest
+    idx = idx_all[:n]
 
-    def w(x, where):
-        return None if x is None else torch.where(where, pick(padded(x.float())), 0.0)
-
-    zeros = torch.zeros(n, dtype=torch.float32, device=hidden.device)
-    w_lp, w_r, w_r2, w_v, w_n = (w(x, td if i in (1, 2) else r_resp) for i, x in enumerate(weights))
-    cq, cv, cn = zeros.clone(), zeros.clone(), zeros.clone()
-    c2 = w_r2 if w_r2 is not None else zeros.clone()
-    if w_lp is not None:
-        cq += w_lp
-        cv -= w_lp
-    if w_r is not None:
-        cq += w_r
-        cn -= gamma * w_r
-    if w_v is not None:
-        cv += w_v
-    if w_n is not None:
-        cn += w_n
-    flat_labels = pick(padded(torch.where(resp, labels, -1), -1))
+    # per-position coefficients (module docstring) on the grid: cq, cv, cn, c2 and link
+    coef = torch.zeros((5, batch, t_h), dtype=torch.float32, device=dev)
+    cq, cv, cn, c2 = coef[0], coef[1], coef[2], coef[3]
+    for i, x in enumerate(weights):
+        if x is None:
+            continue
+        wx = torch.where((td if i in (1, 2) else g_resp)[:, :width], x.float(), 0.0)
+        if i == 0:
+            cq[:, :width] += wx
+            cv[:, :width] -= wx
+        elif i == 1:
+            cq[:, :width] += wx
+            cn[:, :width] -= gamma * wx
+        elif i == 2:
+            c2[:, :width] = wx
+        elif i == 3:
+            cv[:, :width] += wx
+        else:
+            cn[:, :width] += wx
+    coef[4] = link
+    cq, cv, cn, c2, lf = coef.view(5, -1).index_select(1, idx).unbind(0)
+    grid_labels = labels.new_full((batch, t_h), -1)
+    grid_labels[:, :width] = torch.where(resp, labels, -1)
     grad = torch.is_grad_enabled()
-    ent_rows = None
-    if ent_flat is not None:  # compressed rows of the entropy positions, ascending, and how many per chunk
-        k = sum(ent_counts)
-        ent_rank = torch.where(ent_flat, torch.cumsum(ent_flat, 0) - 1, k)
-        ent_index = torch.zeros(k + 1, dtype=torch.long, device=dev).scatter_(0, ent_rank, rank)[:k]
-        ent_rows = (ent_index, tuple(ent_counts))
+    ent_rows = None if ent is None else (ent_all[:sum(ent_counts)], tuple(ent_counts))
     loss, q, v, entropy = LinearIQObjective.apply(
-        hidden.reshape(batch * t_h, -1).index_select(0, idx), weight, flat_labels, cq, cv, cn, c2, link, float(gamma),
-        head, int(chunk_size), grad and hidden.requires_grad, grad and weight.requires_grad, ent_rows,
+        hidden.reshape(batch * t_h, -1).index_select(0, idx), weight, grid_labels.view(-1).index_select(0, idx),
+        cq, cv, cn, c2, lf, float(gamma), head, int(chunk_size), grad and hidden.requires_grad,
+        grad and weight.requires_grad, ent_rows,
     )
     q_rows = q.new_zeros(batch * t_h).index_copy_(0, idx, q).view(batch, t_h)
     v_rows = v.new_zeros(batch * t_h).index_copy_(0, idx, v).view(batch, t_h)

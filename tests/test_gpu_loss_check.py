@@ -60,3 +60,28 @@ def test_fp32_gradient_criterion_is_scaled_not_elementwise():
     assert not glc.fp32_pass("grad_weight", e)
     assert glc.fp32_pass("loss", glc.errors(torch.tensor(2.0 + 1e-6), torch.tensor(2.0), 1e-5, 1e-6))
     assert not glc.fp32_pass("loss", glc.errors(torch.tensor(2.0 + 1e-3), torch.tensor(2.0), 1e-5, 1e-6))
+
+
+def test_single_pass_with_zero_B_rows_logs_entropy_and_keeps_gradients():
+    """Reward-only weights make B_t = 0 on each sequence's first row: the sync-free op runs those rows with B_t = 1
+    for the logged entropy and zeroes their gradient rows. Entropy and gradients against the float64 truth."""
+    import torch
+
+    from openrlhf_irl.losses.fused_iq_objective import IQTermWeights
+
+    gen = torch.Generator().manual_seed(3)
+    mask, term, cut, labels = glc.build_batch(12, 40, gen)
+    kind, index = glc.next_state_table(mask, term, cut)
+    weights = IQTermWeights(rewards=torch.randn(mask.shape, generator=gen) * mask)
+    h0, w0 = torch.randn(mask.shape[0], 13, 16, generator=gen), torch.randn(40, 16, generator=gen) / 2
+    rh, rw = h0.double().requires_grad_(True), w0.double().requires_grad_(True)
+    ref, ref_ent = glc.truth(rh, rw, labels, mask, kind, index, weights, 0.9, glc.HeadTransform())
+    ref.backward()
+    hidden, weight = h0.clone().requires_grad_(True), w0.clone().requires_grad_(True)
+    loss, ent = glc.loss_single(hidden, weight, labels, mask, term, cut, weights, 0.9, glc.HeadTransform(), 5,
+                                entropy_mask=mask)
+    loss.backward()
+    torch.testing.assert_close(ent.double(), ref_ent, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(loss.double(), ref.detach(), rtol=1e-5, atol=1e-6)
+    for x, y in ((hidden.grad, rh.grad), (weight.grad, rw.grad)):
+        assert glc.fp32_pass("grad", glc.errors(x, y))

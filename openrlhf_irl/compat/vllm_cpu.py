@@ -45,8 +45,10 @@ class GlooBroadcastGroup:
     """A gloo group outside ``torch.distributed``'s default one, with the ``broadcast(tensor, src, stream)`` of
     vLLM's ``PyNcclCommunicator`` (the call OpenRLHF makes on both ends of the weight push)."""
 
+    # torch's default for gloo groups (30 min). Rank 0 (the trainer) waits here for the engines to join, and an engine
+    # joins only once it has started, which can take minutes on a loaded CPU machine (300 s timed out there).
     def __init__(self, master_address: str, master_port: int, rank: int, world_size: int,
-                 timeout_s: float = 300.0):
+                 timeout_s: float = 1800.0):
         timeout = datetime.timedelta(seconds=timeout_s)
         self.rank, self.world_size = rank, world_size
         self.store = torch.distributed.TCPStore(master_address, int(master_port), world_size,

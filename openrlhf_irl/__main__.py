@@ -49,6 +49,9 @@ def main(argv=None) -> int:
     demo.add_argument("--quick", action="store_true", help="a one-minute smoke version")
     demo.add_argument("--backend", choices=("auto", "hf", "vllm"), default="auto",
                       help="sampling backend of the GenerationPool (default: %(default)s)")
+    demo.add_argument("--ppo-rewards", default=None, metavar="LIST",
+                      help="comma-separated rewards of the PPO stage, from 'BCE init-sft', 'BT init-sft', 'log-ratio' "
+                           "(default: BCE init-sft,log-ratio); 'none' skips PPO")
 
     exp = sub.add_parser("experiment", help="the demo's pipeline over several seeds with the papers' comparisons; "
                                             "every row as mean with a 95%% interval")
@@ -67,7 +70,17 @@ def main(argv=None) -> int:
     if args.command == "demo":
         from openrlhf_irl.demo.pipeline import run_demo
 
-        run_demo(args.output_dir, seed=args.seed, quick=args.quick, backend=args.backend)
+        overrides = {}
+        if args.ppo_rewards is not None:
+            text = args.ppo_rewards.strip()
+            overrides["ppo_rewards"] = () if text == "none" else tuple(r.strip() for r in text.split(",") if r.strip())
+        try:
+            from openrlhf_irl.demo.pipeline import DemoConfig
+
+            DemoConfig.make(args.output_dir, quick=args.quick, **overrides)  # refused here, before any work
+        except ValueError as err:
+            parser.error(f"--ppo-rewards: {err}")
+        run_demo(args.output_dir, seed=args.seed, quick=args.quick, backend=args.backend, **overrides)
     elif args.command == "experiment":
         text = args.seeds.strip()
         try:

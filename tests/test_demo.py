@@ -13,8 +13,10 @@ from conftest import assert_ok, run_python
 @pytest.mark.slow
 def test_quick_demo_end_to_end(tmp_path):
     out = tmp_path / "demo"
+    # PPO over the demo's own AfD classifier checkpoint (the log-ratio route's rewards are checked exactly, and its
+    # run time paid, in test_ppo_cpu.py)
     proc = run_python(["-m", "openrlhf_irl", "demo", "--quick", "--output-dir", str(out), "--seed", "1",
-                       "--backend", "hf"], timeout=900)
+                       "--backend", "hf", "--ppo-rewards", "BCE init-sft"], timeout=900)
     assert_ok(proc)
     report = json.loads((out / "report.json").read_text())
     results = json.loads((out / "results.json").read_text())
@@ -56,7 +58,8 @@ def test_quick_demo_end_to_end(tmp_path):
     assert "| IQ-Learn SFT (td 0.05)" in md and "Best-of-N" in md and "Sampling backend: **hf**" in md
     assert "held-out prompts" in md and "win vs SFT" in md
     # PPO over the AfD rewards: OpenRLHF's train_ppo_ray from MLE SFT, one run per reward, evaluated like every row
-    for reward in ("BCE init-sft", "log-ratio"):
+    assert not any(rid.startswith("policy:ppo_log") for rid in report["rows"])  # --ppo-rewards is followed
+    for reward in ("BCE init-sft",):
         name = f"ppo_{reward.lower().replace(' ', '_')}"
         row = report["rows"][f"policy:{name}"]
         assert row["group"] == "ppo" and row["label"] == f"PPO ({reward})"
@@ -97,3 +100,13 @@ def test_quick_demo_end_to_end(tmp_path):
     assert (bon / "best_of_n.png").stat().st_size > 0
     selected = [json.loads(line) for line in (bon / "selected.jsonl").read_text().splitlines()]
     assert len(selected) == 2 * 3 * 4  # scorers x N values x prompts
+
+
+def test_demo_refuses_a_ppo_reward_it_does_not_train(capsys):
+    from openrlhf_irl.__main__ import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["demo", "--quick", "--ppo-rewards", "BCE init-sft,BT sft-demo"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "--ppo-rewards" in err and "'BT sft-demo'" in err

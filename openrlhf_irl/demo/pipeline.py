@@ -502,10 +502,11 @@ class Demo:
         return report
 
 
-def run_demo(output_dir: str = "outputs/demo", seed: int = 0, quick: bool = False, backend: str = "auto") -> dict:
+def run_demo(output_dir: str = "outputs/demo", seed: int = 0, quick: bool = False, backend: str = "auto",
+             **overrides) -> dict:
     import ray
 
-    cfg = DemoConfig.make(output_dir, seed=seed, quick=quick, backend=backend)
+    cfg = DemoConfig.make(output_dir, seed=seed, quick=quick, backend=backend, **overrides)
     print(f"openrlhf-irl demo ({'quick' if quick else 'full'}): {json.dumps(asdict(cfg))}")
     try:
         return Demo(cfg).run()

@@ -7,9 +7,45 @@ import os
 import random
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
+
+# Everything the tests and the processes they start put in TMPDIR (Ray sessions, torch.distributed.run's
+# torchelastic_* folders, vLLM sockets, private run directories, pytest's own tmp_path) goes into one short folder
+# per pytest process, removed when the process ends; vLLM shared-memory segments the session left unmapped are
+# removed too. Short: AF_UNIX socket paths under it are limited to 107 bytes.
+_SESSION_TMP = tempfile.mkdtemp(prefix="ot_", dir="/tmp" if os.path.isdir("/tmp") else None)
+os.environ["TMPDIR"] = _SESSION_TMP
+tempfile.tempdir = _SESSION_TMP
+
+
+def _shm_segments() -> set[str]:
+    from openrlhf_irl.compat.ray_ppo import shm_segments
+
+    return shm_segments()
+
+
+_SHM_BEFORE = _shm_segments()
+
+
+def pytest_unconfigure(config):
+    import shutil
+    import time
+
+    from openrlhf_irl.compat.ray_ppo import remove_stale_shm
+
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()
+    remove_stale_shm(_SHM_BEFORE)
+    for _ in range(25):  # a process still stopping may write a last file: retry briefly
+        shutil.rmtree(_SESSION_TMP, ignore_errors=True)
+        if not os.path.exists(_SESSION_TMP):
+            break
+        time.sleep(0.2)
+
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")

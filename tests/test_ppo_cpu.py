@@ -101,6 +101,8 @@ def test_ppo_logged_reward_is_the_log_ratio_of_its_responses(log_ratio_run, mode
 
     result, reward_log, _ = log_ratio_run
     records = [json.loads(line) for line in reward_log.read_text().splitlines()]
+    check_call = records.pop(0)  # the launcher's up-front call: the first prompt, an empty response
+    assert check_call["query"] == check_call["prompt"] == _prompts(8)[0]
     assert len(records) == 16  # 2 steps x 4 prompts x 2 samples
     tok = AutoTokenizer.from_pretrained(models[0])
     sft = AutoModelForCausalLM.from_pretrained(models[0]).eval()
@@ -149,6 +151,31 @@ def test_reward_func_that_fails_to_import_is_refused(models, prompt_file, tmp_pa
     rc, err = _run_cli(_argv(models[0], prompt_file, "--reward.remote_url", str(bad)), capsys)
     assert rc == 2 and len(err) == 1
     assert "--reward.remote_url" in err[0] and "no_such_module_for_ppo" in err[0]
+
+
+@needs_cpu_layer
+@pytest.mark.parametrize("body,expected", [
+    ("return {'rewards': torch.zeros(len(queries) + 1)}", "'rewards' holds 2 values for 1 query"),
+    ("return {'rewards': torch.zeros(len(queries), 3)}", "'rewards' has shape (1, 3) for 1 query"),
+    ("return [0.0] * len(queries)", "must return a dict with 'rewards', got list"),
+    ("return {'rewards': torch.full((len(queries),), float('nan'))}", "must be finite numbers"),
+    ("raise KeyError('label')", "fails on a test call with the first prompt (KeyError: 'label')"),
+])
+def test_reward_func_that_returns_the_wrong_thing_is_refused(models, prompt_file, tmp_path, capsys, body, expected):
+    """OpenRLHF would log the error inside a vLLM engine and go on without rewards; the launcher calls the function
+    once on the first prompt and refuses what PPO could not use."""
+    bad = tmp_path / "bad_shape.py"
+    bad.write_text(f"import torch\ndef reward_func(queries, prompts, labels):\n    {body}\n")
+    rc, err = _run_cli(_argv(models[0], prompt_file, "--reward.remote_url", str(bad)), capsys)
+    assert rc == 2 and len(err) == 1 and err[0].startswith(f"error: --reward.remote_url {bad}: ")
+    assert expected in err[0], err[0]
+
+
+def test_reward_func_output_check_accepts_what_openrlhf_uses():
+    from openrlhf_irl.cli.train_ppo import check_reward_output
+
+    check_reward_output("f.py", {"rewards": torch.tensor([0.5, -1.0]), "scores": None}, 2)
+    check_reward_output("f.py", {"rewards": [1, 2.5]}, 2)
 
 
 @needs_cpu_layer

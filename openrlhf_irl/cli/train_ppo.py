@@ -9,7 +9,8 @@ actor ends the job with one line and no Ray or vLLM process left behind (a watch
 
 The AfD rewards: ``--reward.model_name_or_path`` an ``afd_rm`` or Bradley-Terry checkpoint, or
 ``--reward.remote_url openrlhf_irl/afd/ppo_reward_func.py`` (``AFD_SFT_MODEL``/``AFD_INIT_MODEL`` set) for the
-log-ratio ``log pi_SFT(y|x) - log pi_init(y|x)``.
+log-ratio ``log pi_SFT(y|x) - log pi_init(y|x)``. A reward function is called once up front on the dataset's first
+prompt with an empty response: OpenRLHF itself logs a failing reward function inside a vLLM engine and goes on.
 """
 
 from __future__ import annotations
@@ -144,8 +145,49 @@ def check_reward_model(args) -> None:
                          f"({len(reward_tok)} vs {len(policy_tok)} tokens): PPO passes the policy's token ids to it")
 
 
-def check_reward_func(url: str) -> None:
-    """A ``.py`` reward function imports and defines ``reward_func``; its own ``check_environment()`` passes."""
+def _first_prompt(args) -> str:
+    """The first prompt of ``--data.prompt_dataset`` (a local JSON-lines file), as OpenRLHF formats it; "" if the
+    dataset is not a local file (a hub dataset or a folder is read by OpenRLHF later)."""
+    path = args.data.prompt_dataset
+    if not (path and os.path.isfile(path) and path.endswith((".jsonl", ".json"))):
+        return ""
+    with open(path, encoding="utf-8") as f:
+        line = f.readline().strip()
+    try:
+        text = json.loads(line).get(args.data.input_key, "") if line else ""
+    except (ValueError, AttributeError):
+        return ""
+    text = text if isinstance(text, str) else ""
+    template = args.data.input_template
+    return template.format(text) if template and "{}" in template else text
+
+
+def check_reward_output(part: str, out, n: int) -> None:
+    """What OpenRLHF needs back from ``reward_func`` for ``n`` queries: a dict whose ``rewards`` holds ``n`` finite
+    numbers (OpenRLHF logs an exception from the function and goes on with no reward)."""
+    import math
+
+    import torch
+
+    if not isinstance(out, dict) or "rewards" not in out:
+        raise UsageError(f"--reward.remote_url {part}: reward_func must return a dict with 'rewards', got "
+                         f"{type(out).__name__}")
+    rewards = out["rewards"]
+    values = rewards.detach().float().reshape(-1).tolist() if isinstance(rewards, torch.Tensor) else rewards
+    if isinstance(rewards, torch.Tensor) and rewards.dim() != 1:
+        raise UsageError(f"--reward.remote_url {part}: 'rewards' has shape {tuple(rewards.shape)} for {n} "
+                         f"quer{'y' if n == 1 else 'ies'}; expected ({n},)")
+    if not isinstance(values, (list, tuple)) or len(values) != n:
+        size = len(values) if isinstance(values, (list, tuple)) else type(values).__name__
+        raise UsageError(f"--reward.remote_url {part}: 'rewards' holds {size} values for {n} "
+                         f"quer{'y' if n == 1 else 'ies'}; expected one per query")
+    if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in values):
+        raise UsageError(f"--reward.remote_url {part}: 'rewards' must be finite numbers, got {values}")
+
+
+def check_reward_func(url: str, prompt: str | None = None) -> None:
+    """A ``.py`` reward function imports and defines ``reward_func``; its own ``check_environment()`` passes; and,
+    when ``prompt`` is given, one call on (prompt, prompt with an empty response) returns one finite reward."""
     for part in url.split(","):
         if not part.endswith(".py"):
             continue
@@ -166,6 +208,15 @@ def check_reward_func(url: str) -> None:
                 check()
             except Exception as err:
                 raise UsageError(f"--reward.remote_url {part}: {err}") from None
+        if prompt is None:
+            continue
+        try:
+            out = module.reward_func([prompt], [prompt], [None])
+        except Exception as err:  # OpenRLHF would log this inside a vLLM engine and go on without rewards
+            line = str(err).strip().splitlines()[0] if str(err).strip() else ""
+            raise UsageError(f"--reward.remote_url {part}: reward_func fails on a test call with the first prompt "
+                             f"({type(err).__name__}: {line})") from None
+        check_reward_output(part, out, 1)
 
 
 def check(args) -> None:
@@ -173,13 +224,13 @@ def check(args) -> None:
     if not args.data.prompt_dataset:
         raise UsageError("--data.prompt_dataset: required")
     check_cpu_settings(args)
-    if args.reward.remote_url:
-        check_reward_func(args.reward.remote_url)
-    elif args.reward.model_name_or_path:
-        check_reward_model(args)
-    else:
+    if not (args.reward.remote_url or args.reward.model_name_or_path):
         raise UsageError("give --reward.model_name_or_path or --reward.remote_url")
     check_resources(args)
+    if args.reward.remote_url:
+        check_reward_func(args.reward.remote_url, _first_prompt(args))
+    else:
+        check_reward_model(args)
 
 
 # ------------------------------------------------------------------------------------------------------------ run

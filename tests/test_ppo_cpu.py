@@ -295,8 +295,11 @@ def test_ppo_over_a_reward_model_logs_the_models_own_scores(models, tmp_path):
         with torch.no_grad():
             hidden = backbone(torch.tensor([rec["ids"]])).last_hidden_state[0, -1]
         own.append(float(head[0] @ hidden))
-    assert [r["reward"] for r in records] == pytest.approx(own, rel=0.03, abs=0.05)  # bf16 actor, fp32 here
-    assert max(abs(x) for x in own) > 1.0, "scores near zero: the check would not see a wrong one"
+    scale = max(abs(x) for x in own)
+    assert scale > 1.0, "scores near zero: the check would not see a wrong one"
+    # the actor runs bf16: its error is a fraction of the terms summed (|head| |hidden|), not of the result, so the
+    # tolerance is 3% of the largest score (about 0.3 here), against scores spread over several units
+    assert [r["reward"] for r in records] == pytest.approx(own, abs=0.03 * scale)
     for step, logged in enumerate(result.logs):
         recorded = [r["reward"] for r in records[8 * step: 8 * step + 8]]
         assert logged["reward"] == pytest.approx(sum(recorded) / 8, abs=1e-4)

@@ -12,7 +12,7 @@ demo: env
 # Two pytest workers, one test file each at a time (module fixtures such as a shared vLLM engine stay in one
 # process); most end-to-end tests wait on process start-up, so two workers on two cores nearly halve the wall time.
 test: env
-	$(PY) -m pytest -q -p no:cacheprovider -n 2 --dist loadfile --durations=15 tests
+	$(PY) -m pytest -q -p no:cacheprovider -n 2 --dist loadfile --no-loadscope-reorder --durations=15 tests
 
 test-fast: env
 	$(PY) -m pytest -q -p no:cacheprovider -m "not slow" tests

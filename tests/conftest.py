@@ -14,8 +14,10 @@ import pytest
 
 # Everything the tests and the processes they start put in TMPDIR (Ray sessions, torch.distributed.run's
 # torchelastic_* folders, vLLM sockets, private run directories, pytest's own tmp_path) goes into one short folder
-# per pytest process, removed when the process ends; vLLM shared-memory segments the session left unmapped are
-# removed too. Short: AF_UNIX socket paths under it are limited to 107 bytes.
+# per pytest process, removed when the process ends; the vLLM shared-memory segments that appeared during the run
+# and that nothing maps at its end are removed by the main pytest process (with pytest-xdist: after its workers
+# ended, so that no segment a worker's engine is creating is touched). Short: AF_UNIX socket paths under it are
+# limited to 107 bytes.
 _SESSION_TMP = tempfile.mkdtemp(prefix="ot_", dir="/tmp" if os.path.isdir("/tmp") else None)
 os.environ["TMPDIR"] = _SESSION_TMP
 tempfile.tempdir = _SESSION_TMP
@@ -39,7 +41,8 @@ def pytest_unconfigure(config):
     ray = sys.modules.get("ray")
     if ray is not None and ray.is_initialized():
         ray.shutdown()
-    remove_stale_shm(_SHM_BEFORE)
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        remove_stale_shm(_shm_segments() - _SHM_BEFORE)
     for _ in range(25):  # a process still stopping may write a last file: retry briefly
         shutil.rmtree(_SESSION_TMP, ignore_errors=True)
         if not os.path.exists(_SESSION_TMP):

@@ -471,24 +471,31 @@ def test_setup_hook_is_what_ray_loads_into_every_worker():
 
 
 @pytest.mark.skipif(not os.path.isdir(ray_ppo.SHM_DIR), reason="no /dev/shm")
-def test_stale_shared_memory_is_removed_and_live_segments_kept():
+def test_only_the_jobs_own_unmapped_shared_memory_is_removed():
+    """Segments the job's processes mapped are candidates; of those, one still mapped (a process of another job
+    attached to it) stays; a new unmapped segment the job never mapped (another job creating it) stays."""
     import mmap
 
-    before = ray_ppo.shm_segments()
-    stale, live = (f"psm_test{uuid.uuid4().hex[:8]}" for _ in range(2))
-    paths = [os.path.join(ray_ppo.SHM_DIR, n) for n in (stale, live)]
-    for path in paths:
+    stale, live, foreign = (f"psm_test{uuid.uuid4().hex[:8]}" for _ in range(3))
+    paths = {n: os.path.join(ray_ppo.SHM_DIR, n) for n in (stale, live, foreign)}
+    for path in paths.values():
         with open(path, "wb") as f:
             f.write(b"\0" * 4096)
-    handle = open(paths[1], "r+b")
-    mapped = mmap.mmap(handle.fileno(), 4096)  # a live process maps it: another job's engine
+    handles = {n: open(paths[n], "r+b") for n in (stale, live)}
+    maps = {n: mmap.mmap(h.fileno(), 4096) for n, h in handles.items()}
     try:
-        removed = ray_ppo.remove_stale_shm(before)
-        assert stale in removed and live not in removed
-        assert not os.path.exists(paths[0]) and os.path.exists(paths[1])
+        owned = ray_ppo.shm_mapped_by([os.getpid()])
+        assert {stale, live} <= owned and foreign not in owned
+        maps.pop(stale).close()  # the job's process is gone: nobody maps it any more
+        handles.pop(stale).close()
+        removed = ray_ppo.remove_stale_shm(owned)
+        assert removed == [stale]
+        assert not os.path.exists(paths[stale]) and os.path.exists(paths[live]) and os.path.exists(paths[foreign])
     finally:
-        mapped.close()
-        handle.close()
-        for path in paths:
+        for m in maps.values():
+            m.close()
+        for h in handles.values():
+            h.close()
+        for path in paths.values():
             if os.path.exists(path):
                 os.unlink(path)

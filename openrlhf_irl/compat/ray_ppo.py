@@ -253,24 +253,43 @@ def shm_segments() -> set[str]:
         return set()
 
 
-def remove_stale_shm(before: set[str]) -> list[str]:
-    """Remove the shared-memory segments that appeared since ``before`` and that no live process maps (vLLM leaves
-    its ``psm_*`` buffers behind when its processes are killed); segments other jobs still use are kept."""
-    new = shm_segments() - before
-    if not new:
-        return []
-    in_use = set()
-    for entry in os.listdir("/proc"):
+def _mapped(pids=None) -> dict[int, str]:
+    """``{pid: text of /proc/pid/maps}`` for ``pids`` (every process when None)."""
+    out = {}
+    for entry in (os.listdir("/proc") if pids is None else map(str, pids)):
         if not entry.isdigit():
             continue
         try:
             with open(f"/proc/{entry}/maps", encoding="utf-8", errors="replace") as f:
-                text = f.read()
+                out[int(entry)] = f.read()
         except OSError:
             continue
-        in_use.update(n for n in new if f"{SHM_DIR}/{n}" in text)
+    return out
+
+
+def shm_mapped_by(pids) -> set[str]:
+    """The shared-memory segments (:data:`SHM_PREFIXES`) that the processes ``pids`` map now."""
+    names = set()
+    for text in _mapped(pids).values():
+        for line in text.splitlines():
+            path = line.rsplit(None, 1)[-1] if line.strip() else ""
+            if path.startswith(SHM_DIR + "/") and os.path.basename(path).startswith(SHM_PREFIXES):
+                names.add(os.path.basename(path))
+    return names
+
+
+def remove_stale_shm(candidates: set[str]) -> list[str]:
+    """Remove those of ``candidates`` (segments a job's own processes mapped, :func:`shm_mapped_by`) that no live
+    process maps any more: vLLM leaves its ``psm_*`` buffers behind when its processes are killed. Only a job's own
+    segments are candidates: a segment another job on the machine is creating this instant may not be mapped yet."""
+    candidates = {n for n in candidates if os.path.exists(os.path.join(SHM_DIR, n))}
+    if not candidates:
+        return []
+    in_use = set()
+    for text in _mapped().values():
+        in_use.update(n for n in candidates if f"{SHM_DIR}/{n}" in text)
     removed = []
-    for name in sorted(new - in_use):
+    for name in sorted(candidates - in_use):
         try:
             os.unlink(os.path.join(SHM_DIR, name))
             removed.append(name)

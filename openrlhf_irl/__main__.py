@@ -17,9 +17,17 @@ COMMANDS = {
 }
 
 
-def _offline_env() -> None:
+def _offline_env(output_dir: str) -> None:
+    """No downloads, and no caches in the home directory: datasets' and matplotlib's under the output directory's
+    ``.cache``, DeepSpeed's JIT-built ops and triton's in ``outputs/.cache`` next to the package (shared by runs, as
+    the PPO launcher keeps them); a user's own settings win."""
+    cache = os.path.join(os.path.abspath(output_dir), ".cache")
+    shared = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "outputs", ".cache")
     for key, value in {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "disabled",
-                       "TOKENIZERS_PARALLELISM": "false"}.items():
+                       "TOKENIZERS_PARALLELISM": "false", "HF_DATASETS_CACHE": os.path.join(cache, "hf_datasets"),
+                       "MPLCONFIGDIR": os.path.join(cache, "matplotlib"),
+                       "TORCH_EXTENSIONS_DIR": os.path.join(shared, "torch_extensions"),
+                       "TRITON_HOME": os.path.join(shared, "triton")}.items():
         os.environ.setdefault(key, value)
 
 
@@ -66,7 +74,7 @@ def main(argv=None) -> int:
                      help="sampling backend of the GenerationPool (default: %(default)s)")
     exp.add_argument("--no-spin", action="store_true", help="skip the SPIN-style DPO baseline")
     args = parser.parse_args(argv)
-    _offline_env()
+    _offline_env(args.output_dir)
     if args.command == "demo":
         from openrlhf_irl.demo.pipeline import run_demo
 

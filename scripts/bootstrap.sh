@@ -39,10 +39,12 @@ if [ "$extras" = "test" ]; then
   # break transformers' imports, and text generation needs none of them.
   $PIP uninstall -q -y torchvision torchaudio torchcodec >/dev/null 2>&1 || true
 fi
-if status=$("$VENV/bin/python" -m openrlhf_irl.compat.vllm_probe 2>/dev/null); then
+probe_tmp="$(mktemp -d)"  # what vLLM's import writes to TMPDIR (torchinductor_*) is removed with it
+if status=$(TMPDIR="$probe_tmp" "$VENV/bin/python" -m openrlhf_irl.compat.vllm_probe 2>/dev/null); then
   echo "[bootstrap] $status" >&2
 else
   echo "[bootstrap] WARNING: ${status:-vLLM probe failed}; tests that need vLLM engines will be skipped with this reason" >&2
 fi
+rm -rf "$probe_tmp"
 echo "$want" > "$STAMP"
 echo "[bootstrap] ready" >&2

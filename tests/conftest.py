@@ -21,6 +21,12 @@ import pytest
 _SESSION_TMP = tempfile.mkdtemp(prefix="ot_", dir="/tmp" if os.path.isdir("/tmp") else None)
 os.environ["TMPDIR"] = _SESSION_TMP
 tempfile.tempdir = _SESSION_TMP
+# and nothing in the home directory: datasets' cache, matplotlib's and triton's folders go there too; DeepSpeed's
+# JIT-built CPU ops are kept between runs in the repository's ignored outputs/.cache (where the PPO launcher puts them)
+_CACHE = Path(__file__).resolve().parents[1] / "outputs" / ".cache"
+os.environ.update(HF_DATASETS_CACHE=os.path.join(_SESSION_TMP, "hf_datasets"),
+                  MPLCONFIGDIR=os.path.join(_SESSION_TMP, "matplotlib"), TRITON_HOME=str(_CACHE / "triton"),
+                  TORCH_EXTENSIONS_DIR=str(_CACHE / "torch_extensions"))
 
 
 def _shm_segments() -> set[str]:

@@ -145,19 +145,20 @@ def check_reward_model(args) -> None:
                          f"({len(reward_tok)} vs {len(policy_tok)} tokens): PPO passes the policy's token ids to it")
 
 
-def _first_prompt(args) -> str:
-    """The first prompt of ``--data.prompt_dataset`` (a local JSON-lines file), as OpenRLHF formats it; "" if the
-    dataset is not a local file (a hub dataset or a folder is read by OpenRLHF later)."""
+def _first_prompt(args) -> str | None:
+    """The first prompt of ``--data.prompt_dataset`` (a local JSON-lines file), as OpenRLHF formats it; None when
+    the dataset is not such a file or its first record has no text prompt (OpenRLHF reads and checks it later)."""
     path = args.data.prompt_dataset
-    if not (path and os.path.isfile(path) and path.endswith((".jsonl", ".json"))):
-        return ""
+    if not (path and os.path.isfile(path) and path.endswith(".jsonl")):
+        return None
     with open(path, encoding="utf-8") as f:
         line = f.readline().strip()
     try:
-        text = json.loads(line).get(args.data.input_key, "") if line else ""
+        text = json.loads(line).get(args.data.input_key) if line else None
     except (ValueError, AttributeError):
-        return ""
-    text = text if isinstance(text, str) else ""
+        return None
+    if not isinstance(text, str):
+        return None
     template = args.data.input_template
     return template.format(text) if template and "{}" in template else text
 

@@ -28,27 +28,20 @@ os.environ.update(HF_DATASETS_CACHE=os.path.join(_SESSION_TMP, "hf_datasets"),
                   MPLCONFIGDIR=os.path.join(_SESSION_TMP, "matplotlib"), TRITON_HOME=str(_CACHE / "triton"),
                   TORCH_EXTENSIONS_DIR=str(_CACHE / "torch_extensions"))
 
+from openrlhf_irl.compat.ray_ppo import remove_stale_shm, shm_segments  # noqa: E402  (imports torch: after TMPDIR)
 
-def _shm_segments() -> set[str]:
-    from openrlhf_irl.compat.ray_ppo import shm_segments
-
-    return shm_segments()
-
-
-_SHM_BEFORE = _shm_segments()
+_SHM_BEFORE = shm_segments()
 
 
 def pytest_unconfigure(config):
     import shutil
     import time
 
-    from openrlhf_irl.compat.ray_ppo import remove_stale_shm
-
     ray = sys.modules.get("ray")
     if ray is not None and ray.is_initialized():
         ray.shutdown()
     if not os.environ.get("PYTEST_XDIST_WORKER"):
-        remove_stale_shm(_shm_segments() - _SHM_BEFORE)
+        remove_stale_shm(shm_segments() - _SHM_BEFORE)
     for _ in range(25):  # a process still stopping may write a last file: retry briefly
         shutil.rmtree(_SESSION_TMP, ignore_errors=True)
         if not os.path.exists(_SESSION_TMP):

@@ -4,6 +4,8 @@ padding, EOS, cut (bootstrapped) and multi-turn rows, with and without online-te
 transforms of Gemma-2/3, Cohere and Granite heads. Also: the single pass runs 3 lm_head-sized matmuls per chunk."""
 
 import math
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,6 +13,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from openrlhf_irl.losses import HeadTransform, IQTermWeights, fused_iq_learn_loss, linear_iq_objective, linear_q_and_v
 from openrlhf_irl.losses.fused_linear_qv import masked_linear_q_and_v
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import gpu_loss_check as glc  # noqa: E402
 
 V, H, T = 40, 16, 12
 
@@ -29,19 +34,8 @@ ROWS = [
 
 
 def build(gen, rows=ROWS):
-    b = len(rows)
-    mask = torch.zeros(b, T, dtype=torch.bool)
-    term = torch.zeros_like(mask)
-    cut = torch.zeros_like(mask)
-    for i, (_, segs, end) in enumerate(rows):
-        for s, n in segs:
-            mask[i, s:s + n] = True
-        if segs:
-            last = segs[-1][0] + segs[-1][1] - 1
-            term[i, last] = end == "eos"
-            cut[i, last] = end == "cut"
-    labels = torch.where(mask, torch.randint(0, V, (b, T), generator=gen), -100)
-    return mask, term, cut, labels
+    """Masks and labels of ``rows`` (the CUDA check ``benchmarks/gpu_loss_check.py`` builds its cases the same way)."""
+    return glc.build_batch(T, V, gen, [(segs, end) for _, segs, end in rows])
 
 
 def reference(logits, labels, mask, term, cut, weights, gamma):

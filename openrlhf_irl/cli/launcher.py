@@ -104,11 +104,15 @@ def resolve(task: str, argv: list[str]) -> TrainerPlugin:
 
 
 @contextlib.contextmanager
-def _as_main(module: str, argv: list[str]):
+def as_main(module: str, argv: list[str]):
+    """Run ``module`` as ``__main__`` with ``argv``; on a CPU machine its ``--ds.param_dtype`` also takes fp32/auto."""
+    from openrlhf_irl.compat import param_dtype
+
     old_argv = sys.argv
     sys.argv = [module, *argv]
     try:
-        yield
+        with param_dtype.accepting_fp32() if compat.is_active() else contextlib.nullcontext():
+            yield
     finally:
         sys.argv = old_argv
 
@@ -117,7 +121,7 @@ def _parse_as_main(module: str, argv: list[str], plugin: TrainerPlugin | None = 
     from openrlhf.utils.config import hierarchize
 
     try:
-        with _as_main(module, argv), plugin_arguments(plugin, stop_after_parse=True, add=add):
+        with as_main(module, argv), plugin_arguments(plugin, stop_after_parse=True, add=add):
             runpy.run_module(module, run_name="__main__")
     except _Parsed as done:
         return hierarchize(done.parsed)
@@ -144,10 +148,10 @@ def run(task: str, argv: list[str] | None = None) -> None:
     plugin = resolve(task, argv)
     module = TASKS[task].module
     if openrlhf_resolves_trainers():  # patched OpenRLHF: it adds the arguments and picks the classes itself
-        with _as_main(module, argv):
+        with as_main(module, argv):
             runpy.run_module(module, run_name="__main__")
         return
-    with _as_main(module, argv), plugin_arguments(plugin), plugin_classes(task, plugin):
+    with as_main(module, argv), plugin_arguments(plugin), plugin_classes(task, plugin):
         runpy.run_module(module, run_name="__main__")
 
 

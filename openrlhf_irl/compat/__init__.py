@@ -6,6 +6,8 @@ NCCL, a "cuda" device mesh) and a handful of ``torch.cuda`` calls in the strateg
 :func:`activate` bridges them at run time. It is a no-op when CUDA is present, when
 ``OPENRLHF_IRL_COMPAT=0``, or for an OpenRLHF version it was not written for.
 
+``--ds.param_dtype fp32``/``auto`` (bf16 only where the CPU computes it natively) is :mod:`.param_dtype`.
+
 Its vLLM engine path (engines on a CPU Ray cluster, the weight push) is bridged by :mod:`.vllm_cpu`: the
 driver side here, the engine side through the ``vllm.general_plugins`` entry point (:mod:`.vllm_plugin`).
 """
@@ -58,7 +60,7 @@ def activate() -> bool:
         return True
     if not needed():
         return False
-    from . import flash_attn_standin
+    from . import flash_attn_standin, param_dtype
 
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     from .vllm_cpu import DRIVER_PATCHES, install_import_hooks
@@ -66,6 +68,7 @@ def activate() -> bool:
     flash_attn_standin.install()
     _make_cuda_device_calls_harmless()
     _patch_strategy()
+    param_dtype.patch_convert_to_torch_dtype()  # --ds.param_dtype fp32 (the parser side: param_dtype.accepting_fp32)
     install_import_hooks(DRIVER_PATCHES)  # applied when OpenRLHF's vLLM modules are imported
     _state["active"] = True
     return True

@@ -176,16 +176,21 @@ CPU_ENGINE_ARGS = {
 
 
 class _CPUEngine:
-    """``RolloutRayActor.options(...)`` whose ``.remote(**engine_kwargs)`` adds :data:`CPU_ENGINE_ARGS` and runs the
-    engine eagerly: with TorchDynamo off (:func:`engine_env`) vLLM's compiled mode fails at start-up
+    """``RolloutRayActor.options(...)`` whose ``.remote(**engine_kwargs)`` adds :data:`CPU_ENGINE_ARGS`, sets the
+    engine's dtype to the run's (:func:`openrlhf_irl.compat.param_dtype.vllm_dtype`) and runs the engine eagerly:
+    with TorchDynamo off (:func:`engine_env`) vLLM's compiled mode fails at start-up
     ("aot_compile is not supported"), and CPU has no CUDA graphs to gain."""
 
     def __init__(self, actor_options):
         self._actor_options = actor_options
 
     def remote(self, *args, **kwargs):
+        from .param_dtype import vllm_dtype
+
         if engine_env()["TORCHDYNAMO_DISABLE"] == "1":
             kwargs["enforce_eager"] = True
+        # OpenRLHF passes bfloat16 always; on CPU the engine runs the run's dtype (fp32 where bf16 is emulated)
+        kwargs["dtype"] = vllm_dtype()
         for key, value in CPU_ENGINE_ARGS.items():
             kwargs.setdefault(key, value)
         return self._actor_options.remote(*args, **kwargs)

@@ -15,6 +15,7 @@ Comparisons (``IQ-Learn - MLE`` etc.) are paired: the bootstrap runs on per-(see
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import asdict, is_dataclass
 
@@ -195,15 +196,23 @@ def build_report(root: str, cfg, seed_results: list[dict], title: str, extra_md:
              "policies": plot_policies(rows, os.path.join(root, "policies.png")),
              "quality_diversity": plot_quality_diversity(rows, os.path.join(root, "quality_diversity.png")),
              "subsets": plot_subsets(rows, os.path.join(root, "subsets.png"))}
-    report = {"config": config, "seeds": seeds, "backend": backend, "n_eval_prompts": n_prompts,
-              "rows": rows, "comparisons": comps, "timings_s": timings, "reading": sentences}
+    dtypes = {json.dumps(r["param_dtype"], sort_keys=True) for r in seed_results if r.get("param_dtype")}
+    if len(dtypes) == 1:
+        param_dtype = json.loads(dtypes.pop())
+    else:  # results of a version that did not record it, or seeds that ran on different machines
+        param_dtype = {"dtype": "mixed" if dtypes else "not recorded", "reason": "; ".join(sorted(dtypes))}
+    report = {"config": config, "seeds": seeds, "backend": backend, "param_dtype": param_dtype,
+              "n_eval_prompts": n_prompts, "rows": rows, "comparisons": comps, "timings_s": timings,
+              "reading": sentences}
     atomic_write_json(os.path.join(root, "report.json"), report)
 
     groups = {}
     for r in rows.values():
         groups.setdefault(r["group"], []).append(r)
     md = [f"# {title}", "",
-          f"Seeds: {', '.join(map(str, seeds))}. Sampling backend: **{backend}** (GenerationPool). Evaluation on "
+          f"Seeds: {', '.join(map(str, seeds))}. Sampling backend: **{backend}** (GenerationPool). Training, reward "
+          f"models and vLLM engines in **{param_dtype['dtype']}** ({param_dtype['reason'] or 'no reason recorded'}). "
+          "Evaluation on "
           f"**held-out prompts** only ({n_prompts} (seed, prompt) units, none used in pre-training, SFT, AfD sampling "
           "or reward-model training). Every cell is the mean with a 95% bootstrap interval (seeds resampled, then "
           "prompts). Win rates compare golden rewards per prompt against the MLE SFT policy's samples ('vs SFT') and "

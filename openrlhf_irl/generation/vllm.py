@@ -9,8 +9,9 @@ nondeterminism of the kernels).
 
 ``Completion.logprob`` is the sum of the engine's logprobs of the sampled tokens, with the engines built with
 ``logprobs_mode="raw_logprobs"``: log-softmax of the raw model logits, i.e. the model at temperature 1 before
-temperature/top-p, computed by the sampler in the engine's dtype (bfloat16) - not a teacher-forced rescoring
-like the HF backend, so expect bf16-level differences. ``finished`` is ``finish_reason == "stop"`` (EOS).
+temperature/top-p, computed by the sampler in the engine's dtype (bfloat16 on GPUs; on CPU bfloat16 where the CPU has native bf16
+and float32 otherwise, :mod:`openrlhf_irl.compat.param_dtype`) - not a teacher-forced rescoring like the HF backend,
+so expect differences at that dtype's precision. ``finished`` is ``finish_reason == "stop"`` (EOS).
 
 Imports of vLLM and OpenRLHF's engine code are lazy: this module imports anywhere; :func:`require_vllm` says
 clearly when vLLM cannot run here, and :func:`check_servable` refuses a model vLLM cannot serve before any
@@ -110,6 +111,15 @@ def wait_engines_ready(engines: Sequence, model: str) -> None:
             hint = ("; the KV cache does not fit: lower max_model_len or raise the cache "
                     "(VLLM_CPU_KVCACHE_SPACE=<GiB> on CPU, gpu_memory_utilization on GPUs)")
         raise RuntimeError(f"vLLM engine for {model} failed to start: {cause}{hint}") from None
+
+
+def _engine_torch_dtype():
+    """The dtype OpenRLHF's engines run in: bfloat16 on GPUs; on CPU the run's (fp32 where bf16 is emulated)."""
+    import torch
+
+    from openrlhf_irl.compat.param_dtype import engine_dtype, torch_dtype
+
+    return torch.bfloat16 if torch.cuda.is_available() else torch_dtype(engine_dtype())
 
 
 def _capturing_placement_groups(sink: list, create_vllm_engines):
@@ -226,7 +236,7 @@ class VLLMGenerator:
         from .loading import load_causal_lm, load_tokenizer
 
         self._tmpdir = tempfile.TemporaryDirectory(prefix="openrlhf_irl_merged_")
-        merged = load_causal_lm(model, lora=lora, dtype="bfloat16", device="cpu")
+        merged = load_causal_lm(model, lora=lora, dtype=_engine_torch_dtype(), device="cpu")
         merged.save_pretrained(self._tmpdir.name)
         load_tokenizer(model).save_pretrained(self._tmpdir.name)
         del merged

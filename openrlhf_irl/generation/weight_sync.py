@@ -82,7 +82,7 @@ def policy_weights(model: nn.Module, *, zero_stage: int = 0, dtype: Optional[tor
       the module is not modified) and the adapter matrices are not yielded.
     * Under ZeRO-3 each parameter (with a LoRA layer's adapters) is gathered while it is yielded: every rank must
       iterate, in the same order; ranks other than 0 may ignore the values.
-    * Tensors are detached; ``dtype`` casts them (vLLM engines run in bfloat16).
+    * Tensors are detached; ``dtype`` casts them to the engines' dtype.
     """
     yield from _export(_export_plan(model), zero_stage, dtype)
 
@@ -128,12 +128,16 @@ class EngineWeightSync:
     """
 
     def __init__(self, engines: Sequence, *, tensor_parallel_size: int = 1, mode: str = "nccl",
-                 engine_dtype: torch.dtype = torch.bfloat16, group_factory: Callable = openrlhf_broadcast_group,
+                 engine_dtype: Optional[torch.dtype] = None, group_factory: Callable = openrlhf_broadcast_group,
                  reset_prefix_cache: bool = True):
         if mode not in WEIGHT_SYNC_MODES:
             raise ValueError(f"weight sync mode must be one of {WEIGHT_SYNC_MODES}, got {mode!r}")
         self.engines = list(engines)
         self.mode = mode
+        if engine_dtype is None:  # the dtype this process starts its engines in (bf16, or fp32 where bf16 is emulated)
+            from openrlhf_irl.compat.param_dtype import engine_dtype as run_dtype, torch_dtype
+
+            engine_dtype = torch_dtype(run_dtype()) if not torch.cuda.is_available() else torch.bfloat16
         self.engine_dtype = engine_dtype
         self.reset_prefix_cache = reset_prefix_cache
         self._group = None

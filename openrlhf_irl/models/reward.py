@@ -25,6 +25,7 @@ class RewardScorer:
     ``normalize_reward`` applies the ``(r - mean) / std`` stored in its config.json at training (as PPO's
     ``--reward.normalize_enable`` would); off by default, so an AfD model returns its logit. ``max_length``
     cuts the text as training did with ``--data.max_len`` (last token forced to EOS); None keeps it whole.
+    ``param_dtype`` ``auto``: bf16 where the CPU computes it natively (or on CUDA), fp32 otherwise.
     """
 
     def __init__(
@@ -38,20 +39,23 @@ class RewardScorer:
         tokenizer_chat_template: Optional[str] = None,
         normalize_reward: bool = False,
         max_length: Optional[int] = None,
-        param_dtype: str = "bf16",
+        param_dtype: str = "auto",
         attn_implementation: str = "eager",
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         compat.activate()
         from openrlhf.models import get_llm_for_sequence_regression
+
+        from openrlhf_irl.compat.param_dtype import resolve as resolve_param_dtype
         from openrlhf.utils import get_tokenizer
         from transformers import AutoConfig
 
         config = AutoConfig.from_pretrained(model_path, trust_remote_code=True)
         self.value_head_prefix = getattr(config, "value_head_prefix", "score")
         self.model = get_llm_for_sequence_regression(
-            model_path, "reward", normalize_reward=normalize_reward, param_dtype=param_dtype,
+            model_path, "reward", normalize_reward=normalize_reward,
+            param_dtype=resolve_param_dtype(param_dtype).dtype,
             attn_implementation=attn_implementation, value_head_prefix=self.value_head_prefix,
         ).to(device).eval()
         self.tokenizer = get_tokenizer(model_path, self.model, "left", None)

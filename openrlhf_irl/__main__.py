@@ -60,6 +60,8 @@ def main(argv=None) -> int:
     demo.add_argument("--ppo-rewards", default=None, metavar="LIST",
                       help="comma-separated rewards of the PPO stage, from 'BCE init-sft', 'BT init-sft', 'log-ratio' "
                            "(default: BCE init-sft,log-ratio); 'none' skips PPO")
+    demo.add_argument("--verbose", action="store_true", help="every stage's output on the terminal (OpenRLHF, "
+                      "DeepSpeed, vLLM, Ray) instead of a line per stage and logs in OUTPUT_DIR/logs/")
 
     exp = sub.add_parser("experiment", help="the demo's pipeline over several seeds with the papers' comparisons; "
                                             "every row as mean with a 95%% interval")
@@ -73,6 +75,8 @@ def main(argv=None) -> int:
     exp.add_argument("--backend", choices=("auto", "hf", "vllm"), default="auto",
                      help="sampling backend of the GenerationPool (default: %(default)s)")
     exp.add_argument("--no-spin", action="store_true", help="skip the SPIN-style DPO baseline")
+    exp.add_argument("--verbose", action="store_true", help="every stage's output on the terminal instead of a "
+                     "line per stage and logs in OUTPUT_DIR/seed_<s>/logs/")
     args = parser.parse_args(argv)
     _offline_env(args.output_dir)
     if args.command == "demo":
@@ -88,7 +92,8 @@ def main(argv=None) -> int:
             DemoConfig.make(args.output_dir, quick=args.quick, **overrides)  # refused here, before any work
         except ValueError as err:
             parser.error(f"--ppo-rewards: {err}")
-        run_demo(args.output_dir, seed=args.seed, quick=args.quick, backend=args.backend, **overrides)
+        run_demo(args.output_dir, seed=args.seed, quick=args.quick, backend=args.backend, verbose=args.verbose,
+                 **overrides)
     elif args.command == "experiment":
         text = args.seeds.strip()
         try:
@@ -100,7 +105,7 @@ def main(argv=None) -> int:
         from openrlhf_irl.eval.experiment import run_experiment
 
         run_experiment(args.output_dir, seeds, backend=args.backend, spin=not args.no_spin,
-                       scale="quick" if args.quick else args.scale)
+                       scale="quick" if args.quick else args.scale, verbose=args.verbose)
     return 0
 
 

@@ -4,6 +4,7 @@ a child process, Python logging), the terminal gets the stage line, a failure sh
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import subprocess
@@ -152,3 +153,69 @@ def test_on_a_tty_the_running_line_counts_in_place(tmp_path, capfd):
     assert line.startswith("[1/1] slow ...") and line.count("\r") >= 2 and line.rsplit("\r", 1)[1].startswith(
         "[1/1] slow ...")
     assert "hidden" not in out and bar.startswith("[####################] 1/1 stages")
+
+
+def _fake_stages(monkeypatch, fail: bool = False):
+    """The demo's stage loop over two cheap stages that write to fds 1 and 2 the ways real ones do."""
+    from openrlhf_irl.demo.pipeline import Demo, Stage
+
+    def second():
+        _noisy("second")
+        if fail:
+            raise RuntimeError("stage two broke")
+
+    monkeypatch.setattr(Demo, "stages", lambda self: [Stage("first stage", lambda: _noisy("first")),
+                                                      Stage("second stage (detail)", second)])
+
+
+def test_experiment_prints_stage_lines_and_writes_stage_logs(tmp_path, capfd, monkeypatch):
+    import openrlhf_irl.demo.report as report
+    from openrlhf_irl.eval.experiment import run_experiment
+
+    _fake_stages(monkeypatch)
+    monkeypatch.setattr(report, "build_report", lambda *a, **k: print("report-table") or {"ok": True})
+    with real_streams():
+        assert run_experiment(str(tmp_path), [0, 1], scale="quick", backend="hf", command="x") == {"ok": True}
+    out, err = capfd.readouterr()
+    lines = out.splitlines()
+    assert len(lines) == 2 + 2 * 2 * 3 and err == ""  # header, footer; per stage: start, done, bar
+    assert lines[1] == f"seed 0 [1/2] first stage (log: {tmp_path}/seed_0/logs/01-first-stage.log)"
+    assert lines[2].startswith("seed 0 [1/2] first stage ....") and lines[-2].startswith("[####################] 4/4")
+    assert "about" in lines[6] and lines[6].endswith(" left")  # after seed 0, an estimate for seed 1
+    assert not any(f"-{k}" in out for k in NOISE) and "report-table" not in out
+    for s in (0, 1):
+        for name, tag in (("01-first-stage.log", "first"), ("02-second-stage.log", "second")):
+            text = (tmp_path / f"seed_{s}" / "logs" / name).read_text()
+            assert all(f"{tag}-{k}" in text for k in NOISE)
+        results = json.loads((tmp_path / f"seed_{s}" / "results.json").read_text())
+        assert results["log_dir"] == str(tmp_path / f"seed_{s}" / "logs")
+        assert set(results["timings_s"]) == {"first stage", "second stage (detail)"}
+    assert "report-table" in (tmp_path / "logs" / "run.log").read_text()
+    with real_streams():  # a rerun reuses both seeds: one line and a bar each
+        run_experiment(str(tmp_path), [0, 1], scale="quick", backend="hf", command="x")
+    assert capfd.readouterr().out.count("reusing") == 2
+
+
+def test_demo_stage_failure_shows_its_log_and_propagates(tmp_path, capfd, monkeypatch):
+    from openrlhf_irl.demo.pipeline import run_demo
+
+    _fake_stages(monkeypatch, fail=True)
+    with real_streams(), pytest.raises(RuntimeError, match="stage two broke"):
+        run_demo(str(tmp_path), quick=True, backend="hf")
+    out, err = capfd.readouterr()
+    assert out.splitlines()[-2].startswith("[2/2] second stage (detail) ....") and "failed after" in out
+    assert err.count("--- full log:") == 1 and "02-second-stage.log" in err and "second-child-err" in err
+    assert not any(f"first-{k}" in out + err for k in NOISE)
+
+
+def test_demo_verbose_shows_everything(tmp_path, capfd, monkeypatch):
+    import openrlhf_irl.demo.report as report
+    from openrlhf_irl.demo.pipeline import run_demo
+
+    _fake_stages(monkeypatch)
+    monkeypatch.setattr(report, "build_report", lambda *a, **k: print("report-table") or {})
+    with real_streams():
+        run_demo(str(tmp_path), quick=True, backend="hf", verbose=True)
+    out, err = capfd.readouterr()
+    assert "first-fd1" in out and "second-child-err" in err and "report-table" in out and "[2/2] second" in out
+    assert not (tmp_path / "logs").exists()

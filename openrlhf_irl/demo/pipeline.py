@@ -33,6 +33,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable
 
+from openrlhf_irl.utils.stage_log import StageProgress, fmt_duration, log_name, stage_output, write_terminal
+
 # Prompt and answer are joined by a newline in every stage: a trailing space in the prompt would be tokenized apart
 # from the answer's first word by byte-level BPE, so generation would start from a state never seen in training.
 INPUT_TEMPLATE = "{}\n"
@@ -137,13 +139,19 @@ def iq_label(td: float) -> str:
 
 
 class Demo:
-    def __init__(self, cfg: DemoConfig, progress: Callable[[str], None] | None = None):
+    def __init__(self, cfg: DemoConfig, progress=None, verbose: bool = False, label_prefix: str = ""):
+        """``progress``: a :class:`openrlhf_irl.utils.stage_log.StageProgress` shared by several runs (the
+        experiment's seeds), else one per run; ``verbose``: every stage's output on the terminal instead of
+        ``logs/NN-<stage>.log``; ``label_prefix`` starts each stage line (``"seed 2 "``)."""
         self.cfg = cfg
         self.root = os.path.abspath(cfg.output_dir)
         self.timings: dict[str, float] = {}
         self.policies: dict[str, Policy] = {}
         self.backends: set[str] = set()
         self.progress = progress
+        self.verbose = verbose
+        self.label_prefix = label_prefix
+        self.log_dir = os.path.join(self.root, "logs")
 
     # ------------------------------------------------------------------ helpers
     def path(self, *parts: str) -> str:
@@ -182,14 +190,15 @@ class Demo:
         os.makedirs(self.root, exist_ok=True)
         self.results = {"seed": self.cfg.seed, "config": asdict(self.cfg), "rows": {}, "refs": {}}
         stages = self.stages()
+        progress = self.progress or StageProgress([st.name for st in stages])
         for i, st in enumerate(stages, 1):
-            print(f"\n=== [{i}/{len(stages)}] {st.name} (seed {self.cfg.seed}) ===", flush=True)
             start = time.time()
-            st.fn()
+            with progress.stage(st.name, os.path.join(self.log_dir, log_name(i, st.name)), verbose=self.verbose,
+                                label=f"{self.label_prefix}[{i}/{len(stages)}] {st.name}"):
+                st.fn()
             self.timings[st.name] = round(time.time() - start, 1)
-            print(f"=== {st.name}: {self.timings[st.name]} s ===", flush=True)
-            if self.progress:
-                self.progress(st.name)
+        if not self.verbose:
+            self.results["log_dir"] = self.log_dir
         self.results["backend"] = ",".join(sorted(self.backends))
         self.results["timings_s"] = self.timings
         atomic_write_json(os.path.join(self.root, "results.json"), self.results)
@@ -496,20 +505,34 @@ class Demo:
 
         results = self.run_stages()
         start = time.time()
-        report = build_report(self.root, self.cfg, [results], title=f"openrlhf-irl demo "
-                              f"({'quick' if self.cfg.quick else 'full'}, seed {self.cfg.seed})")
+        with stage_output(os.path.join(self.log_dir, "report.log"), self.verbose):
+            report = build_report(self.root, self.cfg, [results], title=f"openrlhf-irl demo "
+                                  f"({'quick' if self.cfg.quick else 'full'}, seed {self.cfg.seed})")
         self.timings["report"] = round(time.time() - start, 1)
         return report
 
 
 def run_demo(output_dir: str = "outputs/demo", seed: int = 0, quick: bool = False, backend: str = "auto",
-             **overrides) -> dict:
+             verbose: bool = False, **overrides) -> dict:
+    """Run the demo. The terminal gets a line per stage and a progress bar; each stage's own output goes to
+    ``<output_dir>/logs/NN-<stage>.log``, what arrives between stages to ``logs/run.log`` (``verbose``: all of it
+    on the terminal)."""
     import ray
 
     cfg = DemoConfig.make(output_dir, seed=seed, quick=quick, backend=backend, **overrides)
-    print(f"openrlhf-irl demo ({'quick' if quick else 'full'}): {json.dumps(asdict(cfg))}")
-    try:
-        return Demo(cfg).run()
-    finally:
-        if ray.is_initialized():
-            ray.shutdown()
+    demo = Demo(cfg, verbose=verbose)
+    kind = "quick" if quick else "full"
+    if not verbose:
+        write_terminal(f"openrlhf-irl demo ({kind}, seed {seed}): {len(demo.stages())} stages into {demo.root}; "
+                       f"each stage's output in {demo.log_dir}/ (--verbose shows it here)\n")
+    start = time.time()
+    with stage_output(os.path.join(demo.log_dir, "run.log"), verbose):
+        print(f"openrlhf-irl demo ({kind}): {json.dumps(asdict(cfg))}")
+        try:
+            report = demo.run()
+        finally:
+            if ray.is_initialized():
+                ray.shutdown()
+    write_terminal(f"demo done in {fmt_duration(time.time() - start)}; report: "
+                   f"{os.path.join(demo.root, 'report.md')}\n")
+    return report

@@ -105,53 +105,59 @@ def settings_md(cfg: DemoConfig, seeds: list[int], command: str, wall_s: float, 
 
 
 def run_experiment(output_dir: str, seeds: list[int], quick: bool = False, backend: str = "auto",
-                   spin: bool = True, command: str | None = None, scale: str | None = None) -> dict:
+                   spin: bool = True, command: str | None = None, scale: str | None = None,
+                   verbose: bool = False) -> dict:
+    """The seeds in turn; the terminal gets a line per stage and a bar over every seed's stages, each stage's output
+    goes to ``seed_<s>/logs/NN-<stage>.log`` and the rest to ``<output_dir>/logs/run.log`` (``verbose``: all of it
+    on the terminal)."""
     import ray
-    from tqdm import tqdm
 
     from openrlhf_irl.demo.report import build_report
+    from openrlhf_irl.utils.stage_log import StageProgress, stage_output
 
     root = os.path.abspath(output_dir)
     scale = scale or ("quick" if quick else "full")
     base = experiment_config(root, backend=backend, spin=spin, scale=scale)
     command = command or "openrlhf-irl " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    n_stages = len(Demo(base).stages())
+    stage_names = [st.name for st in Demo(base).stages()]
+    n_stages = len(stage_names)
     per_seed = MINUTES_PER_SEED[scale]
     print(f"openrlhf-irl experiment ({scale}): seeds {seeds}, {n_stages} stages per seed; "
-          f"about {per_seed:g} min per seed on a busy 2-core CPU, so about {per_seed * len(seeds):.0f} min in all.",
+          f"about {per_seed:g} min per seed on a busy 2-core CPU, so about {per_seed * len(seeds):.0f} min in all"
+          + ("." if verbose else f"; each stage's output in seed_<s>/logs/ under {root} (--verbose shows it here)."),
           flush=True)
     start = time.time()
     results, seed_times = [], {}
-    bar = tqdm(total=n_stages * len(seeds), unit="stage", file=sys.stderr, dynamic_ncols=True)
-    try:
-        for s in seeds:
-            cfg = replace(base, seed=s, output_dir=os.path.join(root, f"seed_{s}"))
-            path = os.path.join(cfg.output_dir, "results.json")
-            done = _finished(path, cfg)
-            if done is None:
-                if os.path.exists(cfg.output_dir):
-                    shutil.rmtree(cfg.output_dir)  # settings changed or the seed was cut short: start it clean
-                seed_start = time.time()
-                bar.set_description(f"seed {s}")
-                done = Demo(cfg, progress=lambda _name: bar.update(1)).run_stages()
-                seed_times[s] = time.time() - seed_start
-            else:
-                print(f"seed {s}: reusing {path} (same settings)", flush=True)
-                bar.update(n_stages)
-                seed_times[s] = sum(done.get("timings_s", {}).values())
-            results.append(done)
-            stage_means = {k: round(sum(r["timings_s"].get(k, 0) for r in results) / len(results), 1)
-                           for k in results[0]["timings_s"]}
-            report = build_report(
-                root, replace(base, seed=seeds[0]), results,
-                title=f"openrlhf-irl experiment ({scale} scale, {len(results)} seed"
-                      f"{'s' if len(results) > 1 else ''})",
-                extra_md=settings_md(base, [r["seed"] for r in results], command, time.time() - start, seed_times),
-                timings={f"{k} (mean per seed)": v for k, v in stage_means.items()})
-    finally:
-        bar.close()
-        if ray.is_initialized():
-            ray.shutdown()
+    progress = StageProgress(stage_names * len(seeds))
+    with stage_output(os.path.join(root, "logs", "run.log"), verbose):
+        try:
+            for s in seeds:
+                cfg = replace(base, seed=s, output_dir=os.path.join(root, f"seed_{s}"))
+                path = os.path.join(cfg.output_dir, "results.json")
+                done = _finished(path, cfg)
+                if done is None:
+                    if os.path.exists(cfg.output_dir):
+                        shutil.rmtree(cfg.output_dir)  # settings changed or the seed was cut short: start it clean
+                    seed_start = time.time()
+                    done = Demo(cfg, progress=progress, verbose=verbose, label_prefix=f"seed {s} ").run_stages()
+                    seed_times[s] = time.time() - seed_start
+                else:
+                    timings = done.get("timings_s", {})
+                    progress.skip({name: timings.get(name, 0.0) for name in stage_names},
+                                  f"seed {s}: reusing {path} (same settings)")
+                    seed_times[s] = sum(timings.values())
+                results.append(done)
+                stage_means = {k: round(sum(r["timings_s"].get(k, 0) for r in results) / len(results), 1)
+                               for k in results[0]["timings_s"]}
+                report = build_report(
+                    root, replace(base, seed=seeds[0]), results,
+                    title=f"openrlhf-irl experiment ({scale} scale, {len(results)} seed"
+                          f"{'s' if len(results) > 1 else ''})",
+                    extra_md=settings_md(base, [r["seed"] for r in results], command, time.time() - start, seed_times),
+                    timings={f"{k} (mean per seed)": v for k, v in stage_means.items()})
+        finally:
+            if ray.is_initialized():
+                ray.shutdown()
     print(f"experiment: {len(results)} seed(s) in {(time.time() - start) / 60:.1f} min; report: "
           f"{os.path.join(root, 'report.md')}")
     return report

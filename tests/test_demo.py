@@ -4,10 +4,12 @@ models, Best-of-N), evaluates on held-out prompts only, and the report has every
 from __future__ import annotations
 
 import json
+import os
+import re
 
 import pytest
 
-from conftest import assert_ok, run_python
+from conftest import REPO, assert_ok, run_python
 
 
 @pytest.mark.slow
@@ -20,6 +22,23 @@ def test_quick_demo_end_to_end(tmp_path):
     assert_ok(proc)
     report = json.loads((out / "report.json").read_text())
     results = json.loads((out / "results.json").read_text())
+    # the terminal (not a TTY here): a header, per stage a start line naming its log, a done line with its time and
+    # a bar, a footer; everything else (OpenRLHF, DeepSpeed, Ray, progress bars) is in the stage's log
+    stages = list(results["timings_s"])
+    lines = proc.stdout.splitlines()
+    assert len(stages) == 7 and len(lines) == 3 * len(stages) + 2, proc.stdout
+    assert len(proc.stderr.splitlines()) <= 5, proc.stderr
+    assert lines[0].startswith("openrlhf-irl demo (quick, seed 1): 7 stages") and lines[-1].endswith("report.md")
+    logs = re.findall(r"^\[(\d)/7\] (.+) \(log: (.+)\)$", proc.stdout, re.M)
+    assert [(int(i), name) for i, name, _ in logs] == list(enumerate(stages, 1))
+    for (i, name, log), done, bar in zip(logs, lines[2::3], lines[3::3]):
+        assert re.fullmatch(rf"\[{i}/7\] {re.escape(name)} \.{{3,}} (\d+\.\d s|\d+ m \d\d s)", done), done
+        assert bar.startswith("[") and f"] {i}/7 stages, " in bar and bar.endswith(" elapsed"), bar
+        assert os.path.join(str(out), "logs", os.path.basename(log)) == os.path.join(str(REPO), log)
+        assert os.path.basename(log).startswith(f"{int(i):02d}-") and os.path.getsize(os.path.join(str(REPO), log)) > 0
+    assert results["log_dir"] == str(out / "logs")
+    assert "Train step of epoch" in (out / "logs" / "02-base-model-initial-policy.log").read_text()  # OpenRLHF tqdm
+    assert "ppo" in (out / "logs" / "05-ppo-over-the-afd-rewards.log").read_text().lower()
     rows = {r["label"]: r for r in report["rows"].values()}
     for name in ("initial policy", "MLE SFT", "IQ-Learn SFT (td 0.05)", "demonstrations (noisy expert)"):
         assert name in rows and 0.0 <= rows[name]["golden"]["lo"] <= rows[name]["golden"]["mean"] <= \

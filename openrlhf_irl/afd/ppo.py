@@ -82,7 +82,8 @@ def run_ppo(policy: str, prompts: Sequence[str], out_dir: str, *, reward_model: 
             log_ratio: tuple[str, str] | None = None, reward_func: str | None = None,
             env: dict | None = None, timeout_s: float | None = None, quiet: bool = True, **kwargs) -> PPOResult:
     """Run PPO on ``prompts`` from ``policy``; the reward is ``reward_model``, the AfD log-ratio
-    ``log_ratio=(sft_dir, init_dir)`` or a ``reward_func`` file. ``kwargs`` go to :func:`ppo_argv`.
+    ``log_ratio=(sft_dir, init_dir)`` or a ``reward_func`` file. ``kwargs`` go to :func:`ppo_argv`. ``quiet``: the
+    run's output is not shown (else its stdout as it comes and its stderr once it ends).
     Raises ``RuntimeError`` with the launcher's error line when the run fails."""
     need = kwargs.get("prompts_per_step", 4) * kwargs.get("steps", 2)
     if len(prompts) < need:
@@ -109,6 +110,9 @@ def run_ppo(policy: str, prompts: Sequence[str], out_dir: str, *, reward_model: 
                           stdout=subprocess.PIPE if quiet else None, stderr=subprocess.PIPE, text=True,
                           timeout=timeout_s)
     seconds = time.monotonic() - start
+    if not quiet and proc.stderr:  # kept for the error line below; shown (or logged: the demo's stage log) too
+        sys.stderr.write(proc.stderr)
+        sys.stderr.flush()
     if proc.returncode != 0:
         errors = [line for line in (proc.stderr or "").splitlines() if line.startswith("error:")]
         tail = errors[-1] if errors else (proc.stderr or "").strip().splitlines()[-1:] or ["(no output)"]

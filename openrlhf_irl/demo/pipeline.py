@@ -418,7 +418,8 @@ class Demo:
             result = run_ppo(sft, prompts, self.path("ppo", name, "run"), **route, steps=cfg.ppo_steps,
                              prompts_per_step=cfg.ppo_prompts_per_step, samples_per_prompt=cfg.ppo_samples_per_prompt,
                              max_new_tokens=cfg.max_new_tokens, lr=cfg.ppo_lr, kl_coef=cfg.ppo_kl,
-                             extra=["--data.input_template", INPUT_TEMPLATE, "--train.seed", str(cfg.seed)])
+                             extra=["--data.input_template", INPUT_TEMPLATE, "--train.seed", str(cfg.seed)],
+                             quiet=False)  # its output in the stage's log (the terminal with --verbose)
             rewards = [step.get("reward") for step in result.logs]
             print(f"PPO ({reward}): {len(result.logs)} steps in {result.seconds:.0f} s; training reward per step "
                   + ", ".join(f"{r:.3f}" for r in rewards if r is not None))

@@ -222,6 +222,12 @@ def check_reward_func(url: str, prompt: str | None = None) -> None:
 
 
 def check(args) -> None:
+    from openrlhf_irl.cli.train_checks import check_training_args
+
+    try:
+        check_training_args(args)  # numbers finite and in range; --ckpt.* never an input nor a stranger's folder
+    except ValueError as err:
+        raise UsageError(str(err)) from None
     check_model(args.actor.model_name_or_path, "--actor.model_name_or_path")
     if not args.data.prompt_dataset:
         raise UsageError("--data.prompt_dataset: required")
@@ -255,10 +261,15 @@ def run_cpu(argv: list[str]) -> int:
     from openrlhf_irl import compat
     from openrlhf_irl.compat import ray_ppo
 
-    argv = cpu_argv(argv)
+    from openrlhf_irl.cli.train_checks import claim_outputs
+
+    overwrite = "--ckpt.overwrite" in argv  # ours, not OpenRLHF's: taken out before its parser sees it
+    argv = cpu_argv([a for a in argv if a != "--ckpt.overwrite"])
     try:
         args = parse(argv)
+        args.ckpt.overwrite = overwrite
         check(args)
+        claim_outputs(args)
     except UsageError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

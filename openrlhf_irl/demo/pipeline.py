@@ -187,7 +187,9 @@ class Demo:
         """Run every stage; return the seed's results (written to ``results.json``)."""
         from openrlhf_irl.utils.jsonl import atomic_write_json
 
-        os.makedirs(self.root, exist_ok=True)
+        from openrlhf_irl.utils.output_guard import mark_dir
+
+        mark_dir(self.root, "openrlhf-irl demo")  # ours: a rerun (or the experiment) may replace it
         self.results = {"seed": self.cfg.seed, "config": asdict(self.cfg), "rows": {}, "refs": {}}
         stages = self.stages()
         progress = self.progress or StageProgress([st.name for st in stages])

@@ -31,6 +31,30 @@ def _offline_env(output_dir: str) -> None:
         os.environ.setdefault(key, value)
 
 
+def _check_output_dir(path: str, overwrite: bool, subdirs: list | None = None, mark: bool = True) -> None:
+    """Refuse (one line) an empty path, or an existing non-empty directory, or a ``seed_<s>/`` folder in it that a
+    rerun would replace, which this tool did not write (no marker) unless ``--overwrite``; then claim ``path``."""
+    from openrlhf_irl.cli.common import UsageError, resolve_outputs
+    from openrlhf_irl.utils.output_guard import mark_dir
+
+    try:
+        resolve_outputs({"--output-dir": path}, {}, overwrite=overwrite, dirs=("--output-dir",))
+        for sub in subdirs or ():
+            resolve_outputs({f"--output-dir's {os.path.basename(sub)}/": sub}, {}, overwrite=overwrite,
+                            dirs=(f"--output-dir's {os.path.basename(sub)}/",))
+        if mark:
+            mark_dir(path, "openrlhf-irl")
+            for sub in subdirs or ():
+                if overwrite and os.path.isdir(sub):
+                    mark_dir(sub, "openrlhf-irl (--overwrite)")  # told to: the experiment may replace it
+    except UsageError as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except OSError as err:
+        print(f"error: --output-dir {path}: cannot create it ({err.strerror})", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
 def _seeds(text: str) -> list[int]:
     try:
         if "-" in text and "," not in text:
@@ -53,6 +77,8 @@ def main(argv=None) -> int:
     demo = sub.add_parser("demo", help="IQ-Learn SFT and AfD Best-of-N end to end on a tiny model, on CPU "
                                        "(one seed, held-out prompts)")
     demo.add_argument("--output-dir", default="outputs/demo")
+    demo.add_argument("--overwrite", action="store_true",
+                      help="write into an existing non-empty --output-dir that this tool did not write")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--quick", action="store_true", help="a one-minute smoke version")
     demo.add_argument("--backend", choices=("auto", "hf", "vllm"), default="auto",
@@ -66,6 +92,8 @@ def main(argv=None) -> int:
     exp = sub.add_parser("experiment", help="the demo's pipeline over several seeds with the papers' comparisons; "
                                             "every row as mean with a 95%% interval")
     exp.add_argument("--output-dir", default="outputs/experiment")
+    exp.add_argument("--overwrite", action="store_true", help="write into (and replace seed_<s>/ folders of) an "
+                     "existing non-empty --output-dir that this tool did not write")
     exp.add_argument("--seeds", default="3",
                      help="a count K (seeds 0..K-1), a list 0,1,2 or a range 0-4 (default: %(default)s)")
     exp.add_argument("--scale", choices=("quick", "small", "full"), default="full",
@@ -78,6 +106,7 @@ def main(argv=None) -> int:
     exp.add_argument("--verbose", action="store_true", help="every stage's output on the terminal instead of a "
                      "line per stage and logs in OUTPUT_DIR/seed_<s>/logs/")
     args = parser.parse_args(argv)
+    _check_output_dir(args.output_dir, args.overwrite, mark=False)  # before _offline_env points caches into it
     _offline_env(args.output_dir)
     if args.command == "demo":
         from openrlhf_irl.demo.pipeline import run_demo
@@ -92,6 +121,7 @@ def main(argv=None) -> int:
             DemoConfig.make(args.output_dir, quick=args.quick, **overrides)  # refused here, before any work
         except ValueError as err:
             parser.error(f"--ppo-rewards: {err}")
+        _check_output_dir(args.output_dir, args.overwrite)
         run_demo(args.output_dir, seed=args.seed, quick=args.quick, backend=args.backend, verbose=args.verbose,
                  **overrides)
     elif args.command == "experiment":
@@ -102,6 +132,8 @@ def main(argv=None) -> int:
             parser.error(f"--seeds: {e}")
         if not seeds:
             parser.error("--seeds: need at least one seed")
+        _check_output_dir(args.output_dir, args.overwrite,
+                          [os.path.join(args.output_dir, f"seed_{s}") for s in seeds])
         from openrlhf_irl.eval.experiment import run_experiment
 
         run_experiment(args.output_dir, seeds, backend=args.backend, spin=not args.no_spin,

@@ -493,8 +493,11 @@ def test_cli_argument_errors(tmp_path, capsys, argv, needle):
 
 
 def test_cli_data_error_exit_code_and_target_untouched(files, tmp_path, capsys):
+    from openrlhf_irl.utils.output_guard import mark_file
+
     out = tmp_path / "o.jsonl"
     out.write_text("previous\n")
+    mark_file(str(out), "openrlhf_irl.cli.build_afd_dataset")  # an earlier run's output: it may be replaced
     bad = write_lines(tmp_path / "bad.jsonl", [sample("p1", "a"), "{oops"])
     code = main(["--init-samples", bad, "--sft-samples", files["sft"], "--output", str(out)])
     err = capsys.readouterr().err

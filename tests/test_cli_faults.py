@@ -22,6 +22,7 @@ from typing import Callable
 import pytest
 
 from conftest import REPO
+from openrlhf_irl.utils.output_guard import MARKER, mark_dir, mark_file
 
 PROMPTS = [{"prompt": "count from 3"}, {"prompt": "count from 7"}]
 REC = {"response": " 1 2", "policy": "p", "finished": True, "logprob": -1.0}
@@ -42,7 +43,8 @@ def run_cli(module: str, argv: list, env: dict | None = None, timeout: int = 300
     full = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1",
             **(env or {})}
     full.pop("RAY_ADDRESS", None)
-    return subprocess.run([sys.executable, "-m", f"openrlhf_irl.cli.{module}", *argv], capture_output=True,
+    name = module if module.startswith("openrlhf_irl.") else f"openrlhf_irl.cli.{module}"
+    return subprocess.run([sys.executable, "-m", name, *argv], capture_output=True,
                           text=True, timeout=timeout, env=full, cwd=str(REPO))
 
 
@@ -56,7 +58,10 @@ def run_in_process(module: str, argv: list, env: dict, capsys, monkeypatch):
         monkeypatch.setenv(key, value)
     capsys.readouterr()
     try:
-        code = importlib.import_module(f"openrlhf_irl.cli.{module}").main(argv)
+        if "PYTHONPATH" in env:  # a user module the CLI imports (a golden reward function)
+            monkeypatch.syspath_prepend(env["PYTHONPATH"])
+        name = module if module.startswith("openrlhf_irl.") else f"openrlhf_irl.cli.{module}"
+        code = importlib.import_module(name).main(argv)
     except SystemExit as exit_:
         code = exit_.code
     out = capsys.readouterr()
@@ -271,6 +276,7 @@ def n_samples_signed(records_fn, *flags):
                        "--batch-size", "8"]
         write(Path(out), records_fn())
         sign(sample_argv, out)
+        mark_dir(str(t / "bon"), "openrlhf_irl.cli.best_of_n")  # as an earlier run of best_of_n left it
         return argv + [x.format(llm2=m["llm2"]) for x in flags]
     return setup
 
@@ -357,8 +363,8 @@ CASES = {
     "sample/batch-size-0": Case("sample", s_flag("--batch-size", "0"), "--batch-size: must be >= 1, got 0"),
     "sample/max-prompts-0": Case("sample", s_flag("--max-prompts", "0"), "--max-prompts: must be >= 1, got 0"),
     "sample/n-samples-negative": Case("sample", s_flag("--n-samples", "-1"), "--n-samples: must be >= 1, got -1"),
-    "sample/temperature-nan": Case("sample", s_flag("--temperature", "nan"), "temperature must be >= 0, got nan"),
-    "sample/top-p-0": Case("sample", s_flag("--top-p", "0"), "top_p must be in (0, 1], got 0.0"),
+    "sample/temperature-nan": Case("sample", s_flag("--temperature", "nan"), "--temperature: must be a finite number in [0, 100], got nan"),
+    "sample/top-p-0": Case("sample", s_flag("--top-p", "0"), "--top-p: must be a finite number in (0, 1], got 0"),
     "sample/max-new-tokens-beyond-context": Case("sample", s_flag("--max-new-tokens", "300"),
                                                  "leaves no room for a prompt"),
     "sample/lora-not-an-adapter": Case("sample", s_lora_not_adapter, "not a PEFT adapter"),
@@ -401,6 +407,255 @@ CASES = {
 }
 
 
+# ------------------------------------------------------------------------------------------- issue 23, classes 1 and 2
+# Class 1: an output that is, or lies inside, an input, or something this package did not write (a marker says
+# what it wrote); class 2: numbers that cannot be right.
+
+
+def _model_copy(t, m, name="model"):
+    """A copy of the tiny model inside the case directory, so the snapshot covers it."""
+    shutil.copytree(m["llm"], t / name)
+    return str(t / name)
+
+
+def _foreign_dir(t, name):
+    (t / name).mkdir(parents=True)
+    (t / name / "notes.txt").write_text("the user's own file\n")
+    return str(t / name)
+
+
+def _foreign_file(t, name):
+    (t / name).write_text("the user's own file\n")
+    return str(t / name)
+
+
+def _link_to_foreign(t, name):
+    target = _foreign_file(t, "target_" + name)
+    os.symlink(target, t / name)
+    return str(t / name)
+
+
+def s_output(kind):
+    def setup(t, m):
+        out = {"empty": "", "inside-model": str(Path(_model_copy(t, m)) / "out.jsonl")}[kind]
+        model = str(t / "model") if kind == "inside-model" else m["llm"]
+        return sample_args(model, _prompts(t), out)
+    return setup
+
+
+def b_output(kind):
+    def setup(t, m):
+        init, sft = _samples(t, "init.jsonl", "init"), _samples(t, "sft.jsonl", "sft")
+        extra = []
+        if kind == "unused-demos":
+            out = write(t / "demos.jsonl", [{"prompt": "count from 3", "response": " 1 2"}])
+            extra = ["--demos", out]  # init-sft does not read --demos: still the user's file
+        else:
+            out = {"empty": lambda: "", "foreign": lambda: _foreign_file(t, "o.jsonl"),
+                   "symlink": lambda: _link_to_foreign(t, "o.jsonl")}[kind]()
+        return ["--init-samples", init, "--sft-samples", sft, "--output", out, *extra]
+    return setup
+
+
+def n_output(kind):
+    def setup(t, m):
+        if kind == "policy":
+            model = _model_copy(t, m)
+            argv = n_args(t, m, "--log-ratio-init", m["llm"])
+            argv[argv.index("--policy") + 1] = model
+            argv[argv.index("--output-dir") + 1] = model
+            return argv
+        if kind == "inside-log-ratio-init":
+            argv = n_args(t, m, "--log-ratio-init", _model_copy(t, m, "init"))
+            argv[argv.index("--output-dir") + 1] = str(t / "init" / "bon")
+            return argv
+        out = {"empty": lambda: "", "foreign": lambda: _foreign_dir(t, "bon")}[kind]()
+        argv = n_args(t, m, "--log-ratio-init", m["llm"])
+        argv[argv.index("--output-dir") + 1] = out
+        return argv
+    return setup
+
+
+def n_golden_nan(t, m):
+    mods = t.parent / "mods"  # outside the case directory (its __pycache__ is not the CLI's doing)
+    mods.mkdir(exist_ok=True)
+    name = f"golden_nan_{abs(hash(str(t))) % 10**8}"
+    (mods / f"{name}.py").write_text("def reward(prompt, response):\n    return float('nan')\n")
+    return n_args(t, m, "--log-ratio-init", m["llm"], "--golden", f"{name}:reward"), {"PYTHONPATH": str(mods)}
+
+
+def _extract_data(t, response=" 1 2"):
+    return write(t / "data.jsonl", [{"prompt": "count from 3", "response": response}])
+
+
+def e_case(kind):
+    def setup(t, m):
+        data, model, extra = _extract_data(t), m["llm"], []
+        out = str(t / "rewards.jsonl")
+        if kind == "inside-model":
+            model = _model_copy(t, m)
+            out = str(Path(model) / "rewards.jsonl")
+        elif kind == "foreign":
+            out = _foreign_file(t, "rewards.jsonl")
+        elif kind == "symlink":
+            out = _link_to_foreign(t, "rewards.jsonl")
+        elif kind == "empty":
+            out = ""
+        elif kind == "report-is-output":
+            extra = ["--report", out]
+        elif kind == "beyond-context":
+            data = _extract_data(t, " " + " ".join(str(i % 10) for i in range(400)))
+            extra = ["--max-len", "1000"]
+        return ["--model", model, "--data", data, "--output", out, "--device", "cpu", *extra]
+    return setup
+
+
+def h_output(kind):
+    def setup(t, m):
+        out = {"empty": lambda: "", "foreign": lambda: _foreign_dir(t, "out"),
+               "symlink": lambda: (os.symlink(_foreign_dir(t, "theirs"), t / "out"), str(t / "out"))[1]}[kind]()
+        return ["--input", write(t / "hh.jsonl", [HH]), "--output-dir", out]
+    return setup
+
+
+def _sft_data(t):
+    return write(t / "sft.jsonl", [{"prompt": f"count from {i}", "response": " 1 2"} for i in range(4)])
+
+
+def _train_argv(task, t, m, model):
+    if task == "train_sft":
+        return ["--trainer", "irl_iq", "--model.model_name_or_path", model, "--data.dataset", _sft_data(t),
+                "--data.input_key", "prompt", "--data.output_key", "response", "--ckpt.output_dir", str(t / "out")]
+    rows = [{"prompt": f"count from {i}", "response": "1 2", "label": i % 2} for i in range(4)]
+    data = write(t / "labels.jsonl", rows)
+    return ["--trainer", "afd_rm", "--model.model_name_or_path", model, "--data.dataset", data,
+            "--eval.dataset", data, "--data.prompt_key", "prompt", "--ckpt.output_dir", str(t / "out")]
+
+
+def t_case(task, kind, *flags):
+    def setup(t, m):
+        model = _model_copy(t, m) if kind in ("is-model", "inside-model") else m["llm"]
+        argv = _train_argv(task, t, m, model)
+        out = argv.index("--ckpt.output_dir") + 1
+        if kind == "is-model":
+            argv[out] = model
+        elif kind == "inside-model":
+            argv[out] = str(Path(model) / "sft")
+        elif kind == "is-dataset":
+            argv[out] = argv[argv.index("--data.dataset") + 1]
+        elif kind == "foreign":
+            argv[out] = _foreign_dir(t, "out")
+        elif kind == "empty":
+            argv[out] = ""
+        elif kind == "ckpt-path-foreign":
+            argv += ["--ckpt.path", _foreign_dir(t, "ckpts"), "--ckpt.save_steps", "1"]
+        return argv + list(flags)
+    return setup
+
+
+def p_case(kind, *flags):
+    def setup(t, m):
+        model = _model_copy(t, m) if kind == "is-actor" else m["llm"]
+        prompts = write(t / "prompts.jsonl", PROMPTS)
+        argv = ["--actor.model_name_or_path", model, "--data.prompt_dataset", prompts, "--data.input_key", "prompt",
+                "--reward.remote_url", str(REPO / "openrlhf_irl" / "afd" / "ppo_reward_func.py"),
+                "--ckpt.output_dir", model if kind == "is-actor" else str(t / "out")]
+        return argv + list(flags)
+    return setup
+
+
+def d_case(command, kind):
+    def setup(t, m):
+        extra = ["--quick"] if command == "demo" else ["--scale", "quick", "--seeds", "1"]
+        if kind == "empty":
+            out = ""
+        elif kind == "foreign":
+            out = _foreign_dir(t, "outputs")
+        else:  # a seed_0/ folder the experiment did not write, in a folder it did
+            out = str(t / "outputs")
+            mark_dir(out, "openrlhf-irl")
+            _foreign_dir(t, "outputs/seed_0")
+        return [command, "--output-dir", out, *extra]
+    return setup
+
+
+NOT_OURS = "so it was not written by this tool and is left as it is"
+CASES_23 = {
+    # class 1
+    "sample/output-empty": Case("sample", s_output("empty"), "--output: empty path"),
+    "sample/output-inside-the-model": Case("sample", s_output("inside-model"), "lies inside --model"),
+    "build/output-is-an-unused-input": Case("build_afd_dataset", b_output("unused-demos"),
+                                            "is the same file as --demos"),
+    "build/output-empty": Case("build_afd_dataset", b_output("empty"), "--output: empty path"),
+    "build/output-foreign-file": Case("build_afd_dataset", b_output("foreign"), NOT_OURS),
+    "build/output-symlink-to-a-foreign-file": Case("build_afd_dataset", b_output("symlink"), NOT_OURS),
+    "bon/output-dir-foreign": Case("best_of_n", n_output("foreign"), NOT_OURS),
+    "bon/output-dir-empty": Case("best_of_n", n_output("empty"), "--output-dir: empty path"),
+    "bon/output-dir-is-the-policy": Case("best_of_n", n_output("policy"), "is the same file as --policy"),
+    "bon/output-dir-inside-log-ratio-init": Case("best_of_n", n_output("inside-log-ratio-init"),
+                                                 "lies inside --log-ratio-init"),
+    "extract/output-inside-the-model": Case("extract_reward", e_case("inside-model"), "lies inside --model"),
+    "extract/output-foreign-file": Case("extract_reward", e_case("foreign"), NOT_OURS),
+    "extract/output-symlink-to-a-foreign-file": Case("extract_reward", e_case("symlink"), NOT_OURS),
+    "extract/output-empty": Case("extract_reward", e_case("empty"), "--output: empty path"),
+    "extract/report-is-the-output": Case("extract_reward", e_case("report-is-output"), "are the same path"),
+    "hh/output-dir-foreign": Case("prepare_hh_rlhf", h_output("foreign"), NOT_OURS),
+    "hh/output-dir-empty": Case("prepare_hh_rlhf", h_output("empty"), "--output-dir: empty path"),
+    "hh/output-dir-symlink-to-a-foreign-dir": Case("prepare_hh_rlhf", h_output("symlink"), NOT_OURS),
+    "train_sft/output-dir-is-the-model": Case("train_sft", t_case("train_sft", "is-model"),
+                                              "is the same file as --model.model_name_or_path"),
+    "train_sft/output-dir-inside-the-model": Case("train_sft", t_case("train_sft", "inside-model"),
+                                                  "lies inside --model.model_name_or_path"),
+    "train_sft/output-dir-is-the-dataset": Case("train_sft", t_case("train_sft", "is-dataset"),
+                                                "is the same file as --data.dataset"),
+    "train_sft/output-dir-foreign": Case("train_sft", t_case("train_sft", "foreign"), NOT_OURS),
+    "train_sft/output-dir-empty": Case("train_sft", t_case("train_sft", "empty"), "--ckpt.output_dir: empty path"),
+    "train_sft/ckpt-path-foreign": Case("train_sft", t_case("train_sft", "ckpt-path-foreign"),
+                                        "neither .openrlhf-irl-output.json nor DeepSpeed's 'latest'"),
+    "train_rm/output-dir-is-the-model": Case("train_rm", t_case("train_rm", "is-model"),
+                                             "is the same file as --model.model_name_or_path"),
+    "train_rm/output-dir-foreign": Case("train_rm", t_case("train_rm", "foreign"), NOT_OURS),
+    "train_ppo/output-dir-is-the-actor": Case("train_ppo", p_case("is-actor"),
+                                              "is the same file as --actor.model_name_or_path"),
+    "demo/output-dir-foreign": Case("openrlhf_irl.__main__", d_case("demo", "foreign"), NOT_OURS),
+    "demo/output-dir-empty": Case("openrlhf_irl.__main__", d_case("demo", "empty"), "--output-dir: empty path"),
+    "experiment/output-dir-foreign": Case("openrlhf_irl.__main__", d_case("experiment", "foreign"), NOT_OURS),
+    "experiment/seed-dir-it-did-not-write": Case("openrlhf_irl.__main__", d_case("experiment", "seed"),
+                                                 "--output-dir's seed_0/"),
+    # class 2
+    "sample/temperature-inf": Case("sample", s_flag("--temperature", "inf"),
+                                   "--temperature: must be a finite number in [0, 100], got inf"),
+    "sample/temperature-1e-45": Case("sample", s_flag("--temperature", "1e-45"),
+                                     "--temperature: must be 0 (greedy) or at least 0.001, got 1e-45"),
+    "sample/top-p-1.5": Case("sample", s_flag("--top-p", "1.5"), "--top-p: must be a finite number in (0, 1], got 1.5"),
+    "bon/temperature-inf": Case("best_of_n", n_setup("--temperature", "inf"),
+                                "--temperature: must be a finite number in [0, 100], got inf"),
+    "bon/temperature-1e-45": Case("best_of_n", n_setup("--temperature", "1e-45"),
+                                  "--temperature: must be 0 (greedy) or at least 0.001"),
+    "bon/top-p-1.5": Case("best_of_n", n_setup("--top-p", "1.5"), "--top-p: must be a finite number in (0, 1]"),
+    "bon/golden-returns-nan": Case("best_of_n", n_golden_nan, "returned nan for record 0"),
+    "extract/row-beyond-the-context": Case("extract_reward", e_case("beyond-context"),
+                                           "data.jsonl, line 1, field 'response': 451 tokens, beyond the model's context of 256"),
+    "extract/gamma-inf": Case("extract_reward", lambda t, m: e_case("")(t, m) + ["--gamma", "inf"],
+                              "--gamma: must be a finite number in [0, 1], got inf"),
+    "train_sft/adam-lr-inf": Case("train_sft", t_case("train_sft", "ok", "--adam.lr", "inf"),
+                                  "--adam.lr: must be a finite number, got inf"),
+    "train_sft/batch-size-0": Case("train_sft", t_case("train_sft", "ok", "--train.batch_size", "0"),
+                                   "--train.batch_size: must be in [1, inf), got 0"),
+    "train_sft/lr-warmup-ratio-2": Case("train_sft", t_case("train_sft", "ok", "--lr_warmup_ratio", "2"),
+                                        "--lr_warmup_ratio: must be in [0, 1], got 2.0"),
+    "train_rm/adam-lr-nan": Case("train_rm", t_case("train_rm", "ok", "--adam.lr", "nan"),
+                                 "--adam.lr: must be a finite number, got nan"),
+    "train_rm/micro-batch-size-0": Case("train_rm", t_case("train_rm", "ok", "--train.micro_batch_size", "0"),
+                                        "--train.micro_batch_size: must be in [1, inf), got 0"),
+    "train_ppo/rollout-temperature-inf": Case("train_ppo", p_case("ok", "--rollout.temperature", "inf"),
+                                              "--rollout.temperature: must be a finite number, got inf"),
+    "train_ppo/rollout-top-p-1.5": Case("train_ppo", p_case("ok", "--rollout.top_p", "1.5"),
+                                        "--rollout.top_p: must be in (0, 1], got 1.5"),
+}
+CASES.update(CASES_23)
+
+
 @pytest.fixture(scope="module")
 def models(tmp_path_factory, tiny_model):
     """The session's tiny Llama and a copy with other weights (same tokenizer)."""
@@ -433,7 +688,8 @@ def test_cli_fault(name, models, tmp_path, capsys, monkeypatch):
 
 SUBPROCESS_CASES = ["sample/foreign-output-torn-tail-not-repaired", "sample/hub-name-offline",
                     "sample/tokenizer-without-eos", "sample/batch-size-0", "build/output-is-init-samples",
-                    "bon/bad-golden-module", "hh/empty-input", "train_rm/afd-rm-few-records-no-eval"]
+                    "bon/bad-golden-module", "hh/empty-input", "train_rm/afd-rm-few-records-no-eval",
+                    "train_sft/output-dir-is-the-model", "train_sft/adam-lr-inf", "experiment/seed-dir-it-did-not-write"]
 
 
 @pytest.mark.slow

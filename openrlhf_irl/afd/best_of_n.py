@@ -181,6 +181,28 @@ def group_by_prompt(records: Sequence[dict]) -> list[list[dict]]:
     return list(groups.values())
 
 
+class ScoreError(ValueError):
+    """A scorer (or the golden reward) returned something that is not one finite number per record."""
+
+
+def check_scores(name: str, values, records: Sequence[dict]) -> list[float]:
+    """``values`` as floats, one finite number per record, or :class:`ScoreError` naming the scorer and record."""
+    values = list(values)
+    if len(values) != len(records):
+        raise ScoreError(f"{name}: returned {len(values)} scores for {len(records)} records")
+    out = []
+    for i, (value, rec) in enumerate(zip(values, records)):
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            number = None
+        if number is None or isinstance(value, bool) or not math.isfinite(number):
+            raise ScoreError(f"{name}: returned {value!r} for record {i} (prompt {rec.get('prompt')!r:.60}, "
+                             f"sample_index {rec.get('sample_index')}); expected a finite number")
+        out.append(number)
+    return out
+
+
 def score_and_select(records: list[dict], scorers: dict[str, Callable[[list[dict]], list[float]]],
                      ns: Sequence[int], golden: Scorer | None = None, *, unfinished: str = "last",
                      estimator: str = "all_subsets") -> dict:
@@ -192,10 +214,11 @@ def score_and_select(records: list[dict], scorers: dict[str, Callable[[list[dict
     first N samples (a concrete selection to read); the curves use ``estimator``.
     """
     for name, score in scorers.items():
-        for rec, value in zip(records, score(records)):
+        for rec, value in zip(records, check_scores(name, score(records), records)):
             rec[name] = value
     if golden is not None:
-        for rec, value in zip(records, golden([r["prompt"] for r in records], [r["response"] for r in records])):
+        values = golden([r["prompt"] for r in records], [r["response"] for r in records])
+        for rec, value in zip(records, check_scores("golden", values, records)):
             rec["golden"] = value
     groups = group_by_prompt(records)
     selected = {name: {n: [pick(g[:n], name, unfinished) for g in groups] for n in ns} for name in scorers}

@@ -15,11 +15,12 @@ import argparse
 import os
 import sys
 
-from openrlhf_irl.afd.best_of_n import (ESTIMATORS, UNFINISHED, load_golden, parse_ns, plot_curves,
-                                        resolve_golden, score_and_select)
+from openrlhf_irl.afd.best_of_n import (ESTIMATORS, UNFINISHED, ScoreError, check_scores, load_golden, parse_ns,
+                                        plot_curves, resolve_golden, score_and_select)
 from openrlhf_irl.cli import sample as sample_cli
 from openrlhf_irl.cli.common import (UsageError, check_lora, check_model, check_output_dir, load_checked_tokenizer,
-                                     positive_int)
+                                     positive_int, resolve_outputs, temperature, top_p)
+from openrlhf_irl.utils.output_guard import mark_dir
 from openrlhf_irl.utils.jsonl import DataError, atomic_write_json, atomic_write_jsonl, data_error, read_jsonl
 
 
@@ -49,9 +50,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "text), openrlhf:PATH (an OpenRLHF reward model), a directory (detected from its config), or "
                    "module:function(prompt, response)")
     p.add_argument("--output-dir", required=True)
-    p.add_argument("--overwrite", action="store_true", help="start samples.jsonl over instead of resuming it")
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--overwrite", action="store_true", help="start samples.jsonl over instead of resuming it (and "
+                   "write into an existing non-empty --output-dir that this tool did not write)")
+    p.add_argument("--temperature", type=temperature, default=1.0, help="0 = greedy, else in [0.001, 100]")
+    p.add_argument("--top-p", type=top_p, default=0.95, help="in (0, 1]")
     p.add_argument("--max-new-tokens", type=positive_int, default=128)
     p.add_argument("--num-actors", type=positive_int, default=2)
     p.add_argument("--backend", choices=("auto", "hf", "vllm"), default="auto")
@@ -109,6 +111,35 @@ def check_scorer_paths(args) -> None:
             raise UsageError(f"--golden: {err}") from None
 
 
+def check_golden_call(args, prompt: str) -> None:
+    """A ``module:function`` golden reward, called once on the first prompt and an empty response, returns one
+    finite number (a failing or NaN-returning function is found before the sampling, not after it)."""
+    if not args.golden or resolve_golden(args.golden)[0] != "function":
+        return
+    try:
+        values = load_golden(args.golden)([prompt], [""])
+    except Exception as err:  # whatever the user's function raises
+        line = (str(err).strip().splitlines() or [""])[0]
+        raise UsageError(f"--golden {args.golden}: fails on a test call with the first prompt "
+                         f"({type(err).__name__}: {line})") from None
+    try:
+        check_scores(f"--golden {args.golden}", values, [{"prompt": prompt, "sample_index": None}])
+    except ScoreError as err:
+        raise UsageError(f"{err} (a test call with the first prompt and an empty response)") from None
+
+
+def _path_inputs(args) -> dict:
+    """Every path the run reads, by flag (for the output checks)."""
+    inputs = {"--policy": args.policy, "--lora": args.lora, "--prompts": args.prompts,
+              "--log-ratio-init": args.log_ratio_init}
+    inputs.update({f"--reward-model #{i + 1}": path for i, path in enumerate(args.reward_model)})
+    if args.golden:
+        golden = args.golden.split(":", 1)[1] if args.golden.startswith(("hf:", "openrlhf:")) else args.golden
+        if os.path.exists(golden):
+            inputs["--golden"] = golden
+    return inputs
+
+
 def build_scorers(args) -> dict:
     """Scorers over sample records: each reward model, and the log-ratio (EOS counted for finished samples)."""
     fmt = dict(apply_chat_template=args.apply_chat_template, input_template=args.input_template)
@@ -155,9 +186,13 @@ def main(argv=None) -> int:
         print("error: give at least one scorer: --reward-model PATH and/or --log-ratio-init PATH", file=sys.stderr)
         return 2
     try:
+        resolve_outputs({"--output-dir": args.output_dir}, _path_inputs(args), overwrite=args.overwrite,
+                        dirs=("--output-dir",))
         check_scorer_paths(args)
-        check_output_dir(args.output_dir)
         prompts = sample_cli.load_prompts(args.prompts, args.input_key)[0][: args.max_prompts]
+        check_golden_call(args, prompts[0])
+        check_output_dir(args.output_dir)
+        mark_dir(args.output_dir, "openrlhf_irl.cli.best_of_n")
     except (UsageError, DataError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -170,8 +205,12 @@ def main(argv=None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     golden = load_golden(args.golden, batch_size=args.batch_size) if args.golden else None
-    out = score_and_select(records, build_scorers(args), ns, golden, unfinished=args.unfinished,
-                           estimator=args.estimator)
+    try:
+        out = score_and_select(records, build_scorers(args), ns, golden, unfinished=args.unfinished,
+                               estimator=args.estimator)
+    except ScoreError as err:
+        print(f"error: {err}; nothing written but {samples_path}", file=sys.stderr)
+        return 2
     atomic_write_jsonl(os.path.join(args.output_dir, "scored.jsonl"), records)
     selected = [{"prompt": rec["prompt"], "scorer": name, "N": n, "response": rec["response"], "score": rec[name],
                  "finished": rec.get("finished"), **({"golden": rec["golden"]} if golden else {})}

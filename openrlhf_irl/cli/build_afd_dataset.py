@@ -16,7 +16,8 @@ import sys
 from typing import List, Optional
 
 from openrlhf_irl.datasets.afd import FORMATS, VARIANTS, build_afd_dataset, format_report
-from openrlhf_irl.cli.common import UsageError, check_not_same_file, check_output_file, positive_int
+from openrlhf_irl.cli.common import UsageError, check_output_file, positive_int, resolve_outputs
+from openrlhf_irl.utils.output_guard import mark_file
 from openrlhf_irl.utils.jsonl import DataError, atomic_write_jsonl
 
 #: input source -> (flag, argparse dest)
@@ -40,7 +41,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=FORMATS, default="pairs",
                    help="pairs: {prompt, chosen, rejected} for openrlhf.cli.train_rm --data.prompt_key prompt; "
                    "labels: {prompt, response, label}. Default: %(default)s")
-    p.add_argument("--output", required=True, help="output JSONL, written atomically")
+    p.add_argument("--output", required=True, help="output JSONL, written atomically (with a .provenance.json "
+                   "sidecar marking it as this tool's)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="write over an existing --output that this tool did not write")
     p.add_argument("--input-key", default="prompt", help="prompt key of the demonstrations (default: %(default)s)")
     p.add_argument("--output-key", default="response",
                    help="response key of the demonstrations (default: %(default)s)")
@@ -82,8 +86,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     _check(parser, args)
     try:
         needed = VARIANTS[args.variant]
-        inputs = {flag: getattr(args, dest) for source, (flag, dest) in _INPUTS.items() if source in needed}
-        check_not_same_file(args.output, inputs)
+        inputs = {flag: getattr(args, dest) for flag, dest in _INPUTS.values()}  # unused ones too: still the user's
+        resolve_outputs({"--output": args.output}, {**inputs, "--tokenizer": args.tokenizer}, overwrite=args.overwrite)
         check_output_file(args.output)
         tokenizer = _load_tokenizer(args.tokenizer) if args.tokenizer else None
         records, report = build_afd_dataset(
@@ -103,6 +107,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             seed=args.seed,
         )
         atomic_write_jsonl(args.output, records)
+        mark_file(args.output, "openrlhf_irl.cli.build_afd_dataset")
     except (DataError, UsageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

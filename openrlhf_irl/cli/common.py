@@ -17,6 +17,7 @@ from typing import Any, Optional
 __all__ = [
     "UsageError", "positive_int", "nonnegative_int", "check_output_dir", "check_output_file", "check_model",
     "check_lora", "check_device", "check_not_same_file", "model_context_length", "load_checked_tokenizer",
+    "resolve_outputs", "finite_float", "temperature", "top_p",
 ]
 
 
@@ -101,6 +102,86 @@ def check_not_same_file(output: str, inputs: dict, flag: str = "--output") -> No
         if same:
             raise UsageError(f"{flag} {output} is the same file as {in_flag} {path}: it would be overwritten; "
                              "choose another output path")
+
+
+def resolve_outputs(outputs: dict, inputs: dict, *, overwrite: bool = False, managed: tuple = (),
+                    dirs: tuple = ()) -> dict:
+    """Check every output (``{flag: path}``) before any work: not empty; not the same as, nor inside, any input
+    (``{flag: path}``; None and "" skipped) or another output (real paths: symlinks and hard links resolved); and,
+    unless ``overwrite`` or its flag is in ``managed`` (a CLI that checks that output itself), not an existing
+    file or non-empty directory this package did not write (see :mod:`openrlhf_irl.utils.output_guard`). The
+    flags in ``dirs`` name directories, the others files.
+    Returns ``{flag: real path}``; :class:`UsageError` naming both flags otherwise."""
+    from openrlhf_irl.utils.output_guard import OutputConflict, check_target, overlap, real
+
+    for flag, path in outputs.items():
+        if path is None or not str(path).strip():
+            raise UsageError(f"{flag}: empty path; give a file or directory name")
+    for flag, path in outputs.items():
+        for in_flag, in_path in inputs.items():
+            if in_path is None or not str(in_path).strip():
+                continue
+            how = overlap(path, in_path)
+            if how == "is":
+                raise UsageError(f"{flag} {path} is the same file as {in_flag} {in_path}: it would be overwritten; "
+                                 "choose another output path")
+            if how:
+                raise UsageError(f"{flag} {path} lies inside {in_flag} {in_path}: writing it would change that "
+                                 "input; choose an output path outside it")
+    flags = list(outputs)
+    for i, flag in enumerate(flags):
+        for other in flags[i + 1:]:
+            if overlap(outputs[flag], outputs[other]) == "is":
+                raise UsageError(f"{flag} {outputs[flag]} and {other} {outputs[other]} are the same path: one would "
+                                 "overwrite the other")
+    for flag, path in outputs.items():
+        if flag in dirs and os.path.exists(path) and not os.path.isdir(path):
+            raise UsageError(f"{flag} {path}: exists and is not a directory")
+        if flag not in dirs and flag not in managed and os.path.isdir(path):
+            raise UsageError(f"{flag} {path}: is a directory, expected a file path")
+        if flag not in managed:
+            try:
+                check_target(path, flag, overwrite)
+            except OutputConflict as err:
+                raise UsageError(str(err)) from None
+    return {flag: real(path) for flag, path in outputs.items()}
+
+
+def finite_float(low: Optional[float] = None, high: Optional[float] = None, *, low_open: bool = False,
+                 high_open: bool = False):
+    """argparse ``type``: a finite number in the given range (``low_open``/``high_open`` exclude the bound)."""
+    import math
+
+    def convert(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        bad = not math.isfinite(value)
+        bad = bad or (low is not None and (value <= low if low_open else value < low))
+        bad = bad or (high is not None and (value >= high if high_open else value > high))
+        if bad:
+            lo = "(-inf" if low is None else ("(" if low_open else "[") + f"{low:g}"
+            hi = "inf)" if high is None else f"{high:g}" + (")" if high_open else "]")
+            raise argparse.ArgumentTypeError(f"must be a finite number in {lo}, {hi}, got {text}")
+        return value
+
+    convert.__name__ = "number"
+    return convert
+
+
+MIN_TEMPERATURE = 1e-3  # below it the logits / temperature overflow to inf in bf16/fp32: use 0 for greedy
+
+
+def temperature(text: str) -> float:
+    """argparse ``type`` for a sampling temperature: 0 (greedy) or a finite number in [1e-3, 100]."""
+    value = finite_float(0.0, 100.0)(text)
+    if 0 < value < MIN_TEMPERATURE:
+        raise argparse.ArgumentTypeError(f"must be 0 (greedy) or at least {MIN_TEMPERATURE:g}, got {text}")
+    return value
+
+
+top_p = finite_float(0.0, 1.0, low_open=True)
 
 
 _HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")

@@ -29,11 +29,13 @@ from openrlhf_irl.cli.common import (
     UsageError,
     check_device,
     check_model,
-    check_not_same_file,
     check_output_file,
     load_checked_tokenizer,
+    model_context_length,
     positive_int,
+    resolve_outputs,
 )
+from openrlhf_irl.utils.output_guard import mark_file
 from openrlhf_irl.utils.jsonl import DataError, atomic_write_json, atomic_write_jsonl, read_jsonl
 from openrlhf_irl.utils.metrics import spearman
 
@@ -63,6 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="JSONL with prompt/response records")
     p.add_argument("--output", required=True, help="JSONL with per-token and per-sequence rewards")
     p.add_argument("--report", default=None, help="JSON file for the correlation report")
+    p.add_argument("--overwrite", action="store_true",
+                   help="write over an existing --output / --report that this tool did not write")
     p.add_argument("--input-key", default="prompt", help="as --data.input_key of training")
     p.add_argument("--output-key", default="response", help="as --data.output_key of training")
     p.add_argument("--reference-key", default=None, help="numeric column to correlate the rewards with")
@@ -86,11 +90,10 @@ def _check_paths(args) -> None:
     """Flags and paths, before any model or data is loaded or any output is opened."""
     if not os.path.isfile(args.data):
         raise UsageError(f"--data {args.data}: no such file")
-    check_output_file(args.output, "--output")
-    check_not_same_file(args.output, {"--data": args.data}, "--output")
-    if args.report:
-        check_output_file(args.report, "--report")
-        check_not_same_file(args.report, {"--data": args.data, "--output": args.output}, "--report")
+    outputs = {"--output": args.output, **({"--report": args.report} if args.report is not None else {})}
+    resolve_outputs(outputs, {"--data": args.data, "--model": args.model}, overwrite=args.overwrite)
+    for flag, path in outputs.items():
+        check_output_file(path, flag)
     check_device(args.device)
     check_model(args.model)
 
@@ -148,6 +151,20 @@ def build_dataset(tokenizer, records, args):
                         input_template=args.input_template, num_processors=1, multiturn=args.multiturn)
 
 
+def check_context(ds, records, args, context) -> None:
+    """Every row, as training tokenises it, fits the model's context (positions beyond it are not trained and
+    give meaningless logits): DataError naming the record otherwise."""
+    if context is None or args.max_len <= context:
+        return
+    for i, (line_no, rec) in enumerate(records):
+        n = dataset_item(ds, i, rec.get("finished", True))[0].shape[-1]
+        if n > context:
+            field = args.input_key if args.multiturn else args.output_key
+            raise DataError(f"{args.data}, line {line_no}, field {field!r}: {n} tokens, beyond the model's "
+                            f"context of {context} tokens; lower --max-len to {context} (rows are cut there, as "
+                            "training with --data.max_len cuts them) or shorten the record")
+
+
 def dataset_item(ds, idx: int, finished: bool):
     """(input_ids, attention_mask, loss_mask) [1, L] as training builds them; an unfinished sample has no EOS."""
     if finished:
@@ -200,6 +217,13 @@ def correlations(records, key: str, reference_key: str) -> dict:
     }
 
 
+def _finite_or_none(obj):
+    """The report with an undefined correlation (NaN: too few or constant values) as JSON null."""
+    if isinstance(obj, dict):
+        return {k: _finite_or_none(v) for k, v in obj.items()}
+    return None if isinstance(obj, float) and not math.isfinite(obj) else obj
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -211,6 +235,9 @@ def main(argv=None) -> int:
         tokenizer = load_checked_tokenizer(args.model)  # pad falls back to EOS, as OpenRLHF's get_tokenizer
         tokenizer.padding_side = "right"
         ds = build_dataset(tokenizer, records, args)
+        from openrlhf_irl.cli.common import load_checked_config
+
+        check_context(ds, records, args, model_context_length(load_checked_config(args.model)))
     except (DataError, UsageError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -237,7 +264,12 @@ def main(argv=None) -> int:
             if args.reference_key:
                 row[args.reference_key] = rec[args.reference_key]
             out.append(row)
-    atomic_write_jsonl(args.output, out)
+    try:
+        atomic_write_jsonl(args.output, out)
+    except DataError as err:  # a non-finite reward: the model's weights or logits are broken
+        print(f"error: {err} (--model {args.model} gives non-finite rewards)", file=sys.stderr)
+        return 1
+    mark_file(args.output, "openrlhf_irl.cli.extract_reward")
     print(f"wrote {len(out)} records to {args.output}")
     if args.reference_key:
         report = {
@@ -250,7 +282,8 @@ def main(argv=None) -> int:
                 print(f"spearman({name}, {args.reference_key}): across prompts {corr['across_prompts']:.4f}, "
                       f"within prompts {corr['within_prompts_mean']:.4f} ({corr['prompts_with_within_correlation']} prompts)")
         if args.report:
-            atomic_write_json(args.report, report)
+            atomic_write_json(args.report, _finite_or_none(report))
+            mark_file(args.report, "openrlhf_irl.cli.extract_reward")
     return 0
 
 

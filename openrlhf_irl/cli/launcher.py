@@ -86,6 +86,29 @@ def plugin_classes(task: str, plugin: TrainerPlugin):
         yield
 
 
+def _guarded_get_strategy(original):
+    """OpenRLHF's ``get_strategy`` whose strategy claims the run's output directories (the marker) and saves
+    models safely (finite weights, staged then moved in: :func:`openrlhf_irl.utils.checkpoint.safe_save_model`)."""
+    from openrlhf_irl.cli.train_checks import claim_outputs
+    from openrlhf_irl.utils.checkpoint import safe_save_model
+
+    def get_strategy(args):
+        strategy = original(args)
+        claim_outputs(args)
+        safe_save_model(strategy)
+        return strategy
+
+    return get_strategy
+
+
+@contextlib.contextmanager
+def guarded_strategy(module_name: str = "openrlhf.utils"):
+    """Bind ``module_name.get_strategy`` to :func:`_guarded_get_strategy` for the duration of a run."""
+    module = importlib.import_module(module_name)
+    with substitute(module_name, "get_strategy", _guarded_get_strategy(module.get_strategy)):
+        yield
+
+
 def openrlhf_resolves_trainers() -> bool:
     """True for an OpenRLHF with ``patches/0001`` applied: its CLIs take ``--trainer`` themselves."""
     return importlib.util.find_spec("openrlhf.utils.plugins") is not None
@@ -147,12 +170,18 @@ def run(task: str, argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else list(argv)
     plugin = resolve(task, argv)
     module = TASKS[task].module
-    if openrlhf_resolves_trainers():  # patched OpenRLHF: it adds the arguments and picks the classes itself
-        with as_main(module, argv):
+    from openrlhf_irl.utils.checkpoint import NonFiniteWeightsError
+
+    try:
+        if openrlhf_resolves_trainers():  # patched OpenRLHF: it adds the arguments and picks the classes itself
+            with as_main(module, argv), guarded_strategy():
+                runpy.run_module(module, run_name="__main__")
+            return
+        with as_main(module, argv), plugin_arguments(plugin), plugin_classes(task, plugin), guarded_strategy():
             runpy.run_module(module, run_name="__main__")
-        return
-    with as_main(module, argv), plugin_arguments(plugin), plugin_classes(task, plugin):
-        runpy.run_module(module, run_name="__main__")
+    except NonFiniteWeightsError as err:  # one line, exit 1
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(1) from None
 
 
 def train(task: str, args) -> None:
@@ -162,9 +191,10 @@ def train(task: str, args) -> None:
     cli = TASKS[task]
     module = importlib.import_module(cli.module)
     if openrlhf_resolves_trainers():
-        module.train(args)
+        with guarded_strategy(cli.module):
+            module.train(args)
         return
     # ``train`` looks its trainer and dataset classes up in the CLI module's own namespace.
     with substitute(cli.module, cli.trainer[1], plugin.trainer_class()), \
-            substitute(cli.module, cli.dataset[1], plugin.dataset_class()):
+            substitute(cli.module, cli.dataset[1], plugin.dataset_class()), guarded_strategy(cli.module):
         module.train(args)

@@ -7,7 +7,8 @@ import os
 import sys
 from collections import Counter
 
-from openrlhf_irl.cli.common import UsageError, check_not_same_file, check_output_dir, positive_int
+from openrlhf_irl.cli.common import UsageError, check_output_dir, positive_int, resolve_outputs
+from openrlhf_irl.utils.output_guard import mark_dir
 from openrlhf_irl.datasets.hh_rlhf import load_hh_rlhf
 from openrlhf_irl.utils.jsonl import DataError, atomic_write_jsonl
 
@@ -18,6 +19,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", required=True)
     p.add_argument("--key", default="chosen", help="conversation field whose last assistant turn is the demo")
     p.add_argument("--max-records", type=positive_int, default=None, help="keep only the first K demonstrations")
+    p.add_argument("--overwrite", action="store_true",
+                   help="write into an existing non-empty --output-dir that this tool did not write")
     p.add_argument("--lenient", action="store_true", help="skip and count bad records instead of failing")
     return p
 
@@ -28,14 +31,18 @@ def main(argv=None) -> int:
     try:
         if not os.path.isfile(args.input):
             raise UsageError(f"--input {args.input}: no such file")
-        out_paths = [os.path.join(args.output_dir, name) for name in ("demos.jsonl", "prompts.jsonl")]
-        for path in out_paths:
-            check_not_same_file(path, {"--input": args.input}, "--output-dir")
+        resolve_outputs({"--output-dir": args.output_dir}, {}, managed=("--output-dir",))  # an empty path
+        for name in ("demos.jsonl", "prompts.jsonl"):  # the files first: the sharper message
+            path = os.path.join(args.output_dir, name)
+            resolve_outputs({"--output-dir": path}, {"--input": args.input}, managed=("--output-dir",))
+        resolve_outputs({"--output-dir": args.output_dir}, {"--input": args.input}, overwrite=args.overwrite,
+                        dirs=("--output-dir",))
         records = load_hh_rlhf(args.input, key=args.key, lenient=args.lenient, skipped=skipped)
         if not records:
             raise UsageError(f"--input {args.input}: no usable records (skipped: {dict(skipped) or 'none'}); "
                              "nothing written")
         check_output_dir(args.output_dir)
+        mark_dir(args.output_dir, "openrlhf_irl.cli.prepare_hh_rlhf")
     except (DataError, UsageError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -33,8 +33,9 @@ import time
 from collections import Counter
 from typing import Dict, List, Optional, Set, Tuple
 
-from openrlhf_irl.cli.common import (UsageError, check_lora, check_model, check_not_same_file, check_output_file,
-                                     load_checked_config, load_checked_tokenizer, model_context_length, positive_int)
+from openrlhf_irl.cli.common import (UsageError, check_lora, check_model, check_output_file, load_checked_config,
+                                     load_checked_tokenizer, model_context_length, positive_int, resolve_outputs,
+                                     temperature, top_p)
 from openrlhf_irl.generation.params import SamplingParams, format_prompt, plan_requests
 from openrlhf_irl.utils.jsonl import DataError, append_jsonl, data_error, read_jsonl, read_jsonl_tolerant_tail
 from openrlhf_irl.utils.provenance import (differences, model_identity, read_provenance, sidecar_path,
@@ -56,8 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="render each prompt as one user message with the tokenizer's chat template")
     fmt.add_argument("--input-template", help="format string with a {} slot for the prompt, e.g. 'User: {}\\nAssistant: '")
     p.add_argument("--n-samples", type=positive_int, default=1, help="samples per prompt (default: %(default)s)")
-    p.add_argument("--temperature", type=float, default=1.0, help="default: %(default)s (0 = greedy)")
-    p.add_argument("--top-p", type=float, default=0.95, help="default: %(default)s")
+    p.add_argument("--temperature", type=temperature, default=1.0,
+                   help="0 = greedy, else in [0.001, 100] (default: %(default)s)")
+    p.add_argument("--top-p", type=top_p, default=0.95, help="in (0, 1] (default: %(default)s)")
     p.add_argument("--max-new-tokens", type=positive_int, default=128, help="default: %(default)s")
     p.add_argument("--num-actors", type=positive_int, default=2,
                    help="Ray actors (hf) or vLLM engines (vllm) (default: %(default)s)")
@@ -257,8 +259,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         check_model(args.model)
         check_lora(args.lora)
+        resolve_outputs({"--output": args.output, "--output's sidecar": sidecar_path(args.output)},
+                        {"--prompts": args.prompts, "--model": args.model, "--lora": args.lora},
+                        managed=("--output", "--output's sidecar"))  # prepare_output refuses a foreign file
         check_output_file(args.output)
-        check_not_same_file(args.output, {"--prompts": args.prompts})
         prompts, duplicates, lines = load_prompts(args.prompts, args.input_key)
         if args.max_prompts is not None:
             prompts = prompts[: args.max_prompts]

@@ -137,6 +137,10 @@ def run_experiment(output_dir: str, seeds: list[int], quick: bool = False, backe
                 done = _finished(path, cfg)
                 if done is None:
                     if os.path.exists(cfg.output_dir):
+                        from openrlhf_irl.utils.output_guard import OutputConflict, is_ours
+
+                        if not is_ours(cfg.output_dir):  # the CLI checked this up front; never delete a stranger's
+                            raise OutputConflict(f"{cfg.output_dir}: not written by this tool; not replaced")
                         shutil.rmtree(cfg.output_dir)  # settings changed or the seed was cut short: start it clean
                     seed_start = time.time()
                     done = Demo(cfg, progress=progress, verbose=verbose, label_prefix=f"seed {s} ").run_stages()

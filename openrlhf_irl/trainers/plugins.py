@@ -36,7 +36,16 @@ NONNEG_INT = _number(int, low=0)
 POS_INT = _number(int, low=1)
 
 
+def add_common_arguments(parser: argparse.ArgumentParser) -> None:
+    """Every trainer: ``--ckpt.overwrite`` and the up-front checks of numbers and output paths
+    (:mod:`openrlhf_irl.cli.train_checks`)."""
+    from openrlhf_irl.cli.train_checks import add_overwrite_argument
+
+    add_overwrite_argument(parser)
+
+
 def add_iq_learn_arguments(parser: argparse.ArgumentParser) -> None:
+    add_common_arguments(parser)
     group = parser.add_argument_group("IQ-Learn (--trainer irl_iq)")
     group.add_argument("--irl.td_weight", type=NONNEG, default=0.1,
                        help="lambda = 1/(4 alpha_iq): weight of the chi^2 TD term r_t^2 (0 = MLE)")
@@ -129,13 +138,16 @@ def check_iq_learn_args(ns) -> None:
 
 
 def add_afd_rm_arguments(parser: argparse.ArgumentParser) -> None:
+    add_common_arguments(parser)
     group = parser.add_argument_group("AfD classifier reward model (--trainer afd_rm)")
     group.add_argument("--data.response_key", type=str, default="response", help="JSON key of the response")
     group.add_argument("--data.label_key", type=str, default="label", help="JSON key of the 0/1 label")
 
 
-SFT = TrainerPlugin(name="sft", task="sft", description="OpenRLHF's SFTTrainer (maximum likelihood)")
-RM = TrainerPlugin(name="rm", task="rm", description="OpenRLHF's RewardModelTrainer (Bradley-Terry on pairs)")
+SFT = TrainerPlugin(name="sft", task="sft", add_arguments=add_common_arguments,
+                    description="OpenRLHF's SFTTrainer (maximum likelihood)")
+RM = TrainerPlugin(name="rm", task="rm", add_arguments=add_common_arguments,
+                   description="OpenRLHF's RewardModelTrainer (Bradley-Terry on pairs)")
 IRL_IQ = TrainerPlugin(
     name="irl_iq",
     task="sft",

@@ -14,7 +14,16 @@ import shutil
 import sys
 from typing import Callable, Optional
 
-__all__ = ["write_then_retire", "retire_old_checkpoints"]
+__all__ = ["write_then_retire", "retire_old_checkpoints", "NonFiniteWeightsError", "check_finite_weights",
+           "safe_save_model", "STAGING"]
+
+STAGING = ".openrlhf-irl-saving"  # where a model is written before it replaces the one in the output directory
+_WEIGHT_FILE = (".safetensors", ".bin", ".pt", ".pth", ".index.json")
+_WEIGHT_PREFIX = ("model", "pytorch_model", "adapter_model")
+
+
+class NonFiniteWeightsError(RuntimeError):
+    """The model to be saved holds NaN/inf weights; nothing was written."""
 
 
 def _dir_size(path: str) -> int:
@@ -75,3 +84,69 @@ def write_then_retire(strategy) -> None:
 
     save_ckpt.write_then_retire = True
     strategy.save_ckpt = save_ckpt
+
+
+def check_finite_weights(strategy, model, where: str) -> None:
+    """:class:`NonFiniteWeightsError` (on every rank) when any rank's share of ``model``'s parameters holds a
+    NaN or inf (the non-finite loss check runs on the next forward, so the last step's update is checked here)."""
+    import torch
+
+    bad = None
+    for name, param in strategy._unwrap_model(model).named_parameters():
+        data = getattr(param, "ds_tensor", None) if hasattr(param, "ds_id") else param.data  # ZeRO-3: own shard
+        if data is not None and data.numel() and not bool(torch.isfinite(data).all()):
+            bad = name
+            break
+    flag = float(bad is not None)
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        flag = strategy.all_reduce(flag, "max")
+    if flag > 0:
+        raise NonFiniteWeightsError(f"the trained weights hold NaN/inf ({bad or 'on another rank'}), so they were "
+                                    f"not saved to {where} (an earlier model there is kept); lower --adam.lr or "
+                                    "check the data")
+
+
+def _swap_in(staging: str, output_dir: str) -> None:
+    """Move every file of a complete save from ``staging`` into ``output_dir`` (one rename each), then drop the
+    earlier model's weight files that the new save does not have (e.g. shards of another layout)."""
+    new = set(os.listdir(staging))
+    for name in sorted(new, key=lambda n: n == "config.json"):  # config last: weights first, then what names them
+        src, dst = os.path.join(staging, name), os.path.join(output_dir, name)
+        if os.path.isdir(dst) and not os.path.islink(dst):
+            shutil.rmtree(dst)
+        os.replace(src, dst)
+    for name in os.listdir(output_dir):
+        path = os.path.join(output_dir, name)
+        if (name not in new and name.endswith(_WEIGHT_FILE) and name.startswith(_WEIGHT_PREFIX)
+                and os.path.isfile(path)):
+            os.unlink(path)
+    os.rmdir(staging)
+
+
+def safe_save_model(strategy) -> None:
+    """Make ``strategy.save_model`` check the weights are finite, write the model into a staging directory inside
+    the output directory and only then move its files in: a save that fails (a full disk, an error while the
+    tokenizer is written, a kill) leaves the earlier model there whole, config included (idempotent)."""
+    original = getattr(strategy, "save_model", None)
+    if original is None or getattr(original, "safe_save", False):
+        return
+
+    def save_model(model, tokenizer, output_dir, **kwargs):
+        check_finite_weights(strategy, model, output_dir)
+        staging = os.path.join(output_dir, STAGING)
+        rank0 = strategy.is_rank_0()
+        if rank0:
+            shutil.rmtree(staging, ignore_errors=True)  # a killed save's leftovers
+        try:
+            original(model, tokenizer, staging, **kwargs)
+            if rank0:
+                _swap_in(staging, output_dir)
+        except BaseException:
+            if rank0:
+                shutil.rmtree(staging, ignore_errors=True)
+            raise
+
+    save_model.safe_save = True
+    strategy.save_model = save_model

@@ -7,6 +7,7 @@ number and, where one is involved, the field: ``data.jsonl, line 3, field 'promp
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from collections import Counter
@@ -114,8 +115,33 @@ def read_jsonl(
                 yield line_no, record
 
 
-def _dump_line(record: Any) -> str:
-    return json.dumps(record, ensure_ascii=False) + "\n"
+def _nonfinite_field(obj: Any, prefix: str = "") -> Optional[Tuple[str, float]]:
+    """The dotted path and value of the first NaN/inf float in ``obj``, None if there is none."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return prefix or "(value)", obj
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, (list, tuple)) else ()
+    for key, value in items:
+        found = _nonfinite_field(value, f"{prefix}.{key}" if prefix else str(key))
+        if found:
+            return found
+    return None
+
+
+def _dumps(obj: Any, path: PathLike, line_no: Optional[int], **kwargs: Any) -> str:
+    """Strict JSON (no ``NaN``/``Infinity``, which JSON does not have): :class:`DataError` naming the field."""
+    try:
+        return json.dumps(obj, ensure_ascii=False, allow_nan=False, **kwargs)
+    except ValueError:
+        found = _nonfinite_field(obj)
+        if found is None:
+            raise
+        field, value = found
+        raise data_error(path, line_no, f"{value} is not a finite number, and JSON cannot hold it; nothing "
+                         "written", field=field, reason="nonfinite") from None
+
+
+def _dump_line(record: Any, path: PathLike = "<jsonl>", line_no: Optional[int] = None) -> str:
+    return _dumps(record, path, line_no) + "\n"
 
 
 def _fsync_dir(directory: str) -> None:
@@ -151,7 +177,7 @@ def atomic_writer(path: PathLike, mode: str = "w") -> Iterator[IO]:
     """
     if mode not in ("w", "wb"):
         raise ValueError(f"atomic_writer mode must be 'w' or 'wb', got {mode!r}")
-    target = os.path.abspath(os.fspath(path))
+    target = os.path.realpath(os.path.abspath(os.fspath(path)))  # through a symlink: its target gets the content
     directory, name = os.path.split(target)
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{name}.", suffix=".tmp")
     try:
@@ -176,16 +202,16 @@ def atomic_write_jsonl(path: PathLike, records: Iterable[Any]) -> int:
     n = 0
     with atomic_writer(path) as f:
         for record in records:
-            f.write(_dump_line(record))
             n += 1
+            f.write(_dump_line(record, path, n))
     return n
 
 
 def atomic_write_json(path: PathLike, obj: Any, *, indent: int = 2) -> None:
     """Atomically replace ``path`` with ``obj`` as a JSON document."""
+    text = _dumps(obj, path, None, indent=indent)
     with atomic_writer(path) as f:
-        json.dump(obj, f, ensure_ascii=False, indent=indent)
-        f.write("\n")
+        f.write(text + "\n")
 
 
 def append_jsonl(path: PathLike, records: Iterable[Any]) -> int:
@@ -195,7 +221,7 @@ def append_jsonl(path: PathLike, records: Iterable[Any]) -> int:
     before appending again. Appending after a partial line raises :class:`DataError` rather than
     gluing the new record onto it. Returns the number of records appended.
     """
-    data = "".join(_dump_line(r) for r in records).encode("utf-8")
+    data = "".join(_dump_line(r, path) for r in records).encode("utf-8")
     with open(path, "a+b") as f:
         f.seek(0, os.SEEK_END)
         if f.tell() > 0:

@@ -17,7 +17,7 @@ pytestmark = pytest.mark.slow
 
 SCRIPT = r"""
 import os, sys, socket, torch, ray
-MODEL = sys.argv[1]
+MODEL, DTYPE = sys.argv[1], sys.argv[3]  # DTYPE: "bf16" (OpenRLHF's default engines) or "fp32" (patch 0007)
 import openrlhf
 assert openrlhf.__file__.startswith(sys.argv[2]), openrlhf.__file__  # the patched copy
 from openrlhf_irl import compat
@@ -29,7 +29,8 @@ if __name__ == "__main__":
     from openrlhf.trainer.ray.vllm_engine import create_vllm_engines
     from openrlhf.utils.distributed_util import stateless_init_process_group
 
-    engines = create_vllm_engines(1, 1, MODEL, 0, False, True, True, 128, gpu_memory_utilization=0.5)
+    engine_dtype = {"dtype": "float32"} if DTYPE == "fp32" else {}
+    engines = create_vllm_engines(1, 1, MODEL, 0, False, True, True, 128, gpu_memory_utilization=0.5, **engine_dtype)
     tok = AutoTokenizer.from_pretrained(MODEL)
     prompts = [tok(f"User: count from {a}\nAssistant: ", add_special_tokens=False)["input_ids"] for a in (3, 41)]
     import vllm
@@ -42,7 +43,7 @@ if __name__ == "__main__":
 
     before = greedy()
 
-    model = AutoModelForCausalLM.from_pretrained(MODEL, dtype=torch.bfloat16)
+    model = AutoModelForCausalLM.from_pretrained(MODEL, dtype=torch.float32 if DTYPE == "fp32" else torch.bfloat16)
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for p in model.parameters():
@@ -72,8 +73,11 @@ if __name__ == "__main__":
 """
 
 
+@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
 def test_patched_openrlhf_pushes_weights_into_a_cpu_engine_without_the_compat_layer(
-        tiny_model, patched_openrlhf, tmp_path, vllm_ready):  # noqa: F811
+        tiny_model, patched_openrlhf, tmp_path, vllm_ready, dtype):  # noqa: F811
+    """fp32: patch 0007's ``create_vllm_engines(dtype="float32")``; ``update_weight`` asserts the pushed dtype is the
+    engine's, so fp32 weights arriving at a bfloat16 engine would fail the push."""
     script = tmp_path / "push.py"
     script.write_text(SCRIPT)
     run_dir = tempfile.mkdtemp(prefix="oirl_t_")  # short: Ray and vLLM put unix sockets under it (107-byte limit)
@@ -82,7 +86,7 @@ def test_patched_openrlhf_pushes_weights_into_a_cpu_engine_without_the_compat_la
                VLLM_CPU_KVCACHE_SPACE="1", TORCHDYNAMO_DISABLE="1", VLLM_RPC_BASE_PATH=run_dir,
                VLLM_CACHE_ROOT=os.path.join(run_dir, "cache"), TMPDIR=run_dir)
     try:
-        proc = run_python([str(script), tiny_model, str(patched_openrlhf)], timeout=900, env=env)
+        proc = run_python([str(script), tiny_model, str(patched_openrlhf), dtype], timeout=900, env=env)
     finally:
         shutil.rmtree(run_dir, ignore_errors=True)
     assert_ok(proc)

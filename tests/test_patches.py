@@ -26,7 +26,8 @@ REPO = Path(__file__).resolve().parents[1]
 PATCH_DIR = REPO / "patches"
 PATCHES = sorted(PATCH_DIR.glob("*.patch"))
 EXPECTED_PATCHES = ["0001-cli-pluggable-trainers.patch", "0002-device-agnostic-cpu.patch",
-                    "0003-rm-trainer-training-step.patch", "0006-checkpoint-rotation-write-then-retire.patch"]
+                    "0003-rm-trainer-training-step.patch", "0006-checkpoint-rotation-write-then-retire.patch",
+                    "0007-param-dtype-fp32.patch"]
 
 # Rendezvous variables a launcher (torchrun, deepspeed) would set; stripped from the parent environment.
 LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
@@ -227,6 +228,30 @@ def test_patched_cli_runs_plugin_trainer_on_cpu(patched_openrlhf, cli_inputs):
     proc = _run_patched_train_sft(patched_openrlhf, cli_inputs, out, "--trainer", "irl_iq", "--irl.td_weight", "0.1")
     output = _assert_trained_and_saved(proc, out)
     assert re.search(r"\biq_\w+=", output), "the irl_iq trainer's metrics are missing from the progress output"
+
+
+def test_fp32_patch_applies_to_pristine_openrlhf_alone(tmp_path):
+    """0007 does not depend on the CPU patches: it applies to OpenRLHF 0.11.2 as released."""
+    shutil.copytree(_installed_openrlhf(), tmp_path / "openrlhf", ignore=shutil.ignore_patterns("__pycache__"))
+    check = _git(["apply", "--check", "--verbose", str(PATCH_DIR / "0007-param-dtype-fp32.patch")], tmp_path)
+    assert check.returncode == 0, check.stderr
+
+
+@pytest.mark.slow
+def test_patched_train_sft_trains_in_fp32_without_the_compat_layer(patched_openrlhf, cli_inputs):
+    """0007 (with 0002 for the CPU device): OpenRLHF's own train_sft takes ``--ds.param_dtype fp32``, trains with
+    DeepSpeed's bf16/fp16 off and saves float32 weights, with this package's layer off."""
+    from safetensors import safe_open
+
+    out = cli_inputs.root / "out_fp32"
+    flags = _common_flags(cli_inputs, out, cli_inputs.data)
+    flags[flags.index("--ds.param_dtype") + 1] = "fp32"
+    proc = _run_patched(patched_openrlhf, cli_inputs, "openrlhf.cli.train_sft",
+                        [*flags, "--data.input_key", "prompt", "--data.output_key", "response",
+                         "--data.max_samples", "32"])
+    _assert_trained_and_saved(proc, out)
+    with safe_open(str(out / "model.safetensors"), framework="pt") as h:
+        assert {str(h.get_tensor(k).dtype) for k in h.keys()} == {"torch.float32"}
 
 
 @pytest.mark.slow

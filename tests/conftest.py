@@ -14,10 +14,10 @@ import pytest
 
 # Everything the tests and the processes they start put in TMPDIR (Ray sessions, torch.distributed.run's
 # torchelastic_* folders, vLLM sockets, private run directories, pytest's own tmp_path) goes into one short folder
-# per pytest process, removed when the process ends; the vLLM shared-memory segments that appeared during the run
-# and that nothing maps at its end are removed by the main pytest process (with pytest-xdist: after its workers
-# ended, so that no segment a worker's engine is creating is touched). Short: AF_UNIX socket paths under it are
-# limited to 107 bytes.
+# per pytest process, removed when the process ends; the vLLM shared-memory segments that the main pytest process
+# and its descendants (pytest-xdist workers, the jobs and engines the tests start) mapped during the run and that
+# nothing maps at its end are removed by the main process (a segment another job created is never touched). Short:
+# AF_UNIX socket paths under it are limited to 107 bytes.
 _SESSION_TMP = tempfile.mkdtemp(prefix="ot_", dir="/tmp" if os.path.isdir("/tmp") else None)
 os.environ["TMPDIR"] = _SESSION_TMP
 tempfile.tempdir = _SESSION_TMP
@@ -28,9 +28,9 @@ os.environ.update(HF_DATASETS_CACHE=os.path.join(_SESSION_TMP, "hf_datasets"),
                   MPLCONFIGDIR=os.path.join(_SESSION_TMP, "matplotlib"), TRITON_HOME=str(_CACHE / "triton"),
                   TORCH_EXTENSIONS_DIR=str(_CACHE / "torch_extensions"))
 
-from openrlhf_irl.compat.ray_ppo import remove_stale_shm, shm_segments  # noqa: E402  (imports torch: after TMPDIR)
+from openrlhf_irl.utils.reaper import ShmReaper  # noqa: E402
 
-_SHM_BEFORE = shm_segments()
+_SHM_REAPER = None if os.environ.get("PYTEST_XDIST_WORKER") else ShmReaper(interval_s=2.0).start()
 
 
 def pytest_unconfigure(config):
@@ -40,8 +40,8 @@ def pytest_unconfigure(config):
     ray = sys.modules.get("ray")
     if ray is not None and ray.is_initialized():
         ray.shutdown()
-    if not os.environ.get("PYTEST_XDIST_WORKER"):
-        remove_stale_shm(shm_segments() - _SHM_BEFORE)
+    if _SHM_REAPER is not None:
+        _SHM_REAPER.close()
     for _ in range(25):  # a process still stopping may write a last file: retry briefly
         shutil.rmtree(_SESSION_TMP, ignore_errors=True)
         if not os.path.exists(_SESSION_TMP):

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from openrlhf_irl.compat import ray_ppo
+from openrlhf_irl.utils import reaper
 
 REPO = Path(__file__).resolve().parents[1]
 needs_cpu_layer = pytest.mark.skipif(not ray_ppo.needed(), reason="the CPU layer is off (CUDA present or disabled)")
@@ -47,7 +48,9 @@ def models(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def log_ratio_run(models, tmp_path_factory):
-    """One PPO run over the log-ratio reward (SFT = the policy), 2 steps of 4 prompts x 2 samples."""
+    """One PPO run over the log-ratio reward (SFT = the policy), 2 steps of 4 prompts x 2 samples, in fp32 (what
+    ``--ds.param_dtype auto`` picks on a CPU without bf16: actor, reference, vLLM engine and weight push in fp32; the
+    reward-model route below runs the default, bf16 on this CPU where it is native)."""
     from openrlhf_irl.afd.ppo import run_ppo
 
     policy, init = models
@@ -59,9 +62,9 @@ def log_ratio_run(models, tmp_path_factory):
     result = run_ppo(policy, _prompts(8), str(out), log_ratio=(policy, init), reward_func=str(reward_file),
                      env={"PPO_TEST_REWARD_LOG": str(reward_log), ray_ppo.RUN_TAG_ENV: tag,
                           "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"},
-                     steps=2, lr=1e-3, timeout_s=900)
-    leftovers = ray_ppo.tagged_processes(tag)
-    ray_ppo.kill_tagged(tag)
+                     steps=2, lr=1e-3, timeout_s=900, extra=("--ds.param_dtype", "fp32"))
+    leftovers = reaper.tagged_processes(tag)
+    reaper.kill_tagged(tag)
     return result, reward_log, leftovers
 
 
@@ -73,6 +76,10 @@ def test_ppo_log_ratio_trains_saves_and_cleans_up(log_ratio_run, models):
     result, _, leftovers = log_ratio_run
     assert leftovers == [], "Ray/vLLM processes of the job outlived it"
     assert len(result.logs) == 2 and all("reward" in step and "policy_loss" in step for step in result.logs)
+    from safetensors import safe_open
+
+    with safe_open(os.path.join(result.policy, "model.safetensors"), framework="pt") as h:
+        assert {h.get_tensor(k).dtype for k in h.keys()} == {torch.float32}, "--ds.param_dtype fp32 trained another"
     trained = AutoModelForCausalLM.from_pretrained(result.policy)
     start = AutoModelForCausalLM.from_pretrained(models[0])
     moved = max((a.float() - b.float()).abs().max().item()
@@ -281,9 +288,9 @@ def test_ppo_over_a_reward_model_logs_the_models_own_scores(models, tmp_path):
                      env={ray_ppo.RUN_TAG_ENV: tag, "HF_HUB_OFFLINE": "1", "PPO_TEST_RM_LOG": str(log),
                           ray_ppo.EXTRA_HOOK_ENV: "record_rewards.install",
                           "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests" / "support")])},
-                     steps=2, lr=1e-3, timeout_s=900)
-    leftovers = ray_ppo.tagged_processes(tag)
-    ray_ppo.kill_tagged(tag)
+                     steps=2, lr=1e-3, timeout_s=900, extra=("--ds.param_dtype", "fp32"))
+    leftovers = reaper.tagged_processes(tag)
+    reaper.kill_tagged(tag)
     assert leftovers == []
     assert len(result.logs) == 2
     records = [json.loads(line) for line in log.read_text().splitlines()]
@@ -327,7 +334,7 @@ def _start_and_wait_for_actors(models, tmp_path):
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline and proc.poll() is None:
         names = {}
-        for pid in ray_ppo.tagged_processes(tag, exclude=(proc.pid,)):
+        for pid in reaper.tagged_processes(tag, exclude=(proc.pid,)):
             try:
                 names[Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")] = pid
             except OSError:
@@ -357,8 +364,8 @@ def test_interrupt_or_dead_actor_ends_the_job_with_one_line_and_no_orphans(model
     finally:
         if proc.poll() is None:
             proc.kill()
-        leftovers = ray_ppo.tagged_processes(tag)
-        ray_ppo.kill_tagged(tag)
+        leftovers = reaper.tagged_processes(tag)
+        reaper.kill_tagged(tag)
     last = err.strip().splitlines()[-1]
     if fault == "ctrl_c":
         assert proc.returncode == 130 and last.startswith("error: PPO interrupted")
@@ -424,7 +431,7 @@ def test_patched_openrlhf_runs_ppo_on_cpu_without_the_compat_layer(models, tmp_p
         proc = subprocess.run([sys.executable, str(script), *argv], env=env, capture_output=True, text=True,
                               timeout=900)
     finally:
-        ray_ppo.kill_tagged(tag)
+        reaper.kill_tagged(tag)
         shutil.rmtree(run_dir, ignore_errors=True)
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output[-3000:]
@@ -468,34 +475,3 @@ def test_setup_hook_is_what_ray_loads_into_every_worker():
     assert kwargs["runtime_env"]["worker_process_setup_hook"] == ray_ppo.SETUP_HOOK
     assert kwargs["runtime_env"]["env_vars"][ray_ppo.RUN_TAG_ENV] == "t"
     assert not kwargs["runtime_env"]["env_vars"]["TORCH_EXTENSIONS_DIR"].startswith(os.path.expanduser("~"))
-
-
-@pytest.mark.skipif(not os.path.isdir(ray_ppo.SHM_DIR), reason="no /dev/shm")
-def test_only_the_jobs_own_unmapped_shared_memory_is_removed():
-    """Segments the job's processes mapped are candidates; of those, one still mapped (a process of another job
-    attached to it) stays; a new unmapped segment the job never mapped (another job creating it) stays."""
-    import mmap
-
-    stale, live, foreign = (f"psm_test{uuid.uuid4().hex[:8]}" for _ in range(3))
-    paths = {n: os.path.join(ray_ppo.SHM_DIR, n) for n in (stale, live, foreign)}
-    for path in paths.values():
-        with open(path, "wb") as f:
-            f.write(b"\0" * 4096)
-    handles = {n: open(paths[n], "r+b") for n in (stale, live)}
-    maps = {n: mmap.mmap(h.fileno(), 4096) for n, h in handles.items()}
-    try:
-        owned = ray_ppo.shm_mapped_by([os.getpid()])
-        assert {stale, live} <= owned and foreign not in owned
-        maps.pop(stale).close()  # the job's process is gone: nobody maps it any more
-        handles.pop(stale).close()
-        removed = ray_ppo.remove_stale_shm(owned)
-        assert removed == [stale]
-        assert not os.path.exists(paths[stale]) and os.path.exists(paths[live]) and os.path.exists(paths[foreign])
-    finally:
-        for m in maps.values():
-            m.close()
-        for h in handles.values():
-            h.close()
-        for path in paths.values():
-            if os.path.exists(path):
-                os.unlink(path)

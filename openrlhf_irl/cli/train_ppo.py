@@ -260,6 +260,7 @@ def run_cpu(argv: list[str]) -> int:
 
     from openrlhf_irl import compat
     from openrlhf_irl.compat import ray_ppo
+    from openrlhf_irl.utils import reaper as cleanup
 
     from openrlhf_irl.cli.train_checks import claim_outputs
 
@@ -277,8 +278,8 @@ def run_cpu(argv: list[str]) -> int:
     ray_ppo.install()
     env = ray_ppo.worker_env()
     os.environ.update(env)  # the driver's own DeepSpeed pieces (and a locally started Ray) see the same
-    tag = env[ray_ppo.RUN_TAG_ENV]
-    reaper = ray_ppo.start_reaper(tag)  # cleans up even if this process is killed
+    tag = env[cleanup.RUN_TAG_ENV]
+    reaper = cleanup.start_reaper(tag)  # cleans up even if this process is killed
 
     def _terminate(signum, frame):
         raise KeyboardInterrupt
@@ -304,13 +305,13 @@ def run_cpu(argv: list[str]) -> int:
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)  # let the clean-up finish
         sigint = signal.signal(signal.SIGINT, signal.SIG_IGN)
-        owned_shm = ray_ppo.shm_mapped_by(ray_ppo.tagged_processes(tag, exclude=(reaper.pid,)))
+        owned_shm = cleanup.shm_mapped_by(cleanup.tagged_processes(tag, exclude=(reaper.pid,)))
         if ray.is_initialized():
             ray.shutdown()
-        ray_ppo.kill_tagged(tag, exclude=(reaper.pid,), grace_s=3.0)  # actors, vLLM engines and their workers
+        cleanup.kill_tagged(tag, exclude=(reaper.pid,), grace_s=3.0)  # actors, vLLM engines and their workers
         reaper.stdin.close()
         reaper.wait(timeout=30)
-        ray_ppo.remove_stale_shm(owned_shm)  # the job's own vLLM buffers its killed processes left
+        cleanup.remove_stale_shm(owned_shm)  # the job's own vLLM buffers its killed processes left
         signal.signal(signal.SIGTERM, previous)
         signal.signal(signal.SIGINT, sigint)
     if message:  # last, after Ray stopped streaming its workers' output

@@ -30,10 +30,10 @@ from pathlib import Path
 import torch
 
 from openrlhf_irl import compat
+from openrlhf_irl.utils.reaper import RUN_TAG_ENV  # the job's tag (its processes' clean-up is in utils.reaper)
 
 SETUP_HOOK = "openrlhf_irl.compat.ray_ppo.setup_worker"
 EXTRA_HOOK_ENV = "OPENRLHF_IRL_WORKER_HOOK"  # "module.function": a user's own worker setup hook, run after ours
-RUN_TAG_ENV = "OPENRLHF_IRL_PPO_RUN"
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_CACHE = REPO_ROOT / "outputs" / ".cache"
 
@@ -186,113 +186,3 @@ def cluster_shortfall(args, resources: dict) -> str | None:
         return (f"the Ray cluster has {have:g} GPU resources and this PPO job reserves {gpus} (one per DeepSpeed "
                 f"process): Ray would wait forever; start it with `ray start --num-gpus {gpus}` (logical on CPU)")
     return None
-
-
-# ------------------------------------------------------------------------------------------------------- clean-up
-def tagged_processes(tag: str, exclude: tuple[int, ...] = ()) -> list[int]:
-    """Pids whose environment carries ``RUN_TAG_ENV=tag``: every Ray worker of the job and what it spawned (vLLM's
-    EngineCore and workers inherit it). Ray renames its workers (``ray::PolicyModelActor``), so a command line does
-    not name the job; the environment does."""
-    needle = f"{RUN_TAG_ENV}={tag}".encode()
-    pids = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) in exclude:
-            continue
-        try:
-            with open(f"/proc/{entry}/environ", "rb") as f:
-                if needle in f.read().split(b"\0"):
-                    pids.append(int(entry))
-        except OSError:
-            continue
-    return pids
-
-
-def kill_tagged(tag: str, exclude: tuple[int, ...] = (), grace_s: float = 5.0) -> int:
-    """SIGTERM, then SIGKILL after ``grace_s``, every process of the job (:func:`tagged_processes`)."""
-    import psutil
-
-    from openrlhf_irl.utils.ray_watchdog import terminate_then_kill
-
-    procs = []
-    for pid in tagged_processes(tag, exclude=(os.getpid(), *exclude)):
-        try:
-            procs.append(psutil.Process(pid))
-        except psutil.Error:
-            pass
-    return terminate_then_kill(procs, grace_s)
-
-
-_WATCHDOG = """
-import sys
-from openrlhf_irl.compat.ray_ppo import kill_tagged
-sys.stdin.buffer.read()
-kill_tagged(sys.argv[1], exclude=(int(sys.argv[2]),))
-"""
-
-
-def start_reaper(tag: str):
-    """A process in its own session that kills the job's processes once the driver's pipe closes (normal exit,
-    Ctrl-C or SIGKILL of the driver alike). Returns the pipe: close it to trigger the clean-up."""
-    import subprocess
-    import sys
-
-    proc = subprocess.Popen([sys.executable, "-c", _WATCHDOG, tag, str(os.getpid())], stdin=subprocess.PIPE,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-                            close_fds=True, env={**os.environ, RUN_TAG_ENV: ""})
-    return proc
-
-
-SHM_DIR = "/dev/shm"
-SHM_PREFIXES = ("psm_", "sem.mp-")  # vLLM's shared-memory broadcast buffers, multiprocessing semaphores
-
-
-def shm_segments() -> set[str]:
-    try:
-        return {n for n in os.listdir(SHM_DIR) if n.startswith(SHM_PREFIXES)}
-    except OSError:
-        return set()
-
-
-def _mapped(pids=None) -> dict[int, str]:
-    """``{pid: text of /proc/pid/maps}`` for ``pids`` (every process when None)."""
-    out = {}
-    for entry in (os.listdir("/proc") if pids is None else map(str, pids)):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/maps", encoding="utf-8", errors="replace") as f:
-                out[int(entry)] = f.read()
-        except OSError:
-            continue
-    return out
-
-
-def shm_mapped_by(pids) -> set[str]:
-    """The shared-memory segments (:data:`SHM_PREFIXES`) that the processes ``pids`` map now."""
-    names = set()
-    for text in _mapped(pids).values():
-        for line in text.splitlines():
-            path = line.rsplit(None, 1)[-1] if line.strip() else ""
-            if path.startswith(SHM_DIR + "/") and os.path.basename(path).startswith(SHM_PREFIXES):
-                names.add(os.path.basename(path))
-    return names
-
-
-def remove_stale_shm(candidates: set[str]) -> list[str]:
-    """Remove those of ``candidates`` (segments a job's own processes mapped, :func:`shm_mapped_by`) that no live
-    process maps any more: vLLM leaves its ``psm_*`` buffers behind when its processes are killed. Only a job's own
-    segments are candidates: a segment another job on the machine is creating this instant may not be mapped yet."""
-    candidates = {n for n in candidates if os.path.exists(os.path.join(SHM_DIR, n))}
-    if not candidates:
-        return []
-    in_use = set()
-    for text in _mapped().values():
-        in_use.update(n for n in candidates if f"{SHM_DIR}/{n}" in text)
-    removed = []
-    for name in sorted(candidates - in_use):
-        try:
-            os.unlink(os.path.join(SHM_DIR, name))
-            removed.append(name)
-        except OSError:
-            pass
-    return removed

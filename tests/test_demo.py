@@ -21,6 +21,10 @@ def test_quick_demo_end_to_end(tmp_path):
                        "--backend", "hf", "--ppo-rewards", "BCE init-sft"], timeout=900)
     assert_ok(proc)
     report = json.loads((out / "report.json").read_text())
+    from openrlhf_irl.compat.param_dtype import resolve
+
+    assert report["param_dtype"] == {"dtype": resolve("auto").dtype, "reason": resolve("auto").reason}
+    assert f"in **{report['param_dtype']['dtype']}** (auto: this CPU" in (out / "report.md").read_text()
     results = json.loads((out / "results.json").read_text())
     # the terminal (not a TTY here): a header, per stage a start line naming its log, a done line with its time and
     # a bar, a footer; everything else (OpenRLHF, DeepSpeed, Ray, progress bars) is in the stage's log

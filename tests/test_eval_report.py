@@ -87,6 +87,17 @@ def test_build_report_files(tmp_path):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_report_states_the_dtype_that_ran_and_why(tmp_path):
+    cfg = DemoConfig(output_dir=str(tmp_path), n_boot=50)
+    fp32 = {"dtype": "fp32", "reason": "auto: this CPU has no avx512_bf16 or amx_bf16, so bf16 would be emulated"}
+    seeds = [dict(_seed(0, 0.0), param_dtype=fp32), dict(_seed(1, 0.1), param_dtype=fp32)]
+    assert build_report(str(tmp_path), cfg, seeds, title="t")["param_dtype"] == fp32
+    assert "vLLM engines in **fp32** (auto: this CPU has no avx512_bf16" in (tmp_path / "report.md").read_text()
+    seeds[1]["param_dtype"] = {"dtype": "bf16", "reason": "auto: this CPU has native bf16"}
+    assert build_report(str(tmp_path), cfg, seeds, title="t")["param_dtype"]["dtype"] == "mixed"
+    assert build_report(str(tmp_path), cfg, [_seed(0, 0.0)], title="t")["param_dtype"]["dtype"] == "not recorded"
+
+
 def test_experiment_reuses_only_seeds_with_the_same_settings(tmp_path):
     cfg = E.experiment_config(str(tmp_path), quick=True, backend="hf")
     assert cfg.afd_variants and cfg.temperatures and cfg.demo_subsets and cfg.spin

@@ -130,6 +130,14 @@ class Stage:
     fn: Callable[[], object]
 
 
+def param_dtype_used() -> dict:
+    """The dtype the demo's training, reward models and vLLM engines run in (``--ds.param_dtype auto``), and why."""
+    from openrlhf_irl.compat.param_dtype import resolve
+
+    resolved = resolve("auto")
+    return {"dtype": resolved.dtype, "reason": resolved.reason}
+
+
 def iq_name(td: float) -> str:
     return "sft_mle" if td == 0 else f"sft_iq_td{td:g}"
 
@@ -190,7 +198,8 @@ class Demo:
         from openrlhf_irl.utils.output_guard import mark_dir
 
         mark_dir(self.root, "openrlhf-irl demo")  # ours: a rerun (or the experiment) may replace it
-        self.results = {"seed": self.cfg.seed, "config": asdict(self.cfg), "rows": {}, "refs": {}}
+        self.results = {"seed": self.cfg.seed, "config": asdict(self.cfg), "rows": {}, "refs": {},
+                        "param_dtype": param_dtype_used()}
         stages = self.stages()
         progress = self.progress or StageProgress([st.name for st in stages])
         for i, st in enumerate(stages, 1):
@@ -207,7 +216,8 @@ class Demo:
         return self.results
 
     def train(self, task: str, trainer: str, model: str, data: str, out: str, epochs: int, lr: float, *extra: str):
-        """One OpenRLHF training run, in process, through the plug-in launcher (real DeepSpeed, ZeRO-2, bf16)."""
+        """One OpenRLHF training run, in process, through the plug-in launcher (real DeepSpeed, ZeRO-2; bf16 where
+        the CPU computes it natively, fp32 otherwise: :func:`param_dtype_used`)."""
         from openrlhf_irl.cli.launcher import build_args, train
 
         train(task, build_args(task, self._common_train_args(trainer, model, data, out, epochs, lr, *extra)))
@@ -221,7 +231,7 @@ class Demo:
             "--data.max_len", "64", "--train.micro_batch_size", str(cfg.micro_batch_size),
             "--train.batch_size", str(cfg.batch_size), "--train.max_epochs", str(epochs),
             "--train.seed", str(cfg.seed), "--ds.zero_stage", "2", "--ds.attn_implementation", "eager",
-            "--ds.param_dtype", "bf16", "--adam.lr", str(lr), "--lr_warmup_ratio", "0.05",
+            "--ds.param_dtype", "auto", "--adam.lr", str(lr), "--lr_warmup_ratio", "0.05",
             "--ckpt.output_dir", out, "--ckpt.path", out + "_ckpt", "--logger.logging_steps", "1000000",
             *extra,
         ]

@@ -231,6 +231,8 @@ def test_flash_attention_and_nccl_are_refused_on_cpu(models, prompt_file, capsys
     rc, err = _run_cli(_argv(models[0], prompt_file, "--reward.remote_url", func, "--vllm.sync_backend", "nccl"),
                        capsys)
     assert rc == 2 and "--vllm.sync_backend" in err[0]
+    rc, err = _run_cli(_argv(models[0], prompt_file, "--reward.remote_url", func, "--ds.param_dtype", "fp16"), capsys)
+    assert rc == 2 and err[0].startswith("error: --ds.param_dtype fp16:") and "fp32" in err[0]
 
 
 def _add_score_head(path: str, scale: float = 0.0) -> None:
@@ -288,7 +290,7 @@ def test_ppo_over_a_reward_model_logs_the_models_own_scores(models, tmp_path):
                      env={ray_ppo.RUN_TAG_ENV: tag, "HF_HUB_OFFLINE": "1", "PPO_TEST_RM_LOG": str(log),
                           ray_ppo.EXTRA_HOOK_ENV: "record_rewards.install",
                           "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests" / "support")])},
-                     steps=2, lr=1e-3, timeout_s=900, extra=("--ds.param_dtype", "fp32"))
+                     steps=2, lr=1e-3, timeout_s=900)
     leftovers = reaper.tagged_processes(tag)
     reaper.kill_tagged(tag)
     assert leftovers == []

@@ -137,7 +137,10 @@ def main(argv=None) -> int:
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     rows = {}
-    with tempfile.TemporaryDirectory(prefix="bench_sampling_") as root:
+    from openrlhf_irl.utils.reaper import owned_shm_cleanup
+
+    # owned_shm_cleanup: the shared memory of the engines (a) and (b) start, removed at the end (even on Ctrl-C)
+    with tempfile.TemporaryDirectory(prefix="bench_sampling_") as root, owned_shm_cleanup():
         model = build_model(root, args.hidden, args.layers)
         prompts = prompts_for(args.prompts)
         methods = [("vllm_bare", "(a) bare vllm.LLM, one engine in this process", lambda: bench_vllm_bare(model, prompts, args)),

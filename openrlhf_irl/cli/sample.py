@@ -40,6 +40,7 @@ from openrlhf_irl.generation.params import SamplingParams, format_prompt, plan_r
 from openrlhf_irl.utils.jsonl import DataError, append_jsonl, data_error, read_jsonl, read_jsonl_tolerant_tail
 from openrlhf_irl.utils.provenance import (differences, model_identity, read_provenance, sidecar_path,
                                            write_provenance)
+from openrlhf_irl.utils.reaper import owned_shm_cleanup
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -291,7 +292,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     try:
-        return _run(args, params, prompts, formatted, done, too_long, skipped)
+        with owned_shm_cleanup():  # vLLM's shared memory the job's engines leave, also on Ctrl-C during start-up
+            return _run(args, params, prompts, formatted, done, too_long, skipped)
     finally:
         lock.release()
 

@@ -13,6 +13,7 @@ both there, else transformers), ``hf``, ``vllm``, or ``module:callable`` - a fac
 
 from __future__ import annotations
 
+import atexit
 import importlib
 import importlib.util
 from typing import Callable, Sequence
@@ -21,6 +22,7 @@ import torch
 import torch.nn as nn
 
 from openrlhf_irl.utils.distributed import rank_and_world
+from openrlhf_irl.utils.reaper import ShmReaper
 
 from .params import derive_seed
 from .policy_samples import cut_after_eos, pack_policy_samples, sample_completions
@@ -105,8 +107,9 @@ class VLLMPolicySampler(PolicySampler):
 
     def __init__(self, engines: Sequence, tokenizer, *, n: int = 1, max_new_tokens: int = 64,
                  temperature: float = 1.0, seed: int = 0, weight_sync=None,
-                 params_factory: Callable = vllm_sampling_params, enable_sleep: bool = False):
+                 params_factory: Callable = vllm_sampling_params, enable_sleep: bool = False, shm_reaper=None):
         self.engines = list(engines)
+        self.shm_reaper = shm_reaper  # a ShmReaper started before the engines: close() removes their shared memory
         self.tokenizer = tokenizer
         self.n, self.max_new_tokens, self.temperature, self.seed = n, max_new_tokens, temperature, seed
         self.weight_sync = weight_sync
@@ -172,14 +175,21 @@ class VLLMPolicySampler(PolicySampler):
         return [completion_tokens(o, eos) for o in outputs]
 
     def close(self) -> None:
-        import ray
+        _release_engines(self.engines, self.shm_reaper)
+        self.engines, self.shm_reaper = [], None
 
-        for engine in self.engines:
-            try:
-                ray.kill(engine)
-            except Exception:  # pragma: no cover - best effort at shutdown
-                pass
-        self.engines = []
+
+def _release_engines(engines: Sequence, shm_reaper=None) -> None:
+    """Kill the engines; then the reaper waits for their processes and removes the segments they left."""
+    import ray
+
+    for engine in engines:
+        try:
+            ray.kill(engine)
+        except Exception:  # pragma: no cover - best effort at shutdown
+            pass
+    if shm_reaper is not None:
+        shm_reaper.close()
 
 
 def resolve_sampler(name: str) -> str:
@@ -211,23 +221,32 @@ def build_vllm_sampler(args, tokenizer) -> VLLMPolicySampler:
         raise ValueError("--irl.vllm_enable_sleep: vLLM's sleep mode is not supported on CPU engines; drop the flag")
     require_vllm()
     check_servable(args.model.model_name_or_path)
-    engines = []
-    if rank_and_world()[0] == 0:
-        from openrlhf.trainer.ray.vllm_engine import create_vllm_engines
+    engines, shm = [], None
+    try:
+        if rank_and_world()[0] == 0:
+            from openrlhf.trainer.ray.vllm_engine import create_vllm_engines
 
-        ensure_ray()
-        max_len = getattr(getattr(args, "data", None), "max_len", None)
-        engines = create_vllm_engines(
-            irl.vllm_num_engines, irl.vllm_tensor_parallel_size, args.model.model_name_or_path,
-            training_seed(args), False, True, irl.vllm_enforce_eager,
-            (max_len + irl.max_new_tokens) if max_len else None,
-            gpu_memory_utilization=irl.vllm_gpu_memory_utilization, vllm_enable_sleep=irl.vllm_enable_sleep,
-        )
-        wait_engines_ready(engines, args.model.model_name_or_path)
-    sync = EngineWeightSync(engines, tensor_parallel_size=irl.vllm_tensor_parallel_size, mode=mode)
-    return VLLMPolicySampler(engines, tokenizer, n=irl.n_samples, max_new_tokens=irl.max_new_tokens,
-                             temperature=irl.temperature, seed=training_seed(args),
-                             weight_sync=sync, enable_sleep=irl.vllm_enable_sleep)
+            ensure_ray()
+            shm = ShmReaper().start()  # the engines' shared memory, removed when the sampler closes
+            max_len = getattr(getattr(args, "data", None), "max_len", None)
+            engines = create_vllm_engines(
+                irl.vllm_num_engines, irl.vllm_tensor_parallel_size, args.model.model_name_or_path,
+                training_seed(args), False, True, irl.vllm_enforce_eager,
+                (max_len + irl.max_new_tokens) if max_len else None,
+                gpu_memory_utilization=irl.vllm_gpu_memory_utilization, vllm_enable_sleep=irl.vllm_enable_sleep,
+            )
+            wait_engines_ready(engines, args.model.model_name_or_path)
+            shm.note()
+        sync = EngineWeightSync(engines, tensor_parallel_size=irl.vllm_tensor_parallel_size, mode=mode)
+        sampler = VLLMPolicySampler(engines, tokenizer, n=irl.n_samples, max_new_tokens=irl.max_new_tokens,
+                                    temperature=irl.temperature, seed=training_seed(args), weight_sync=sync,
+                                    enable_sleep=irl.vllm_enable_sleep, shm_reaper=shm)
+    except BaseException:
+        _release_engines(engines, shm)
+        raise
+    if shm is not None:  # the trainer keeps the sampler to the end of the process: close it then, before Ray's
+        atexit.register(sampler.close)  # own exit hook (registered earlier, so run later) stops the engines
+    return sampler
 
 
 def _load_factory(spec: str) -> Callable:

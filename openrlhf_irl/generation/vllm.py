@@ -24,6 +24,8 @@ import json
 import os
 from typing import Any, Iterator, List, Optional, Sequence
 
+from openrlhf_irl.utils.reaper import ShmReaper
+
 from .params import Completion, SamplingParams, derive_seed, plan_requests
 from .scoring import encode_prompt
 
@@ -205,6 +207,7 @@ class VLLMGenerator:
 
         ensure_ray()
         self._tmpdir = None
+        self._shm = None
         self.engines = []
         if lora:
             model = self._merge_lora(model, lora)
@@ -212,23 +215,25 @@ class VLLMGenerator:
         self.tokenizer = load_tokenizer(tokenizer or model)
         self.max_in_flight = max_in_flight
         self._placement_groups = []
-        self.engines = _capturing_placement_groups(self._placement_groups, create_vllm_engines)(
-            num_engines,
-            tensor_parallel_size,
-            model,
-            seed,
-            False,  # full_determinism
-            enable_prefix_caching,
-            enforce_eager,
-            max_model_len,
-            gpu_memory_utilization=gpu_memory_utilization,
-            logprobs_mode="raw_logprobs",
-        )
+        self._shm = ShmReaper().start()  # the engines' shared memory, removed by close() once they are gone
         try:
+            self.engines = _capturing_placement_groups(self._placement_groups, create_vllm_engines)(
+                num_engines,
+                tensor_parallel_size,
+                model,
+                seed,
+                False,  # full_determinism
+                enable_prefix_caching,
+                enforce_eager,
+                max_model_len,
+                gpu_memory_utilization=gpu_memory_utilization,
+                logprobs_mode="raw_logprobs",
+            )
             wait_engines_ready(self.engines, model)
         except BaseException:
             self.close()
             raise
+        self._shm.note()  # the engines are up: their segments are mapped now
 
     def _merge_lora(self, model: str, lora: str) -> str:
         import tempfile
@@ -325,6 +330,9 @@ class VLLMGenerator:
             except Exception:  # pragma: no cover - best effort
                 pass
         self._placement_groups = []
+        if self._shm is not None:  # after the kills: waits for the engine processes, then removes their segments
+            self._shm.close()
+            self._shm = None
         if self._tmpdir is not None:
             self._tmpdir.cleanup()
             self._tmpdir = None

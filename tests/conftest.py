@@ -168,3 +168,11 @@ LONGEST_FIRST = ("test_demo.py", "test_vllm_engines.py", "test_ppo_cpu.py", "tes
 def pytest_collection_modifyitems(session, config, items):
     rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: file order otherwise kept
+
+
+def pytest_report_header(config):
+    """Which dtype the tests' training runs and engines use by default (``--ds.param_dtype auto``), and why."""
+    from openrlhf_irl.compat.param_dtype import resolve
+
+    resolved = resolve("auto")
+    return f"openrlhf-irl: --ds.param_dtype auto runs {resolved.dtype} here ({resolved.reason})"

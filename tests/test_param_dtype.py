@@ -195,3 +195,16 @@ def test_vllm_engine_runs_and_takes_a_weight_push_in_fp32(tiny_model, tmp_path, 
     proc = run_python([str(script), tiny_model], env={param_dtype.ENV: "fp32"}, timeout=600)
     assert_ok(proc)
     assert "ok fp32 engine" in proc.stdout
+
+
+def test_dtype_benchmark_runs_and_reports_auto(capsys):
+    import importlib.util
+
+    from conftest import REPO
+
+    spec = importlib.util.spec_from_file_location("dtype_step", REPO / "benchmarks" / "dtype_step.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.main(["--repeats", "1", "--no-write"]) == 0
+    out = capsys.readouterr().out
+    assert f"auto picks {resolve('auto', cuda=False).dtype}" in out and out.count("bf16/fp32") == 2

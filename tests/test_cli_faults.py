@@ -876,3 +876,14 @@ def test_overwrite_writes_through_a_symlink(tmp_path, capsys):
     assert len(target.read_text().splitlines()) == 2 and os.path.isfile(f"{target}.provenance.json")
     assert main(["--init-samples", init, "--sft-samples", sft, "--output", link]) == 0  # now ours: a rerun works
 
+
+
+def test_train_ppo_with_cuda_checks_before_openrlhf_runs(models, tmp_path, capsys, monkeypatch):
+    """The CUDA path (OpenRLHF's module unchanged) refuses the same outputs and numbers first."""
+    monkeypatch.setattr("openrlhf_irl.compat.ray_ppo.needed", lambda: False)
+    monkeypatch.setattr("openrlhf_irl.cli.train_ppo._run_openrlhf", lambda argv: pytest.fail("OpenRLHF ran"))
+    for case in (CASES["train_ppo/output-dir-is-the-actor"], CASES["train_ppo/rollout-top-p-1.5"]):
+        case_dir = tmp_path / str(len(list(tmp_path.iterdir())))
+        case_dir.mkdir()
+        check_case(case, models, case_dir, lambda module, argv, env: run_in_process(module, argv, env, capsys,
+                                                                                      monkeypatch))

@@ -325,13 +325,30 @@ def run_cpu(argv: list[str]) -> int:
     return code
 
 
+def run_gpu(argv: list[str]) -> int:
+    """With CUDA: OpenRLHF's module unchanged, after the numbers and output paths are checked (one line, exit 2)."""
+    from openrlhf_irl.cli.train_checks import check_training_args, claim_outputs
+
+    overwrite = "--ckpt.overwrite" in argv  # ours, not OpenRLHF's: taken out before its parser sees it
+    argv = [a for a in argv if a != "--ckpt.overwrite"]
+    args = parse(argv)
+    args.ckpt.overwrite = overwrite
+    try:
+        check_training_args(args)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    claim_outputs(args)
+    _run_openrlhf(argv)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> None:
     from openrlhf_irl.compat import ray_ppo
 
     argv = sys.argv[1:] if argv is None else list(argv)
     if not ray_ppo.needed():
-        _run_openrlhf(argv)
-        return
+        raise SystemExit(run_gpu(argv))
     raise SystemExit(run_cpu(argv))
 
 

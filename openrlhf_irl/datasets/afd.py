@@ -31,6 +31,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
+from openrlhf_irl.datasets.response_text import normalize_response
 from openrlhf_irl.utils.jsonl import DataError, data_error, read_jsonl
 
 __all__ = ["VARIANTS", "FORMATS", "DROP_REASONS", "build_afd_dataset", "format_report"]
@@ -141,7 +142,8 @@ def _load_side(
             counter = side.dropped if e.reason == "prompt_too_long" else side.bad_lines
             counter[e.reason] += 1
             continue
-        side.items.append(_Item(record[pkey], record[rkey], line_no, finished))
+        # both sides the same way: neither source keeps a trailing-whitespace mark (datasets/response_text.py)
+        side.items.append(_Item(record[pkey], normalize_response(record[rkey]), line_no, finished))
     side.dropped["bad_line"] = sum(side.bad_lines.values())
     if not side.items and not side.dropped["prompt_too_long"]:
         skipped = f" ({side.dropped['bad_line']} bad lines skipped)" if side.dropped["bad_line"] else ""
@@ -261,6 +263,59 @@ def _labels(pos: _Side, neg: _Side) -> List[dict]:
     return records
 
 
+# ------------------------------------------------------------------------------------ surface features
+#: A feature that tells the classes apart with this balanced accuracy (or better) is reported as a leak ...
+LEAK_ACCURACY = 0.95
+#: ... once each class has at least this many responses (a handful is separated by anything).
+LEAK_MIN_PER_CLASS = 20
+
+
+def surface_features(response: str, eos_token: Optional[str]) -> Dict[str, float]:
+    """Features of a response that say nothing about its quality; a reward model can learn any of them."""
+    return {
+        "trailing whitespace": float(len(response) - len(response.rstrip())),
+        "leading whitespace": float(len(response) - len(response.lstrip())),
+        "EOS count": float(response.count(eos_token)) if eos_token else 0.0,
+        "length": float(len(response)),
+    }
+
+
+def best_threshold_accuracy(pos: List[float], neg: List[float]) -> float:
+    """Balanced accuracy of the best rule ``x > t`` (or ``x <= t``) telling ``pos`` from ``neg``: 0.5 when the
+    feature carries nothing, 1.0 when one threshold separates the classes."""
+    from bisect import bisect_right
+
+    pos_sorted, neg_sorted = sorted(pos), sorted(neg)
+    best = 0.5
+    for t in sorted(set(pos) | set(neg)):  # x > t is positive; t = the largest value: nothing is
+        tpr = 1 - bisect_right(pos_sorted, t) / len(pos)
+        tnr = bisect_right(neg_sorted, t) / len(neg)
+        best = max(best, (tpr + tnr) / 2, 1 - (tpr + tnr) / 2)
+    return best
+
+
+def surface_leaks(pos: List[str], neg: List[str], eos_token: Optional[str] = None) -> Tuple[Dict[str, float], List[str]]:
+    """``({feature: balanced accuracy}, [warning, ...])`` for the positive and negative responses of a dataset."""
+    if not pos or not neg:
+        return {}, []
+    pf = [surface_features(r, eos_token) for r in pos]
+    nf = [surface_features(r, eos_token) for r in neg]
+    scores = {name: round(best_threshold_accuracy([f[name] for f in pf], [f[name] for f in nf]), 4) for name in pf[0]}
+    warnings = []
+    if min(len(pos), len(neg)) >= LEAK_MIN_PER_CLASS:
+        for name, acc in scores.items():
+            if acc >= LEAK_ACCURACY:
+                warnings.append(f"{name} alone separates the positives from the negatives (balanced accuracy "
+                                f"{acc:.3f}): a reward model can learn it instead of what the responses say")
+    return scores, warnings
+
+
+def _class_responses(records: List[dict], fmt: str) -> Tuple[List[str], List[str]]:
+    if fmt == "pairs":
+        return [r["chosen"] for r in records], [r["rejected"] for r in records]
+    return [r["response"] for r in records if r["label"] == 1], [r["response"] for r in records if r["label"] == 0]
+
+
 def _report(variant: str, fmt: str, pos: _Side, neg: _Side, unmatched: int, records: List[dict], capped: int) -> dict:
     sides = (pos, neg)
     dropped_by_side = {s.role: {r: s.dropped[r] for r in DROP_REASONS} for s in sides}
@@ -281,6 +336,10 @@ def _report(variant: str, fmt: str, pos: _Side, neg: _Side, unmatched: int, reco
         "capped_pairs": capped,
         "records": len(records),
     }
+
+
+def _add_leak_check(report: dict, records: List[dict], fmt: str, eos_token: Optional[str]) -> None:
+    report["surface_features"], report["warnings"] = surface_leaks(*_class_responses(records, fmt), eos_token)
 
 
 def _check_args(variant, fmt, inputs, tokenizer, max_prompt_len, max_pairs_per_prompt) -> None:
@@ -318,6 +377,7 @@ def build_afd_dataset(
     tokenizer: Any = None,
     max_prompt_len: Optional[int] = None,
     seed: int = 0,
+    eos_token: Optional[str] = "</s>",
 ) -> Tuple[List[dict], dict]:
     """Build AfD reward-model records from the inputs ``variant`` needs; return ``(records, report)``.
 
@@ -332,6 +392,12 @@ def build_afd_dataset(
     ``pairs``: per prompt, both sides are shuffled with ``seed``, the i-th positive is paired with the
     i-th negative and the shorter side cycles, so each record of the longer side is used once; at
     most ``max_pairs_per_prompt`` pairs per prompt. ``labels``: every kept record, label 1/0.
+
+    Responses of every source lose their trailing whitespace (:func:`normalize_response`), so a demonstration and a
+    sample of the same text are the same tokens. ``report["surface_features"]`` gives, per feature that says nothing
+    about quality (trailing/leading whitespace, count of ``eos_token`` -- the tokenizer's when one is given --, length),
+    how well one threshold on it separates the two classes (balanced accuracy), and ``report["warnings"]`` names any
+    feature that does so almost perfectly (:data:`LEAK_ACCURACY`, with :data:`LEAK_MIN_PER_CLASS` responses a class).
     Raises :class:`DataError` for bad data, including an empty input file or an empty result.
     """
     inputs = {"demo": demos, "init": init_samples, "sft": sft_samples}
@@ -353,6 +419,7 @@ def build_afd_dataset(
     _drop_orphans(pos, neg)
     records, capped = _pairs(pos, neg, seed, max_pairs_per_prompt) if fmt == "pairs" else (_labels(pos, neg), 0)
     report = _report(variant, fmt, pos, neg, unmatched, records, capped)
+    _add_leak_check(report, records, fmt, getattr(tokenizer, "eos_token", None) if tokenizer is not None else eos_token)
     if not records:
         raise DataError("no records left after cleaning\n" + format_report(report), reason="empty_result")
     return records, report
@@ -375,4 +442,5 @@ def format_report(report: dict) -> str:
         lines.append(f"  prompts on one side only (skipped): {report['unmatched_prompts']}")
     if report["capped_pairs"]:
         lines.append(f"  pairs left out by max_pairs_per_prompt: {report['capped_pairs']}")
+    lines += [f"  warning: {w}" for w in report.get("warnings", [])]
     return "\n".join(lines)

@@ -3,7 +3,8 @@
 
 Text is built exactly as the training datasets build it (OpenRLHF's ``RewardDataset`` and
 :class:`~openrlhf_irl.datasets.labeled_reward.LabeledRewardDataset`): the prompt through OpenRLHF's
-``preprocess_data`` (``input_template`` or the tokenizer's chat template), then ``prompt + response`` with trailing
+``preprocess_data`` (``input_template`` or the tokenizer's chat template), the response without trailing whitespace
+(as the AfD datasets store it), then ``prompt + response`` with trailing
 newlines stripped and ``" " + EOS`` appended, tokenised without special tokens. For an ``afd_rm`` model the score
 is the classifier's logit ``log D - log(1 - D)`` (unless ``normalize_reward``).
 """
@@ -72,11 +73,14 @@ class RewardScorer:
         from openrlhf.datasets.reward_dataset import preprocess_data
 
         from openrlhf_irl.datasets.labeled_reward import reward_text
+        from openrlhf_irl.datasets.response_text import normalize_response
 
         chat = self.tokenizer.apply_chat_template if self.apply_chat_template else None
         prompt, response, _, _ = preprocess_data(
             {"prompt": prompt, "response": response}, self.input_template, "prompt", "response", "response", chat
         )
+        # as the AfD datasets store responses (datasets/response_text.py): no trailing-whitespace mark of the source
+        response = normalize_response(response) if isinstance(response, str) else response
         return reward_text(prompt, response, self.tokenizer.eos_token)
 
     @torch.no_grad()

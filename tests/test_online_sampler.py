@@ -81,6 +81,47 @@ def _not_a_sampler(args, tokenizer):
     return object()
 
 
+def test_hf_sampler_ignores_the_checkpoints_generation_config(tiny_model, tmp_path):
+    """Online samples come from the policy at the sampler's temperature only: a checkpoint whose generation_config
+    sets repetition penalties, no_repeat_ngram_size, min_new_tokens, top_k and suppressed tokens samples exactly as
+    one with a clean config (same seed), although that config, when applied, changes what generate returns."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    from openrlhf_irl.generation.online import HFPolicySampler
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    clean = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
+    prompts = [torch.tensor(tok("count from 3\n", add_special_tokens=False)["input_ids"])]
+    with torch.no_grad():  # EOS := the first token a greedy sample emits, so clean samples end early
+        first = int(clean(prompts[0][None]).logits[0, -1].argmax())
+    stub = SimpleNamespace(pad_token_id=tok.pad_token_id, eos_token_id=first)
+    habits = tmp_path / "habits"
+    shutil.copytree(tiny_model, habits)
+    GenerationConfig(repetition_penalty=30.0, no_repeat_ngram_size=1, min_new_tokens=10, top_k=3,
+                     suppress_tokens=[first], do_sample=True, temperature=0.3).save_pretrained(habits)
+    with_habits = AutoModelForCausalLM.from_pretrained(str(habits), dtype=torch.float32).eval()
+    assert with_habits.generation_config.repetition_penalty == 30.0  # the checkpoint's config is loaded
+
+    def sample(model):
+        sampler = HFPolicySampler(stub, n=4, max_new_tokens=10, temperature=0.005)  # near-greedy: EOS first
+        sampler.refresh(model)
+        torch.manual_seed(0)
+        return sampler.sample(prompts)
+
+    expected, got = sample(clean), sample(with_habits)
+    for key in expected:
+        assert torch.equal(got[key], expected[key]), key
+    assert with_habits.generation_config.repetition_penalty == 30.0  # restored after sampling
+    width = max(len(p) for p in prompts)
+    assert expected["sequences"].shape[1] < width + 10  # clean samples end early, on the stub's EOS
+    torch.manual_seed(0)
+    applied = with_habits.generate(prompts[0][None], attention_mask=torch.ones(1, len(prompts[0]), dtype=torch.long),
+                                   max_new_tokens=10, pad_token_id=tok.pad_token_id, eos_token_id=first)
+    assert applied.shape[1] == len(prompts[0]) + 10  # the habits, applied, would have changed the samples
+
+
 def test_sampler_choice_and_errors(tiny_model):
     from transformers import AutoTokenizer
 

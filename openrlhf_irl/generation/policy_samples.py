@@ -6,6 +6,8 @@ so the trainer sees the same layout whichever produced the tokens.
 
 from __future__ import annotations
 
+import contextlib
+
 from typing import Sequence
 
 import torch
@@ -43,6 +45,28 @@ def cut_after_eos(tokens: Sequence[int], eos_id: int) -> list[int]:
     return tokens[: tokens.index(eos_id) + 1] if eos_id in tokens else tokens
 
 
+@contextlib.contextmanager
+def policy_generation_config(model, *, temperature: float, max_new_tokens: int, pad_id: int, eos_id: int):
+    """Sampling from the policy itself, temperature only: while active, ``model.generation_config`` is a clean one.
+
+    The checkpoint's own config (repetition penalties, ``no_repeat_ngram_size``, ``min_new_tokens``, suppressed
+    tokens, top-k...) must not reshape the distribution whose samples the online IQ-Learn terms treat as the
+    policy's. transformers fills every field of a config passed to ``generate`` that is left at its default from
+    ``model.generation_config``, so the model's own config is swapped out, not merely overridden."""
+    from transformers import GenerationConfig
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # a PEFT model generates with its base
+    saved = base.generation_config
+    base.generation_config = GenerationConfig(pad_token_id=pad_id, eos_token_id=eos_id,
+                                              bos_token_id=getattr(base.config, "bos_token_id", None))
+    try:
+        yield GenerationConfig(do_sample=True, temperature=temperature, top_p=1.0, top_k=0,
+                               max_new_tokens=max_new_tokens, pad_token_id=pad_id, eos_token_id=eos_id,
+                               use_cache=True)
+    finally:
+        base.generation_config = saved
+
+
 @torch.no_grad()
 def sample_completions(model, tokenizer, prompts: list[torch.Tensor], *, n: int = 1, max_new_tokens: int = 64,
                        temperature: float = 1.0, synced_gpus: bool = False) -> dict[str, torch.Tensor]:
@@ -60,10 +84,9 @@ def sample_completions(model, tokenizer, prompts: list[torch.Tensor], *, n: int 
     for i, row in enumerate(rows):
         input_ids[i, width - len(row):] = row
         attention[i, width - len(row):] = 1
-    out = model.generate(
-        input_ids=input_ids, attention_mask=attention, do_sample=True, temperature=temperature, top_p=1.0, top_k=0,
-        max_new_tokens=max_new_tokens, pad_token_id=pad_id, eos_token_id=eos_id, use_cache=True,
-        synced_gpus=synced_gpus,
-    )
+    with policy_generation_config(model, temperature=temperature, max_new_tokens=max_new_tokens, pad_id=pad_id,
+                                  eos_id=eos_id) as config:
+        out = model.generate(input_ids=input_ids, attention_mask=attention, synced_gpus=synced_gpus,
+                             generation_config=config)
     completions = [cut_after_eos(row, eos_id) for row in out[:, width:].tolist()]
     return pack_policy_samples(rows, completions, pad_id=pad_id, device=device)

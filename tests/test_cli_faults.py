@@ -638,8 +638,6 @@ CASES_23 = {
     "extract/row-beyond-the-context": Case("extract_reward", e_case("beyond-context"),
                                            "data.jsonl, line 1, field 'response': 451 tokens, beyond the model's "
                                            "context of 256"),
-    "extract/gamma-inf": Case("extract_reward", lambda t, m: e_case("")(t, m) + ["--gamma", "inf"],
-                              "--gamma: must be a finite number in [0, 1], got inf"),
     "train_sft/adam-lr-inf": Case("train_sft", t_case("train_sft", "ok", "--adam.lr", "inf"),
                                   "--adam.lr: must be a finite number, got inf"),
     "train_sft/batch-size-0": Case("train_sft", t_case("train_sft", "ok", "--train.batch_size", "0"),

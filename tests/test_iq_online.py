@@ -152,10 +152,35 @@ def test_gamma_one_value_part_cancels_for_complete_samples(actor_and_tok):
     assert abs(float(with_chi2) - float(off)) > 1e-3
 
 
+def test_online_term_without_chi2_on_policy_states_has_no_lower_bound():
+    """Why gamma < 1 needs the chi^2 term on policy states: lowering V at a state only a policy sample visits (its
+    V(s_1), and the matching V(s') of the step before) lowers the term by alpha (1 - gamma) per unit without end;
+    with chi^2 on policy states r = Q - gamma V(s') grows instead and the term rises again."""
+    expert = _terms([[2.0, 1.0]], [[1.0, 0.0]], [[0.5, -1.0]], [[True, True]])
+    emask = torch.tensor([[True, True]])
+
+    def loss(c, chi2, td_weight=0.5):
+        # one policy sample of two tokens from the expert's prompt (same V(s_0) = 2), then terminal
+        policy = _terms([[2.0, 1.0 - c]], [[1.0 - c, 0.0]], [[0.5 + 0.9 * c, 0.3]], [[True, True]])
+        out, _ = iq_online_term(expert, emask, policy, torch.tensor([[True, True]]), alpha=0.25,
+                                td_weight=td_weight, gamma=0.9, chi2_on_policy=chi2)
+        return float(out)
+
+    for chi2, td_weight in ((False, 0.5), (True, 0.0)):
+        drops = [loss(0.0, chi2, td_weight) - loss(c, chi2, td_weight) for c in (10.0, 100.0, 1000.0)]
+        # alpha (1 - gamma) c / N_E = 0.25 * 0.1 * c / 2 per unit of c
+        assert drops == pytest.approx([0.0125 * c for c in (10.0, 100.0, 1000.0)], rel=1e-4)
+    assert loss(1000.0, True) > loss(10.0, True) > loss(0.0, True) - 1.0  # bounded: the chi^2 term wins
+
+
 def test_content_free_online_configurations_are_refused():
     check_online_config(IQConfig(online_mix=0.1, gamma=1.0, td_weight=0.1))  # chi^2 on the mixture: fine
-    check_online_config(IQConfig(online_mix=0.1, gamma=0.9, td_weight=0.1, chi2_on_policy=False))  # gamma < 1: fine
+    check_online_config(IQConfig(online_mix=0.1, gamma=0.9, td_weight=0.1))  # gamma < 1 with it: fine
     check_online_config(IQConfig(online_mix=0.0, gamma=1.0, td_weight=0.0))  # offline: nothing to check
+    with pytest.raises(ValueError, match="no lower bound.*--no-irl.chi2_on_policy"):
+        check_online_config(IQConfig(online_mix=0.1, gamma=0.9, td_weight=0.1, chi2_on_policy=False))
+    with pytest.raises(ValueError, match="no lower bound.*td_weight is 0"):
+        check_online_config(IQConfig(online_mix=0.1, gamma=0.9, td_weight=0.0))
     with pytest.raises(ValueError, match="telescopes"):
         check_online_config(IQConfig(online_mix=0.1, gamma=1.0, td_weight=0.1, chi2_on_policy=False))
     with pytest.raises(ValueError, match="td_weight is 0"):

@@ -10,7 +10,9 @@ Online (``--irl.online_mix`` alpha > 0): IQ-Learn's objective over the mixture o
     L_online = L + alpha * ( P[g] - E[g] ),   g_t = V(s_t) - gamma V(s_{t+1}) + lambda r_t^2
 
 so the chi^2 term covers (1 - alpha) expert + alpha policy states. With gamma = 1 the value part telescopes and
-cancels; the chi^2 part is what makes the term contrastive, so gamma = 1 without it is refused.
+cancels; the chi^2 part is what makes the term contrastive, so gamma = 1 without it is refused. With gamma < 1 the
+undiscounted step sums do not telescope: V at policy-visited states enters with weight (1 - gamma) and only the chi^2
+term on those states bounds it, so gamma < 1 without it is refused too.
 
 OpenRLHF 0.11.2's ``SFTTrainer.fit`` computes its loss inline as ``self.loss_fn(self.model(...), mask, **norms)``.
 This trainer keeps that loop untouched and changes the two pieces it calls: the model's forward returns a
@@ -449,6 +451,13 @@ def check_online_config(cfg: IQConfig, *, multiturn: bool = False) -> None:
             f"V(s_0) for expert and policy sequences alike, and {why}, so the policy samples never enter the loss. "
             "Keep the chi^2 term on policy states (--irl.chi2_on_policy, the default, with --irl.td_weight > 0), "
             "use --irl.gamma < 1, or set --irl.online_mix 0.")
+    if cfg.gamma < 1.0 and (not cfg.chi2_on_policy or cfg.td_weight == 0):
+        why = "--irl.td_weight is 0" if cfg.td_weight == 0 else "--no-irl.chi2_on_policy is set"
+        raise ValueError(
+            f"--irl.online_mix {cfg.online_mix} with --irl.gamma {cfg.gamma} has no lower bound here: summed over an "
+            f"episode's steps, each state a policy sample visits enters the value term with weight (1 - gamma) "
+            f"V(s), and {why}, so nothing stops V at those states from falling without end. Keep the chi^2 term on "
+            "policy states (--irl.chi2_on_policy, the default, with --irl.td_weight > 0) or set --irl.online_mix 0.")
 
 
 def prompt_rows(sequences: torch.Tensor, loss_mask: torch.Tensor) -> list[torch.Tensor]:

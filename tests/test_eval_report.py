@@ -64,7 +64,9 @@ def test_aggregate_over_seeds_and_paired_comparison():
     assert rows["policy:sft_iq_td0.05"]["golden"]["mean"] == pytest.approx(sum(seed_means) / 2)
     assert rows["policy:sft_iq_td0.05"]["golden"]["n_seeds"] == 2
     lo, hi = rows["policy:sft_iq_td0.05"]["golden"]["lo"], rows["policy:sft_iq_td0.05"]["golden"]["hi"]
-    assert 0.4 <= lo <= hi <= 1.0
+    # two seeds: a t interval on the seed means, t_{1, 0.975} = 12.706 times their standard error
+    half = 12.7062 * abs(seed_means[0] - seed_means[1]) / 2
+    assert (lo, hi) == pytest.approx((sum(seed_means) / 2 - half, sum(seed_means) / 2 + half), abs=1e-3)
     (c,) = comps
     assert c["a"] == "policy:sft_iq_td0.05" and c["b"] == "policy:sft_mle"
     # paired differences per (seed, prompt): seed 0: .4-.3, 1-.5; seed 1: .5-.3, 1-.5

@@ -1,5 +1,6 @@
-"""Report of one or more seeds of the demo pipeline: every row as mean with a 95% interval (hierarchical bootstrap
-over seeds, then held-out prompts: :mod:`openrlhf_irl.eval.stats`), as a terminal table, ``report.md``,
+"""Report of one or more seeds of the demo pipeline: every row as mean with a 95% interval (Student's t over the
+per-seed means with 2+ seeds, a bootstrap over held-out prompts with one: :mod:`openrlhf_irl.eval.stats`), as a
+terminal table, ``report.md``,
 ``report.json`` and PNG plots with error bars.
 
 Per (seed, held-out prompt) a row gives:
@@ -10,7 +11,7 @@ Per (seed, held-out prompt) a row gives:
 * ``self_bleu``, ``distinct_1``, ``distinct_2``: among the prompt's responses (rows with several per prompt);
 * ``entropy``: per-token entropy of the sampling distribution along the samples (policies).
 
-Comparisons (``IQ-Learn - MLE`` etc.) are paired: the bootstrap runs on per-(seed, prompt) differences.
+Comparisons (``IQ-Learn - MLE`` etc.) are paired: the interval is computed on per-(seed, prompt) differences.
 """
 
 from __future__ import annotations
@@ -214,8 +215,9 @@ def build_report(root: str, cfg, seed_results: list[dict], title: str, extra_md:
           f"models and vLLM engines in **{param_dtype['dtype']}** ({param_dtype['reason'] or 'no reason recorded'}). "
           "Evaluation on "
           f"**held-out prompts** only ({n_prompts} (seed, prompt) units, none used in pre-training, SFT, AfD sampling "
-          "or reward-model training). Every cell is the mean with a 95% bootstrap interval (seeds resampled, then "
-          "prompts). Win rates compare golden rewards per prompt against the MLE SFT policy's samples ('vs SFT') and "
+          "or reward-model training). Every cell is the mean with a 95% interval (with 2 or more seeds Student's t over "
+          "the per-seed means, which holds with few seeds; with one seed a bootstrap over its prompts, which leaves "
+          "seed-to-seed variation out). Win rates compare golden rewards per prompt against the MLE SFT policy's samples ('vs SFT') and "
           "the demonstrator's responses ('vs demo'), ties counted half; the MLE SFT row against itself and the "
           "demonstrations against themselves are 0.5 by construction. Self-BLEU (lower = more diverse), distinct-2 "
           "and per-token entropy are among one prompt's samples.", ""]

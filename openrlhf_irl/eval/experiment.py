@@ -99,8 +99,8 @@ def settings_md(cfg: DemoConfig, seeds: list[int], command: str, wall_s: float, 
         (f"- SPIN-style baseline: OpenRLHF train_dpo from MLE SFT (reference MLE SFT), sft-demo pairs "
          f"(demonstration chosen, SFT sample rejected), beta {cfg.dpo_beta}, lr {cfg.dpo_lr}, {cfg.dpo_epochs} epoch"
          if cfg.spin else "- SPIN baseline: skipped"),
-        f"- intervals: {cfg.n_boot} hierarchical bootstrap draws (seeds {', '.join(map(str, seeds))}, then "
-        "held-out prompts)", "",
+        f"- intervals: Student's t over the per-seed means (seeds {', '.join(map(str, seeds))}); with one seed "
+        f"{cfg.n_boot} bootstrap draws over its held-out prompts", "",
     ]
 
 

@@ -4,10 +4,14 @@ Data layout: ``groups[s][p]`` is one number per (seed s, prompt p), e.g. a promp
 samples, or a prompt's win rate. The estimate is the mean over seeds of the mean over that seed's prompts
 (every seed weighs the same, whatever its prompt count).
 
-Hierarchical bootstrap (two-stage, percentile interval): draw K seeds with replacement from the K seeds, then,
-inside each drawn seed, draw its prompts with replacement; the statistic of a draw is the mean over the drawn seeds
-of the mean over the drawn prompts. The interval is the (alpha/2, 1 - alpha/2) quantiles of ``n_boot`` draws. With a
-single seed it is a plain bootstrap over prompts (seed-to-seed variation is then not in the interval).
+Interval with K >= 2 seeds: Student's t on the K per-seed means, ``m +- t_{K-1, 1 - alpha/2} * sd / sqrt(K)``.
+Each seed is an independent run (its own data draws, initialisation and prompts), so its mean is one draw whose
+spread holds both the seed-to-seed and the prompt-to-prompt variation; the t quantile keeps the interval honest with
+few seeds, where a percentile bootstrap over K = 3 seed means covers the truth only about 75% of the time when
+seed variation dominates (``tests/test_eval_stats.py`` simulates both).
+
+With a single seed: a percentile bootstrap over its prompts (seed-to-seed variation is then not in the interval).
+``hierarchical_bootstrap`` (seeds resampled, then prompts within each) remains available as ``method="bootstrap"``.
 
 Win rate of A against B on one prompt (ties counted half), over every pair of A's and B's samples for it:
 ``W = mean_{i,j} ( 1[a_i > b_j] + 0.5 * 1[a_i == b_j] )`` (equality within ``tol``).
@@ -20,7 +24,8 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-__all__ = ["win_rate", "prompt_win_rates", "nested_mean", "hierarchical_bootstrap", "summarize", "difference", "fmt_ci"]
+__all__ = ["win_rate", "prompt_win_rates", "nested_mean", "hierarchical_bootstrap", "seed_t_interval", "summarize",
+           "difference", "fmt_ci"]
 
 
 def win_rate(a: Sequence[float], b: Sequence[float], tol: float = 1e-9) -> float:
@@ -78,16 +83,38 @@ def hierarchical_bootstrap(groups: Sequence[Sequence[float]], n_boot: int = 2000
     return out / k
 
 
-def summarize(groups: Sequence[Sequence[float]], n_boot: int = 2000, seed: int = 0, level: float = 0.95) -> dict:
-    """``{"mean", "lo", "hi", "n_seeds", "n_prompts"}``: the nested mean and its percentile bootstrap interval."""
+def seed_t_interval(groups: Sequence[Sequence[float]], level: float = 0.95) -> tuple[float, float]:
+    """Student's t interval on the per-seed means (K >= 2 seeds)."""
+    from scipy.stats import t as student_t
+
+    means = np.array([a.mean() for a in _check(groups)])
+    if means.size < 2:
+        raise ValueError("a t interval over seeds needs at least 2 seeds")
+    half = float(student_t.ppf(0.5 + level / 2, means.size - 1) * means.std(ddof=1) / math.sqrt(means.size))
+    return float(means.mean()) - half, float(means.mean()) + half
+
+
+def summarize(groups: Sequence[Sequence[float]], n_boot: int = 2000, seed: int = 0, level: float = 0.95,
+              method: str = "auto") -> dict:
+    """``{"mean", "lo", "hi", "n_seeds", "n_prompts", "method"}``: the nested mean and its interval.
+
+    ``method``: ``"t"`` (seed-level t interval, the default with >= 2 seeds), ``"bootstrap"`` (percentile interval
+    of :func:`hierarchical_bootstrap`, the default with one seed: prompts only), or ``"auto"``."""
     if not 0 < level < 1:
         raise ValueError(f"level must be in (0, 1), got {level}")
     arrays = _check(groups)
-    reps = hierarchical_bootstrap(arrays, n_boot=n_boot, seed=seed)
-    alpha = 1.0 - level
-    lo, hi = np.quantile(reps, [alpha / 2, 1 - alpha / 2])
-    return {"mean": nested_mean(arrays), "lo": float(lo), "hi": float(hi), "n_seeds": len(arrays),
-            "n_prompts": int(sum(a.size for a in arrays))}
+    if method == "auto":
+        method = "t" if len(arrays) >= 2 else "bootstrap"
+    if method == "t":
+        lo, hi = seed_t_interval(arrays, level)
+    elif method == "bootstrap":
+        reps = hierarchical_bootstrap(arrays, n_boot=n_boot, seed=seed)
+        alpha = 1.0 - level
+        lo, hi = (float(q) for q in np.quantile(reps, [alpha / 2, 1 - alpha / 2]))
+    else:
+        raise ValueError(f"method must be 'auto', 't' or 'bootstrap', got {method!r}")
+    return {"mean": nested_mean(arrays), "lo": lo, "hi": hi, "n_seeds": len(arrays),
+            "n_prompts": int(sum(a.size for a in arrays)), "method": method}
 
 
 def difference(a: Sequence[Mapping[str, float]], b: Sequence[Mapping[str, float]]) -> list[list[float]]:

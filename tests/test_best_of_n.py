@@ -9,8 +9,8 @@ import math
 
 import pytest
 
-from openrlhf_irl.afd.best_of_n import (best_of_n_curve, best_of_n_stats, group_by_prompt, load_golden,
-                                        oracle_curve, parse_ns, resolve_golden, score_and_select)
+from openrlhf_irl.afd.best_of_n import (best_of_n_curve, best_of_n_rows, best_of_n_stats, group_by_prompt,
+                                        load_golden, oracle_curve, parse_ns, resolve_golden, score_and_select)
 from openrlhf_irl.cli.best_of_n import main
 
 GROUPS = [
@@ -36,6 +36,29 @@ def brute_force(cands, n, score="s", value="golden", unfinished_last=True):
         total += cands[best][value]
         count += 1
     return total / count
+
+
+def test_report_rows_are_the_all_subsets_distribution_with_unfinished_last():
+    """The demo's Best-of-N rows: per prompt, weights over candidates whose weighted golden is the brute-force mean
+    over every N-subset; the oracle too ranks unfinished candidates last (a high-golden unfinished sample is picked
+    only from subsets without a finished one)."""
+    groups = [[dict(c, prompt="A", response=f"a{i}", sample_index=i, finished=i != 2) for i, c in enumerate(GROUPS[0])],
+              [dict(c, prompt="B", response=f"b{i}", sample_index=i) for i, c in enumerate(GROUPS[1])]]
+    records = [c for g in groups for c in g]
+    result = score_and_select(records, {"s": lambda recs: [r["s"] for r in recs]}, [1, 2, 4])
+    rows = best_of_n_rows(result, [1, 2, 4])
+    assert set(rows) == {f"bon:{s}:{n}" for s in ("s", "oracle") for n in (1, 2, 4)}
+    for name, key in (("s", "s"), ("oracle", "golden")):
+        for n in (1, 2, 4):
+            row = rows[f"bon:{name}:{n}"]
+            for g in groups:
+                p = g[0]["prompt"]
+                assert sum(row["weights"][p]) == pytest.approx(1.0)
+                got = sum(w * x for w, x in zip(row["weights"][p], row["golden"][p]))
+                assert got == pytest.approx(brute_force(g, n, score=key)), (name, n, p)
+    # prompt A's sample 2 (golden 1.0) is unfinished: the oracle's Best-of-4 takes the best finished one (0.9)
+    assert rows["bon:oracle:4"]["golden"]["A"] == [0.9] and rows["bon:oracle:4"]["weights"]["A"] == [1.0]
+    assert rows["bon:s:2"]["responses"]["A"] == ["a1"]  # the concrete pick of the first two samples
 
 
 def test_first_n_estimator_is_kept_as_an_option():

@@ -56,6 +56,19 @@ def test_row_metrics_by_plain_loops():
     assert m["bon:oracle:2"]["win_sft"][q] == _win([1.0], [0.0, 1.0]) == 0.75
 
 
+def test_row_metrics_of_a_selection_distribution():
+    """A Best-of-N row with per-prompt weights (each candidate's chance of selection): the golden mean and the win
+    rates are the weighted ones, by hand."""
+    res = _seed(0, 0.0)
+    p, q = res["prompts"]["held_out"]
+    res["rows"]["bon:BT init-sft:2"].update(golden={p: [0.2, 0.6], q: [1.0]}, weights={p: [0.25, 0.75], q: [1.0]})
+    m = row_metrics(res)["bon:BT init-sft:2"]
+    assert m["golden"] == {p: pytest.approx(0.25 * 0.2 + 0.75 * 0.6), q: 1.0}
+    # against MLE's [0.2, 0.4] on p: 0.2 wins 0.25 (one tie), 0.6 wins 1.0
+    assert m["win_sft"][p] == pytest.approx(0.25 * _win([0.2], [0.2, 0.4]) + 0.75 * _win([0.6], [0.2, 0.4]))
+    assert m["win_sft"][p] == pytest.approx(0.25 * 0.25 + 0.75)
+
+
 def test_aggregate_over_seeds_and_paired_comparison():
     seeds = [_seed(0, 0.0), _seed(1, 0.2)]
     rows, comps = aggregate(seeds, n_boot=300)

@@ -116,6 +116,16 @@ def subset_weights(m: int, n: int) -> list[float]:
     return [math.comb(i, n - 1) / total if i >= n - 1 else 0.0 for i in range(m)]
 
 
+def selection_distribution(cands: Sequence[dict], n: int, score_key: str, unfinished: str = "last"
+                           ) -> list[tuple[dict, float]]:
+    """``[(candidate, P(it is the one selected))]`` when N of the prompt's candidates are drawn uniformly without
+    replacement and the best-scored is kept (candidates with probability 0 left out; probabilities sum to 1)."""
+    if n > len(cands):
+        raise ValueError(f"N={n} but the prompt has only {len(cands)} samples")
+    ranked = _ranked(cands, score_key, unfinished)
+    return [(c, w) for w, c in zip(subset_weights(len(ranked), n), ranked) if w]
+
+
 def expected_best(cands: Sequence[dict], n: int, score_key: str, value_key: str, unfinished: str = "last",
                   estimator: str = "all_subsets") -> float:
     """One prompt's estimate of E[value of the best-scored of N]: all N-subsets, or the first N samples."""
@@ -125,8 +135,7 @@ def expected_best(cands: Sequence[dict], n: int, score_key: str, value_key: str,
         return float(pick(cands[:n], score_key, unfinished)[value_key])
     if estimator != "all_subsets":
         raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
-    ranked = _ranked(cands, score_key, unfinished)
-    return sum(w * float(c[value_key]) for w, c in zip(subset_weights(len(ranked), n), ranked) if w)
+    return sum(w * float(c[value_key]) for c, w in selection_distribution(cands, n, score_key, unfinished))
 
 
 def best_of_n_stats(groups: Sequence[Sequence[dict]], ns: Sequence[int], score_key: str, golden_key: str = "golden",
@@ -230,6 +239,29 @@ def score_and_select(records: list[dict], scorers: dict[str, Callable[[list[dict
                            for name, key in rankers.items()}
         result["curves"] = {name: {n: s["mean"] for n, s in stats.items()} for name, stats in result["stats"].items()}
     return result
+
+
+def best_of_n_rows(result: dict, ns: Sequence[int], unfinished: str = "last") -> dict[str, dict]:
+    """Report rows (``bon:<scorer>:<N>``, and ``bon:oracle:<N>`` ranked by the golden reward itself) from a
+    :func:`score_and_select` result with golden values: per prompt, the golden values of the candidates an N-subset
+    can select and their probabilities (``weights``), so a row's mean is the all-subsets estimate and its win rates
+    the expected ones. Every ranker, the oracle included, puts unfinished candidates last (``unfinished``).
+    ``responses`` holds the concrete best-of-the-first-N pick of each prompt."""
+    rankers = {**{name: name for name in result["selected"]}, "oracle": "golden"}
+    rows = {}
+    for name, key in rankers.items():
+        for n in ns:
+            oracle = name == "oracle"
+            row = {"label": f"Best-of-{n} (oracle: golden)" if oracle else f"Best-of-{n} ({name})",
+                   "group": "oracle" if oracle else "bon", "scorer": name, "N": n, "golden": {}, "weights": {}}
+            if not oracle:
+                row["responses"] = {r["prompt"]: [r["response"]] for r in result["selected"][name][n]}
+            for g in result["groups"]:
+                dist = selection_distribution(g, n, key, unfinished)
+                row["golden"][g[0]["prompt"]] = [float(c["golden"]) for c, _ in dist]
+                row["weights"][g[0]["prompt"]] = [w for _, w in dist]
+            rows[f"bon:{name}:{n}"] = row
+    return rows
 
 
 def plot_curves(curves: dict[str, dict[int, float]], path: str, *, title: str = "Best-of-N",

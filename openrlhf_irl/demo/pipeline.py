@@ -440,7 +440,7 @@ class Demo:
                                          info={"ppo_reward": reward, "ppo_steps": len(result.logs)}))
 
     def best_of_n(self):
-        from openrlhf_irl.afd.best_of_n import score_and_select
+        from openrlhf_irl.afd.best_of_n import best_of_n_rows, score_and_select
         from openrlhf_irl.demo.task import golden_reward_batch
         from openrlhf_irl.utils.jsonl import atomic_write_jsonl
 
@@ -451,18 +451,7 @@ class Demo:
                     "finished": c.finished} for c in completions]
         result = score_and_select(records, self.load_scorers(), cfg.bon_ns, golden_reward_batch)
         atomic_write_jsonl(self.path("samples", "bon_scored.jsonl"), records)
-        rows = self.results["rows"]
-        for scorer, by_n in result["selected"].items():
-            for n, picks in by_n.items():
-                rows[f"bon:{scorer}:{n}"] = {"label": f"Best-of-{n} ({scorer})", "group": "bon", "scorer": scorer,
-                                             "N": n, "golden": {r["prompt"]: [r["golden"]] for r in picks},
-                                             "responses": {r["prompt"]: [r["response"]] for r in picks}}
-        for g in result["groups"]:
-            for n in cfg.bon_ns:
-                best = max(c["golden"] for c in g[:n])
-                rows.setdefault(f"bon:oracle:{n}", {"label": f"Best-of-{n} (oracle: golden)", "group": "oracle",
-                                                    "scorer": "oracle", "N": n, "golden": {}})["golden"][
-                    g[0]["prompt"]] = [best]
+        self.results["rows"].update(best_of_n_rows(result, cfg.bon_ns))
 
     def evaluate_policies(self):
         """Every registered policy on the held-out prompts (SFT policies at every temperature), and the

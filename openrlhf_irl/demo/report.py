@@ -49,12 +49,19 @@ def row_metrics(seed_result: dict) -> dict[str, dict[str, dict[str, float]]]:
     refs = seed_result["refs"]
     out = {}
     for rid, row in seed_result["rows"].items():
-        golden = row["golden"]
-        m = {"golden": {p: sum(v) / len(v) for p, v in golden.items()}}
-        if refs.get("sft"):
-            m["win_sft"] = prompt_win_rates(golden, refs["sft"])
-        if refs.get("demo"):
-            m["win_demo"] = prompt_win_rates(golden, refs["demo"])
+        golden, weights = row["golden"], row.get("weights")
+        if weights:  # a distribution over the prompt's values (Best-of-N rows: each candidate's chance of selection)
+            m = {"golden": {p: sum(w * x for w, x in zip(weights[p], v)) for p, v in golden.items()}}
+            for key, ref in (("win_sft", "sft"), ("win_demo", "demo")):
+                if refs.get(ref):
+                    m[key] = {p: sum(w * prompt_win_rates({p: [x]}, refs[ref])[p] for w, x in zip(weights[p], v))
+                              for p, v in golden.items()}
+        else:
+            m = {"golden": {p: sum(v) / len(v) for p, v in golden.items()}}
+            if refs.get("sft"):
+                m["win_sft"] = prompt_win_rates(golden, refs["sft"])
+            if refs.get("demo"):
+                m["win_demo"] = prompt_win_rates(golden, refs["demo"])
         responses = row.get("responses") or {}
         if responses and all(len(r) > 1 for r in responses.values()):
             div = {p: prompt_text_diversity(r) for p, r in responses.items()}
@@ -77,7 +84,7 @@ def aggregate(seed_results: list[dict], n_boot: int = 2000) -> tuple[dict, list[
         if not all(rid in m for m in per_seed):
             continue
         meta = {k: v for k, v in seed_results[0]["rows"][rid].items()
-                if k not in ("golden", "responses", "entropy")}
+                if k not in ("golden", "weights", "responses", "entropy")}
         for metric in per_seed[0][rid]:
             if all(metric in m[rid] and m[rid][metric] for m in per_seed):
                 meta[metric] = summarize([list(m[rid][metric].values()) for m in per_seed], n_boot=n_boot)

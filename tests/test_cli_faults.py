@@ -885,3 +885,15 @@ def test_train_ppo_with_cuda_checks_before_openrlhf_runs(models, tmp_path, capsy
         case_dir.mkdir()
         check_case(case, models, case_dir, lambda module, argv, env: run_in_process(module, argv, env, capsys,
                                                                                       monkeypatch))
+
+
+def test_every_score_must_be_one_finite_number_per_record():
+    """A golden reward or scorer returning NaN (or too few values) for candidates sampled after the up-front call:
+    an error naming it and the record, where NaN curves and invalid JSON were written before."""
+    from openrlhf_irl.afd.best_of_n import ScoreError, score_and_select
+
+    recs = [{"prompt": "p", "response": r, "sample_index": i, "finished": True} for i, r in enumerate("ab")]
+    with pytest.raises(ScoreError, match="golden: returned nan for record 1"):
+        score_and_select(recs, {"s": lambda r: [1.0, 2.0]}, [1, 2], lambda p, r: [0.5, float("nan")])
+    with pytest.raises(ScoreError, match="s: returned 1 scores for 2 records"):
+        score_and_select(recs, {"s": lambda r: [1.0]}, [1], None)

@@ -8,7 +8,6 @@ real paths, so a symlink is judged by what it points to.
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Optional
 

@@ -24,6 +24,12 @@ def test_quick_demo_end_to_end(tmp_path):
     from openrlhf_irl.compat.param_dtype import resolve
 
     assert report["param_dtype"] == {"dtype": resolve("auto").dtype, "reason": resolve("auto").reason}
+    # every reward model checked on held-out prompts before its Best-of-N / PPO rows are read
+    for name in ("BT init-sft", "BCE init-sft"):
+        check = report["reward_models"][name]
+        assert 0.0 <= check["heldout_accuracy"]["mean"] <= 1.0 and check["accuracy_sources"] == "sft over init"
+        assert -1.0 <= check["spearman_golden"]["mean"] <= 1.0
+    assert "## Reward models, checked on held-out prompts" in (out / "report.md").read_text()
     assert f"in **{report['param_dtype']['dtype']}** (auto: this CPU" in (out / "report.md").read_text()
     results = json.loads((out / "results.json").read_text())
     # the terminal (not a TTY here): a header, per stage a start line naming its log, a done line with its time and

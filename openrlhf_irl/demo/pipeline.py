@@ -27,6 +27,7 @@ The demo's report is one seed of :mod:`openrlhf_irl.demo.report`; ``openrlhf-irl
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import time
@@ -488,6 +489,39 @@ class Demo:
             demo["responses"].setdefault(r["prompt"], []).append(r["response"])
         rows["demonstrations"] = demo
         self.results["refs"] = {"sft": rows["policy:sft_mle"]["golden"], "demo": demo["golden"]}
+        self.check_reward_models()
+
+    def check_reward_models(self):
+        """``results["reward_checks"][scorer]``: held-out accuracy on the sources each reward model was trained to
+        separate, and the within-prompt Spearman correlation of every scorer with the golden reward on the held-out
+        Best-of-N candidates (MLE SFT samples) (:mod:`openrlhf_irl.eval.reward_checks`)."""
+        from openrlhf_irl.afd.best_of_n import group_by_prompt
+        from openrlhf_irl.datasets.afd import VARIANTS
+        from openrlhf_irl.eval.reward_checks import heldout_accuracy, mean_within_prompt_spearman
+        from openrlhf_irl.models.reward import RewardScorer
+        from openrlhf_irl.utils.jsonl import read_jsonl
+
+        rows, checks = self.results["rows"], {}
+        source_rows = {"init": "policy:init", "sft": "policy:sft_mle", "demo": "demonstrations"}
+        groups = group_by_prompt([r for _, r in read_jsonl(self.path("samples", "bon_scored.jsonl"))])
+        scorers = [k for k in groups[0][0] if k not in ("prompt", "response", "sample_index", "finished", "golden")]
+        for scorer in scorers:
+            rho, n = mean_within_prompt_spearman({g[0]["prompt"]: [c[scorer] for c in g] for g in groups},
+                                                 {g[0]["prompt"]: [c["golden"] for c in g] for g in groups})
+            checks[scorer] = {"spearman_golden": rho, "spearman_prompts": n}
+        for variant in self.cfg.afd_variants:
+            neg, pos = (rows[source_rows[s]]["responses"] for s in VARIANTS[variant])
+            for trainer in self.cfg.rm_trainers:
+                name = f"{RM_KIND[trainer]} {variant}"
+                rm = RewardScorer(self.path("models", f"rm_{variant}_{RM_KIND[trainer].lower()}"),
+                                  input_template=INPUT_TEMPLATE, batch_size=64)
+                score = {side: {p: rm.score([p] * len(v), v) for p, v in texts.items()}
+                         for side, texts in (("pos", pos), ("neg", neg))}
+                acc, n = heldout_accuracy(score["pos"], score["neg"])
+                checks.setdefault(name, {}).update(heldout_accuracy=acc, accuracy_prompts=n,
+                                                   accuracy_sources=f"{VARIANTS[variant][1]} over {VARIANTS[variant][0]}")
+        self.results["reward_checks"] = {k: {m: (None if isinstance(v, float) and math.isnan(v) else v)
+                                             for m, v in c.items()} for k, c in checks.items()}
 
     def _entropies(self, model_path: str, completions: list, temperature: float) -> list[tuple[float, int]]:
         from openrlhf_irl.eval.diversity import entropy_sums

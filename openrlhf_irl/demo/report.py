@@ -76,6 +76,25 @@ def row_metrics(seed_result: dict) -> dict[str, dict[str, dict[str, float]]]:
 # --------------------------------------------------------------------------- across seeds
 
 
+def reward_model_checks(seed_results: list[dict]) -> dict:
+    """Per scorer, ``heldout_accuracy`` and ``spearman_golden`` over the seeds (mean and interval of the per-seed
+    values; None where no seed has a value), from each seed's ``reward_checks``."""
+    names = {n for r in seed_results for n in r.get("reward_checks", {})}
+    out = {}
+    for name in sorted(names):
+        entry = {}
+        for metric in ("heldout_accuracy", "spearman_golden"):
+            values = [r["reward_checks"][name].get(metric) for r in seed_results if name in r.get("reward_checks", {})]
+            values = [v for v in values if v is not None]
+            entry[metric] = summarize([[v] for v in values]) if values else None
+        sources = {r["reward_checks"][name].get("accuracy_sources") for r in seed_results
+                   if name in r.get("reward_checks", {})} - {None}
+        if sources:
+            entry["accuracy_sources"] = sources.pop()
+        out[name] = entry
+    return out
+
+
 def aggregate(seed_results: list[dict], n_boot: int = 2000) -> tuple[dict, list[dict]]:
     """Rows with a summary per metric, and the paired comparisons."""
     per_seed = [row_metrics(r) for r in seed_results]
@@ -209,9 +228,10 @@ def build_report(root: str, cfg, seed_results: list[dict], title: str, extra_md:
         param_dtype = json.loads(dtypes.pop())
     else:  # results of a version that did not record it, or seeds that ran on different machines
         param_dtype = {"dtype": "mixed" if dtypes else "not recorded", "reason": "; ".join(sorted(dtypes))}
+    reward_models = reward_model_checks(seed_results)
     report = {"config": config, "seeds": seeds, "backend": backend, "param_dtype": param_dtype,
-              "n_eval_prompts": n_prompts, "rows": rows, "comparisons": comps, "timings_s": timings,
-              "reading": sentences}
+              "n_eval_prompts": n_prompts, "rows": rows, "comparisons": comps, "reward_models": reward_models,
+              "timings_s": timings, "reading": sentences}
     atomic_write_json(os.path.join(root, "report.json"), report)
 
     groups = {}
@@ -233,6 +253,17 @@ def build_report(root: str, cfg, seed_results: list[dict], title: str, extra_md:
             md += [f"## {GROUP_TITLES[group]}", "", table(groups[group]), ""]
             if group == "ppo":
                 md += ppo_md(seed_results)
+    if reward_models:
+        md += ["## Reward models, checked on held-out prompts", "",
+               "Held-out accuracy: share of (positive, negative) response pairs of the same held-out prompt, from the "
+               "two sources the model was trained to separate, that it orders correctly (0.5 = chance). Spearman: "
+               "within-prompt rank correlation of its score with the golden reward on the held-out Best-of-N "
+               "candidates (MLE SFT samples), averaged over prompts.", "",
+               "| scorer | held-out accuracy | Spearman with golden |", "|---|---|---|"]
+        md += [f"| {name} | {fmt_ci(c['heldout_accuracy']) if c.get('heldout_accuracy') else '-'} "
+               f"({c.get('accuracy_sources', 'not a trained reward model')}) | "
+               f"{fmt_ci(c['spearman_golden']) if c.get('spearman_golden') else '-'} |"
+               for name, c in reward_models.items()] + [""]
     if comps:
         md += ["## Paired differences (per seed and prompt)", "",
                "| comparison | golden | self-BLEU in prompt | entropy/token |", "|---|---:|---:|---:|"]

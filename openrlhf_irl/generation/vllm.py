@@ -29,7 +29,7 @@ from openrlhf_irl.utils.reaper import ShmReaper
 from .params import Completion, SamplingParams, derive_seed, plan_requests
 from .scoring import encode_prompt
 
-__all__ = ["VLLMGenerator", "require_vllm", "check_servable", "wait_engines_ready"]
+__all__ = ["EngineGroup", "VLLMGenerator", "require_vllm", "check_servable", "wait_engines_ready"]
 
 MIN_CPU_HEAD_DIM = 32  # vLLM 0.29's CPU attention: head_dim 32, 64, 80, 96, 112, 128, ... 512
 
@@ -130,6 +130,72 @@ def _engine_torch_dtype():
     return torch.bfloat16 if torch.cuda.is_available() else torch_dtype(engine_dtype())
 
 
+class EngineGroup:
+    """OpenRLHF's vLLM engines (``create_vllm_engines``: this is the one place the package calls it) with what they
+    hold: the placement groups they reserve, their shared memory (:class:`~openrlhf_irl.utils.reaper.ShmReaper`).
+
+    Starting checks that vLLM runs here and can serve ``model`` (one line naming the cause otherwise), starts or
+    joins Ray, and waits until every engine answers. :meth:`close` (also after a failed start, and on leaving a
+    ``with`` block) kills the engines, hands back their placement groups and removes their shared memory. The
+    sampling pool (:class:`VLLMGenerator`), Best-of-N and the online IQ-Learn sampler all start engines here.
+    """
+
+    def __init__(self, model: str, *, num_engines: int = 1, tensor_parallel_size: int = 1, seed: int = 0,
+                 max_model_len: Optional[int] = None, gpu_memory_utilization: float = 0.9,
+                 enforce_eager: bool = False, enable_prefix_caching: bool = True, enable_sleep: bool = False,
+                 logprobs_mode: Optional[str] = None) -> None:
+        require_vllm()  # activates the CPU layer where needed, before OpenRLHF's engine module is imported
+        check_servable(model)
+        from openrlhf.trainer.ray.vllm_engine import create_vllm_engines
+
+        from .ray_session import ensure_ray
+
+        ensure_ray()
+        self.model = model
+        self.engines: list = []
+        self._placement_groups: list = []
+        self._shm = ShmReaper().start()  # the engines' shared memory, removed by close() once they are gone
+        try:
+            self.engines = _capturing_placement_groups(self._placement_groups, create_vllm_engines)(
+                num_engines, tensor_parallel_size, model, seed,
+                False,  # full_determinism
+                enable_prefix_caching, enforce_eager, max_model_len,
+                gpu_memory_utilization=gpu_memory_utilization, vllm_enable_sleep=enable_sleep,
+                logprobs_mode=logprobs_mode,
+            )
+            wait_engines_ready(self.engines, model)
+        except BaseException:
+            self.close()
+            raise
+        self._shm.note()  # the engines are up: their segments are mapped now
+
+    def close(self) -> None:
+        import ray
+        from ray.util.placement_group import remove_placement_group
+
+        for engine in self.engines:
+            try:
+                ray.kill(engine)
+            except Exception:  # pragma: no cover - best effort
+                pass
+        self.engines = []
+        for group in self._placement_groups:
+            try:
+                remove_placement_group(group)
+            except Exception:  # pragma: no cover - best effort
+                pass
+        self._placement_groups = []
+        if self._shm is not None:  # after the kills: waits for the engine processes, then removes their segments
+            self._shm.close()
+            self._shm = None
+
+    def __enter__(self) -> "EngineGroup":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
 def _capturing_placement_groups(sink: list, create_vllm_engines):
     """``create_vllm_engines`` that appends the placement group it reserves to ``sink``: OpenRLHF returns only the
     engines, and a group left behind keeps its CPUs/GPUs reserved, so the next pool in the same Ray session waits
@@ -204,42 +270,25 @@ class VLLMGenerator:
         enable_prefix_caching: bool = True,
         max_in_flight: int = 2048,
     ) -> None:
-        require_vllm()  # activates the CPU layer where needed, before OpenRLHF's engine module is imported
-        check_servable(model)
-        from openrlhf.trainer.ray.vllm_engine import create_vllm_engines
-
         from .loading import load_tokenizer
-        from .ray_session import ensure_ray
 
-        ensure_ray()
         self._tmpdir = None
-        self._shm = None
+        self._group = None
         self.engines = []
-        if lora:
-            model = self._merge_lora(model, lora)
-        self.model = model
-        self.tokenizer = load_tokenizer(tokenizer or model)
-        self.max_in_flight = max_in_flight
-        self._placement_groups = []
-        self._shm = ShmReaper().start()  # the engines' shared memory, removed by close() once they are gone
         try:
-            self.engines = _capturing_placement_groups(self._placement_groups, create_vllm_engines)(
-                num_engines,
-                tensor_parallel_size,
-                model,
-                seed,
-                False,  # full_determinism
-                enable_prefix_caching,
-                enforce_eager,
-                max_model_len,
-                gpu_memory_utilization=gpu_memory_utilization,
-                logprobs_mode="raw_logprobs",
-            )
-            wait_engines_ready(self.engines, model)
+            if lora:
+                model = self._merge_lora(model, lora)
+            self.model = model
+            self.tokenizer = load_tokenizer(tokenizer or model)
+            self.max_in_flight = max_in_flight
+            self._group = EngineGroup(model, num_engines=num_engines, tensor_parallel_size=tensor_parallel_size,
+                                      seed=seed, max_model_len=max_model_len,
+                                      gpu_memory_utilization=gpu_memory_utilization, enforce_eager=enforce_eager,
+                                      enable_prefix_caching=enable_prefix_caching, logprobs_mode="raw_logprobs")
         except BaseException:
             self.close()
             raise
-        self._shm.note()  # the engines are up: their segments are mapped now
+        self.engines = self._group.engines
 
     def _merge_lora(self, model: str, lora: str) -> str:
         import tempfile
@@ -320,25 +369,10 @@ class VLLMGenerator:
             yield batch
 
     def close(self) -> None:
-        import ray
-
-        for engine in getattr(self, "engines", []):
-            try:
-                ray.kill(engine)
-            except Exception:  # pragma: no cover - best effort
-                pass
+        if self._group is not None:
+            self._group.close()
+            self._group = None
         self.engines = []
-        from ray.util.placement_group import remove_placement_group
-
-        for group in getattr(self, "_placement_groups", []):
-            try:
-                remove_placement_group(group)
-            except Exception:  # pragma: no cover - best effort
-                pass
-        self._placement_groups = []
-        if self._shm is not None:  # after the kills: waits for the engine processes, then removes their segments
-            self._shm.close()
-            self._shm = None
         if self._tmpdir is not None:
             self._tmpdir.cleanup()
             self._tmpdir = None

@@ -159,6 +159,22 @@ def vllm_ready() -> str:
     return why
 
 
+@pytest.fixture(scope="session")
+def local_ray_cluster(tmp_path_factory):
+    """A Ray cluster of two nodes on this machine, shared by the tests that use it (``tests/support/local_cluster.py``):
+    the head (2 logical CPUs, custom resource ``node_head``, the dashboard and Jobs API on a free port) and a worker
+    node (2 logical CPUs, ``node_w1``), each its own raylet. Stopped by its own handle at the end; a process of it
+    still alive or a shared-memory segment its processes left in /dev/shm fails the session's teardown."""
+    from support.local_cluster import start_local_cluster
+
+    # short: the nodes' AF_UNIX sockets live under it (107 bytes at most)
+    cluster = start_local_cluster(tempfile.mkdtemp(prefix="rc_", dir=_SESSION_TMP))
+    yield cluster
+    left = cluster.shutdown()
+    assert not left, f"processes of the local Ray cluster outlived its shutdown: {left}"
+    assert not cluster.left_shm, f"the local Ray cluster's processes left /dev/shm segments: {cluster.left_shm}"
+
+
 # The longest files first (measured: minutes each on 2 cores), so that with `pytest -n 2 --dist loadfile` (what
 # `make test` runs) no long file starts last and leaves one worker idle.
 LONGEST_FIRST = ("test_demo.py", "test_vllm_engines.py", "test_ppo_cpu.py", "test_online_sampler.py",

@@ -81,6 +81,8 @@ def check_resources(args) -> None:
 
     from openrlhf_irl.compat.ray_ppo import engine_processes, model_processes
 
+    if os.environ.get("RAY_ADDRESS"):  # a cluster's CPUs and memory, not this machine's: checked once joined
+        return
     per_model = model_processes(args)
     engines = engine_processes(args)
     total = sum(per_model.values()) + engines
@@ -282,7 +284,7 @@ def run_cpu(argv: list[str]) -> int:
         return 2
     compat.activate()
     ray_ppo.install()
-    env = ray_ppo.worker_env()
+    env = ray_ppo.worker_env(run_tag=ray_ppo.job_run_tag())  # in a submitted job: a tag of its own
     os.environ.update(env)  # the driver's own DeepSpeed pieces (and a locally started Ray) see the same
     tag = env[cleanup.RUN_TAG_ENV]
     reaper = cleanup.start_reaper(tag)  # cleans up even if this process is killed
@@ -294,9 +296,12 @@ def run_cpu(argv: list[str]) -> int:
     code, message = 0, None
     try:
         if os.environ.get("RAY_ADDRESS"):
-            ray.init(address=os.environ["RAY_ADDRESS"],
-                     runtime_env={"worker_process_setup_hook": ray_ppo.SETUP_HOOK, "env_vars": env})
-            message = ray_ppo.cluster_shortfall(args, ray.cluster_resources())
+            # a cluster the job joins (``ray job submit``): used as it is, CPU placement where it has no GPUs
+            ray_ppo.install_driver_placement()
+            ray.init(**ray_ppo.cluster_init_kwargs(env))
+            memory = None if os.environ.get("OPENRLHF_IRL_SKIP_MEMORY_CHECK") == "1" else estimate_memory_gib(
+                args, ray_ppo.model_processes(args), ray_ppo.engine_processes(args))
+            message = ray_ppo.cluster_shortfall(args, ray.cluster_resources(), ray.available_resources(), memory)
             code = 2 if message else 0
         else:
             ray.init(**ray_ppo.ray_init_kwargs(args, env))

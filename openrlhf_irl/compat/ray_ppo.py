@@ -110,6 +110,89 @@ PPO_PATCHES = {
 }
 
 
+# ------------------------------------------------------------------- placement on a cluster without GPUs (driver)
+# OpenRLHF 0.11.2 asks Ray for GPUs wherever it places a model: ``{"GPU": 1, "CPU": 1}`` bundles in
+# ``train_ppo_ray.train`` (colocated models) and ``RayActorGroup`` (several processes per model), and
+# ``num_gpus=num_gpus_per_actor`` for every actor. A local Ray started by :func:`ray_init_kwargs` gets logical GPUs
+# for that; a cluster the job joins (``RAY_ADDRESS``, ``ray job submit``) is used as it is, so on a cluster without
+# GPU resources the same placement asks for CPUs only (patch 0005's ``resource_bundle()`` / ``use_gpus()``): bundles
+# without their ``GPU`` entry, actors with ``num_gpus=0`` (their ``num_cpus`` unchanged). A cluster that has GPUs
+# gets OpenRLHF's placement unchanged. These run in the driver, the only process that places PPO's actors.
+def cluster_has_gpus() -> bool:
+    import ray
+
+    return ray.cluster_resources().get("GPU", 0) > 0
+
+
+def gpu_free_bundles(bundles: list[dict]) -> list[dict]:
+    return [{k: v for k, v in b.items() if k != "GPU"} or {"CPU": 1} for b in bundles]
+
+
+def _placement_group_for_cluster(placement_group):
+    if getattr(placement_group, "_openrlhf_irl_cpu", False):
+        return placement_group
+
+    @wraps(placement_group)
+    def placement_group_for_cluster(bundles, *args, **kwargs):
+        if not cluster_has_gpus():
+            bundles = gpu_free_bundles(bundles)
+        return placement_group(bundles, *args, **kwargs)
+
+    placement_group_for_cluster._openrlhf_irl_cpu = True
+    return placement_group_for_cluster
+
+
+class _ActorClassForCluster:
+    """An actor class whose ``.options(num_gpus=...)`` asks for no GPU on a cluster without GPUs."""
+
+    def __init__(self, actor_cls):
+        self._actor_cls = actor_cls
+
+    def options(self, **kwargs):
+        if kwargs.get("num_gpus") and not cluster_has_gpus():
+            kwargs["num_gpus"] = 0
+        return self._actor_cls.options(**kwargs)
+
+    def __getattr__(self, name):
+        if name == "_actor_cls":  # not set yet (a copy being built): no recursion through this method
+            raise AttributeError(name)
+        return getattr(self._actor_cls, name)
+
+
+def patch_actor_group(module) -> None:
+    """``openrlhf.trainer.ray.launcher``: ``RayActorGroup``'s own bundles and its actors. The group keeps its real
+    actor class (it is sent to the PPO controller): the wrapper only stands in while its actors are created."""
+    if getattr(module, "_openrlhf_irl_cpu_placement", False):
+        return
+    module.placement_group = _placement_group_for_cluster(module.placement_group)
+    cls = module.RayActorGroup
+    initiate = cls._initiate_actors
+
+    @wraps(initiate)
+    def _initiate_actors(self, *args, **kwargs):
+        actor_cls = self.ray_actor_type
+        self.ray_actor_type = _ActorClassForCluster(actor_cls)
+        try:
+            return initiate(self, *args, **kwargs)
+        finally:
+            self.ray_actor_type = actor_cls
+
+    cls._initiate_actors = _initiate_actors
+    module._openrlhf_irl_cpu_placement = True
+
+
+def install_driver_placement() -> None:
+    """The placement patches, in the driver: Ray's ``placement_group`` as ``train_ppo_ray`` imports it (it runs as
+    ``__main__``, so only the function it imports can be reached) and ``RayActorGroup``."""
+    import importlib
+
+    from .vllm_cpu import install_import_hooks
+
+    pg_module = importlib.import_module("ray.util.placement_group")  # ``ray.util.placement_group`` is the function
+    pg_module.placement_group = _placement_group_for_cluster(pg_module.placement_group)
+    install_import_hooks({"openrlhf.trainer.ray.launcher": patch_actor_group})
+
+
 # ---------------------------------------------------------------------------------------------------- the driver
 def worker_env(cache_dir: str | os.PathLike | None = None, run_tag: str | None = None) -> dict[str, str]:
     """Environment for every Ray worker of a CPU PPO job (the user's own values win), tagged with ``run_tag``."""
@@ -178,11 +261,82 @@ def ray_init_kwargs(args, env: dict[str, str]) -> dict:
                 runtime_env={"worker_process_setup_hook": SETUP_HOOK, "env_vars": dict(env)})
 
 
-def cluster_shortfall(args, resources: dict) -> str | None:
-    """Why an existing Ray cluster (``RAY_ADDRESS``) cannot place the job, or None."""
+def required_cpus(args) -> int:
+    """Logical CPUs the job holds on a cluster: one per placement bundle or unplaced actor of the DeepSpeed
+    models (:func:`required_gpus`: OpenRLHF asks for a CPU next to each GPU, and for the CPU alone on a cluster
+    without GPUs), one per vLLM engine process (none of their own when they share the colocated group), plus one
+    free to place the PPO controller (an actor that holds none once placed)."""
+    colocated_engines = args.train.colocate_all and not args.train.async_enable
+    return required_gpus(args) + (0 if colocated_engines else engine_processes(args)) + 1
+
+
+def cluster_shortfall(args, total: dict, free: dict | None = None, memory_gib: float | None = None) -> str | None:
+    """Why an existing Ray cluster (``RAY_ADDRESS``) cannot place the job, in one line, or None. ``total``: the
+    cluster's resources (``ray.cluster_resources()``); ``free``: what is free now (``ray.available_resources()``,
+    default ``total``); ``memory_gib``: the job's estimated resident memory, checked against Ray's ``memory``.
+
+    A cluster with GPUs must have one per DeepSpeed process (OpenRLHF's placement, unchanged); one without any
+    is placed on CPUs (:func:`install_driver_placement`), never given invented GPUs."""
+    free = total if free is None else free
     gpus = required_gpus(args)
-    have = resources.get("GPU", 0)
-    if have < gpus:
-        return (f"the Ray cluster has {have:g} GPU resources and this PPO job reserves {gpus} (one per DeepSpeed "
-                f"process): Ray would wait forever; start it with `ray start --num-gpus {gpus}` (logical on CPU)")
+    have_gpus = total.get("GPU", 0)
+    if have_gpus and free.get("GPU", 0) < gpus:
+        return (f"the Ray cluster has {free.get('GPU', 0):g} of {have_gpus:g} GPUs free and this PPO job reserves "
+                f"{gpus} (one per DeepSpeed process): Ray would wait forever")
+    cpus = required_cpus(args)
+    if free.get("CPU", 0) < cpus:
+        return (f"the Ray cluster has {free.get('CPU', 0):g} of {total.get('CPU', 0):g} CPUs free and this PPO job "
+                f"needs {cpus} (one per DeepSpeed process and vLLM engine process, one to place the PPO "
+                f"controller): Ray would wait forever; add nodes or CPUs (`ray start --num-cpus`), or use fewer "
+                "--*.num_gpus_per_node / --vllm.num_engines")
+    if memory_gib is not None and free.get("memory", float("inf")) / 2**30 < memory_gib:
+        return (f"the Ray cluster has {free.get('memory', 0) / 2**30:.1f} GiB of memory free and this PPO job needs "
+                f"about {memory_gib:.1f} GiB: use fewer --*.num_gpus_per_node / --vllm.num_engines "
+                "(OPENRLHF_IRL_SKIP_MEMORY_CHECK=1 skips this)")
     return None
+
+
+def in_ray_job() -> bool:
+    """This process is the driver of a job submitted with ``ray job submit`` (Ray put its config in the env)."""
+    from ray._private.runtime_env.constants import RAY_JOB_CONFIG_JSON_ENV_VAR
+
+    return RAY_JOB_CONFIG_JSON_ENV_VAR in os.environ
+
+
+def job_runtime_env() -> dict:
+    """The runtime environment of the submitted job this process drives (``{}`` outside a job)."""
+    import json
+
+    from ray._private.runtime_env.constants import RAY_JOB_CONFIG_JSON_ENV_VAR
+
+    raw = os.environ.get(RAY_JOB_CONFIG_JSON_ENV_VAR)
+    return (json.loads(raw).get("runtime_env") or {}) if raw else {}
+
+
+def cluster_init_kwargs(env: dict[str, str]) -> dict:
+    """``ray.init`` arguments that join the cluster in ``RAY_ADDRESS`` with the CPU layer in every worker of the job.
+
+    Inside a submitted job, Ray merges this runtime environment with the job's (``--runtime-env-json``), and refuses
+    one that names the same field or variable. So the job's environment variables reach every worker as given
+    (``env`` only adds the ones it lacks: :func:`worker_env` already took the user's values of its own) and our
+    setup hook takes the job's place, the job's own hook running after ours (``OPENRLHF_IRL_WORKER_HOOK``)."""
+    env = dict(env)
+    runtime_env = {"worker_process_setup_hook": SETUP_HOOK, "env_vars": env}
+    job = job_runtime_env()
+    if job:
+        job_vars = job.get("env_vars") or {}
+        hook = job.get("worker_process_setup_hook")
+        if hook and hook != SETUP_HOOK and EXTRA_HOOK_ENV not in job_vars:
+            env[EXTRA_HOOK_ENV] = hook
+        override = RUN_TAG_ENV in job_vars or (hook and hook != SETUP_HOOK)
+        runtime_env["env_vars"] = {k: v for k, v in env.items() if k not in job_vars or k == RUN_TAG_ENV}
+        if override:  # our hook and our run's tag over the job's (see :func:`job_run_tag`)
+            os.environ["RAY_OVERRIDE_JOB_RUNTIME_ENV"] = "1"
+    return dict(address=os.environ["RAY_ADDRESS"], runtime_env=runtime_env)
+
+
+def job_run_tag() -> str | None:
+    """The tag of this run's processes. Inside a submitted job a fresh one, always: the job's own processes (Ray's
+    job supervisor, the entrypoint's shell) carry the job's environment, and a tag taken from it would mark them
+    for the clean-up that kills the run's processes."""
+    return uuid.uuid4().hex if in_ray_job() else None

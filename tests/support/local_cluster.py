@@ -1,0 +1,240 @@
+"""A Ray cluster of several nodes on this machine, for the multi-node tests (REFERENCE section 9).
+
+``ray.cluster_utils.Cluster`` starts a head (GCS, dashboard with the Jobs API, raylet) and one raylet per extra
+node, each a "node" of its own with its own logical CPUs and a custom resource naming it (``node_head``,
+``node_w1``, ...). :meth:`LocalCluster.shutdown` stops exactly those processes through the cluster's own handle
+(never ``ray stop``, which would stop every Ray on the machine) and removes everything the cluster wrote.
+
+Ports: every node's dashboard agent gets a free port of its own (Ray's default, 52365, is taken by the first Ray
+started on the machine, and a head whose agent cannot bind it accepts no job: "No available agent to submit job").
+
+Where Ray writes: the nodes' session folders go under ``temp_dir`` (a private folder), but Ray 2.55's ``Cluster``
+also writes the head's address to ``<RAY_TMPDIR or TMPDIR or /tmp>/ray/ray_current_cluster`` and fails if that
+folder is missing. The folder is created here when missing (and removed at shutdown, only if created here; a
+folder that existed before is never removed), and the address file is deleted as soon as the head is up: while it
+exists, any ``ray.init()`` without an address on this machine (another test's, another agent's) would join this
+cluster instead of starting its own Ray.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+
+import psutil
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _descendants(pids) -> set[int]:
+    out = set()
+    for pid in pids:
+        try:
+            proc = psutil.Process(pid)
+            out.add(pid)
+            out.update(child.pid for child in proc.children(recursive=True))
+        except psutil.NoSuchProcess:
+            pass
+    return out
+
+
+def _alive(pids) -> list[int]:
+    alive = []
+    for pid in pids:
+        try:
+            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                alive.append(pid)
+        except psutil.NoSuchProcess:
+            pass
+    return alive
+
+
+@dataclass
+class LocalCluster:
+    """A running head + workers. ``address``: the GCS address (``RAY_ADDRESS`` for drivers); ``dashboard_url``:
+    ``http://127.0.0.1:P`` for ``ray job submit --address``; ``node_ids``: custom resource name -> Ray node id."""
+
+    cluster: object
+    address: str
+    dashboard_url: str
+    temp_dir: str
+    node_ids: dict[str, str]
+    node_cpus: dict[str, int]
+    _created_dirs: list[str] = field(default_factory=list)
+    _pids: set[int] = field(default_factory=set)
+    left_alive: list[int] = field(default_factory=list)
+    shm_seen: set[str] = field(default_factory=set)  # /dev/shm segments the cluster's processes were seen mapping
+    left_shm: list[str] = field(default_factory=list)
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _watcher: threading.Thread | None = None
+
+    def _note(self) -> None:
+        from openrlhf_irl.utils.reaper import shm_mapped_by
+
+        pids = self.processes()
+        self._pids |= pids
+        self.shm_seen |= shm_mapped_by(pids)
+
+    def _watch(self, interval_s: float) -> None:
+        while not self._stop.wait(interval_s):
+            try:
+                self._note()
+            except Exception:  # a /proc race must not end the watch
+                pass
+
+    def start_watch(self, interval_s: float = 1.5) -> None:
+        """Sample, every ``interval_s``, the cluster's processes and the shared-memory segments they map."""
+        self._watcher = threading.Thread(target=self._watch, args=(interval_s,), daemon=True, name="cluster-watch")
+        self._watcher.start()
+
+    def available(self) -> dict[str, dict]:
+        """Free resources per node id (the GCS's view; no driver needed)."""
+        return self.cluster.global_state.available_resources_per_node()
+
+    def total(self) -> dict[str, float]:
+        return self.cluster.global_state.cluster_resources()
+
+    def wait_available(self, expected: dict[str, dict], timeout_s: float = 60.0) -> dict[str, dict]:
+        """Poll until the free resources equal ``expected`` (Ray frees a finished job's resources asynchronously);
+        returns the last reading."""
+        deadline = time.monotonic() + timeout_s
+        while (now := self.available()) != expected and time.monotonic() < deadline:
+            time.sleep(0.5)
+        return now
+
+    def dead_services(self) -> list[str]:
+        """The nodes' Ray services (GCS, raylets, dashboard, ...) no longer running: what a failed job reports."""
+        dead = []
+        for name, node in [("head", self.cluster.head_node), *[(f"worker{i}", n) for i, n in
+                                                                enumerate(self.cluster.worker_nodes, 1)]]:
+            for kind, infos in node.all_processes.items():
+                dead += [f"{name}:{kind}" for info in infos if info.process is not None and info.process.poll()
+                         is not None]
+        return dead
+
+    def processes(self) -> set[int]:
+        """The pids of every process the cluster's nodes started so far (GCS, raylets, dashboard, workers, ...)."""
+        roots = set()
+        for node in self.cluster.list_all_nodes():
+            for infos in node.all_processes.values():
+                roots.update(info.process.pid for info in infos if info.process is not None)
+        return _descendants(roots)
+
+    def shutdown(self, timeout_s: float = 30.0) -> list[int]:
+        """Stop every node by the cluster's handle; returns the pids of the cluster still alive after
+        ``timeout_s`` (none expected; killed, by id), also kept in ``left_alive``. ``left_shm``: the segments the
+        cluster's processes mapped that were still in /dev/shm once they had all exited (removed then)."""
+        self._stop.set()
+        if self._watcher is not None:
+            self._watcher.join()
+        try:
+            self._note()
+        except Exception:
+            pass
+        try:
+            self.cluster.shutdown()
+        finally:
+            deadline = time.monotonic() + timeout_s
+            while _alive(self._pids) and time.monotonic() < deadline:
+                time.sleep(0.3)
+            self.left_alive = _alive(self._pids)
+            for pid in self.left_alive:  # only our own processes, by id
+                try:
+                    psutil.Process(pid).kill()
+                except psutil.NoSuchProcess:
+                    pass
+            from openrlhf_irl.utils.reaper import remove_stale_shm
+
+            self.left_shm = sorted(n for n in self.shm_seen if os.path.exists(os.path.join("/dev/shm", n)))
+            remove_stale_shm(set(self.left_shm))  # only segments the cluster's own processes mapped
+            shutil.rmtree(self.temp_dir, ignore_errors=True)
+            for path in reversed(self._created_dirs):
+                shutil.rmtree(path, ignore_errors=True)
+        return self.left_alive
+
+
+def start_local_cluster(temp_dir: str, head_cpus: int = 2, workers: tuple[int, ...] = (2,),
+                        object_store_mib: int = 200) -> LocalCluster:
+    """A head with ``head_cpus`` logical CPUs and the dashboard on a free port, plus one worker node per entry of
+    ``workers`` (its logical CPUs); node ``i`` carries the custom resource ``node_w<i>`` (the head ``node_head``)."""
+    from ray._common.utils import get_default_ray_temp_dir, reset_ray_address
+    from ray.cluster_utils import Cluster
+
+    created = []
+    address_dir = get_default_ray_temp_dir()  # where Cluster writes ray_current_cluster
+    if not os.path.isdir(address_dir):
+        os.makedirs(address_dir)
+        created.append(address_dir)
+    os.makedirs(temp_dir, exist_ok=True)
+    port = free_port()
+    store = object_store_mib * 2**20
+    cluster = None
+    path = os.environ.get("PATH", "")
+    # as `ray start` run from an activated virtualenv: a job's `python` is this interpreter
+    os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + path
+    try:
+        cluster = Cluster(initialize_head=True, shutdown_at_exit=True, head_node_args=dict(
+            num_cpus=head_cpus, resources={"node_head": 1}, include_dashboard=True, dashboard_host="127.0.0.1",
+            dashboard_port=port, dashboard_agent_listen_port=free_port(), temp_dir=temp_dir,
+            object_store_memory=store))
+        reset_ray_address()  # nothing joins this cluster by accident (see the module's docstring)
+        node_ids = {"node_head": cluster.head_node.node_id}
+        node_cpus = {"node_head": head_cpus}
+        for i, cpus in enumerate(workers, start=1):
+            node = cluster.add_node(num_cpus=cpus, resources={f"node_w{i}": 1}, object_store_memory=store,
+                                    dashboard_agent_listen_port=free_port())
+            node_ids[f"node_w{i}"] = node.node_id
+            node_cpus[f"node_w{i}"] = cpus
+        cluster.wait_for_nodes()
+        os.environ["PATH"] = path
+    except BaseException:
+        os.environ["PATH"] = path
+        if cluster is not None:
+            cluster.shutdown()
+        shutil.rmtree(temp_dir, ignore_errors=True)
+        for path in created:
+            shutil.rmtree(path, ignore_errors=True)
+        raise
+    handle = LocalCluster(cluster=cluster, address=cluster.address, dashboard_url=f"http://127.0.0.1:{port}",
+                          temp_dir=temp_dir, node_ids=node_ids, node_cpus=node_cpus, _created_dirs=created)
+    handle._pids = handle.processes()
+    handle.start_watch()
+    try:
+        _wait_for_jobs_api(handle.dashboard_url)
+    except BaseException:
+        handle.shutdown()
+        raise
+    return handle
+
+
+def _wait_for_jobs_api(url: str, timeout_s: float = 180.0) -> None:
+    """The head's Jobs API accepts and runs a job: the dashboard starts after the head's raylet, and its job agent
+    later still ("No available agent to submit job" until then). A probe job (``true``) is submitted until it is
+    accepted, then waited for."""
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            client = JobSubmissionClient(url)
+            job = client.submit_job(entrypoint="true")
+            break
+        except Exception:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(1.0)
+    while (status := client.get_job_status(job)) not in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the probe job {job} is still {status}")
+        time.sleep(0.5)
+    if status != JobStatus.SUCCEEDED:
+        raise RuntimeError(f"the probe job {job} ended {status}: {client.get_job_logs(job)[-2000:]}")

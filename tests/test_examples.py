@@ -26,7 +26,8 @@ def script_defaults(path: Path) -> dict:
 def commands(path: Path) -> list[tuple[str, list[str]]]:
     """(module, argv) for each ``python -m MODULE`` / ``deepspeed --module MODULE`` line of a script."""
     env = script_defaults(path)
-    text = re.sub(r"\\\n", " ", path.read_text())
+    # the script's variables substituted first, as bash does: an unquoted one may hold several flags (or none)
+    text = _subst(re.sub(r"\\\n", " ", path.read_text()), env)
     found = []
     for line in text.splitlines():
         if line.strip().startswith("#"):

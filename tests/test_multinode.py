@@ -263,3 +263,31 @@ def test_sampling_job_submitted_to_two_nodes_writes_every_record_once(local_ray_
     assert len(workers) == 3 and {a.node_id for a in workers} == set(cluster.node_ids.values())
     assert all(a.state == "DEAD" for a in actors)
     assert cluster.wait_available(before) == before
+
+
+# ------------------------------------------------------------------------------------------ the example, as written
+@pytest.mark.slow
+@needs_cpu_layer
+def test_example_ppo_log_ratio_script_runs_against_the_cluster(local_ray_cluster, models, tmp_path):
+    """``examples/ppo_afd_log_ratio.sh`` as written (``ray job submit`` with ``working_dir: .``), its cluster,
+    sizes and models set from the environment: tiny scale, CPU settings, 2 steps of 4 prompts x 2 samples."""
+    from transformers import AutoModelForCausalLM
+
+    cluster = local_ray_cluster
+    before = cluster.available()
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in _prompts(8)))
+    out = tmp_path / "ppo"
+    env = {**os.environ, "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"],
+           "RAY_DASHBOARD": cluster.dashboard_url, "PPO_MODULE": "openrlhf_irl.cli.train_ppo", "GPU_ONLY": "",
+           "ATTN": "sdpa", "DTYPE": "auto", "SFT": models[0], "INIT": models[1], "PROMPTS": str(prompts),
+           "OUTPUT": str(out), "ACTOR_GPUS": "1", "REF_GPUS": "1", "VLLM_ENGINES": "1", "VLLM_TP": "1",
+           "MAX_LEN": "128", "MAX_NEW_TOKENS": "16", "ROLLOUT_BATCH": "4", "ROLLOUT_MICRO": "4", "N_SAMPLES": "2",
+           "TRAIN_BATCH": "8", "TRAIN_MICRO": "4", "ZERO_STAGE": "2", "LR": "1e-3"}
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.run(["bash", str(REPO / "examples" / "ppo_afd_log_ratio.sh")], env=env, cwd=str(REPO),
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, f"{proc.stdout[-5000:]}\n{proc.stderr[-3000:]}"
+    assert "Job 'raysubmit_" in proc.stdout and "succeeded" in proc.stdout.lower()
+    AutoModelForCausalLM.from_pretrained(str(out))  # the checkpoint reloads
+    assert cluster.wait_available(before) == before

@@ -186,6 +186,23 @@ def pytest_collection_modifyitems(session, config, items):
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: file order otherwise kept
 
 
+# pytest puts PYTEST_CURRENT_TEST in the environment during each test's setup and call, and every process a test
+# starts (CLI jobs, Ray and its workers, vLLM engines) inherits it. Ray switches behaviour on it (its is_in_test());
+# with it, vLLM CPU engines under our sampling CLI died mid-job on an AMX Xeon ("EngineCore ... cancelled"; the same
+# command without it ran clean). The tests run those processes as a user would: without it. pytest sets it again
+# before each phase and removes it after teardown, where it is left in place.
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_setup(item):
+    os.environ.pop("PYTEST_CURRENT_TEST", None)
+    yield
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_call(item):
+    os.environ.pop("PYTEST_CURRENT_TEST", None)
+    yield
+
+
 def pytest_report_header(config):
     """Which dtype the tests' training runs and engines use by default (``--ds.param_dtype auto``), and why."""
     from openrlhf_irl.compat.param_dtype import resolve

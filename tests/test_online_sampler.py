@@ -173,8 +173,8 @@ from openrlhf_irl.generation.policy_samples import pack_policy_samples
 from openrlhf_irl.generation.vllm import require_vllm, wait_engines_ready
 from openrlhf_irl.generation.weight_sync import EngineWeightSync
 
-def perturbed(seed):
-    model = AutoModelForCausalLM.from_pretrained(MODEL, dtype=torch.bfloat16)
+def perturbed(seed):  # fp32 policy and engine (OPENRLHF_IRL_PARAM_DTYPE): exact greedy ties are then not bf16's
+    model = AutoModelForCausalLM.from_pretrained(MODEL, dtype=torch.float32)
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in model.parameters():
@@ -227,7 +227,7 @@ def test_engine_sampler_pushes_zero3_weights_and_samples_per_rank(tiny_model, tm
     script = tmp_path / "engine_sampler.py"
     script.write_text(ENGINE_SCRIPT)
     proc = run_python(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
-                       tiny_model], timeout=600)
+                       tiny_model], timeout=600, env={"OPENRLHF_IRL_PARAM_DTYPE": "fp32"})
     assert_ok(proc)
     assert "ok0 rows=4" in proc.stdout and "ok1 rows=2" in proc.stdout
 

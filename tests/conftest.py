@@ -189,16 +189,17 @@ def pytest_collection_modifyitems(session, config, items):
 # pytest puts PYTEST_CURRENT_TEST in the environment during each test's setup and call, and every process a test
 # starts (CLI jobs, Ray and its workers, vLLM engines) inherits it. Ray switches behaviour on it (its is_in_test());
 # with it, vLLM CPU engines under our sampling CLI died mid-job on an AMX Xeon ("EngineCore ... cancelled"; the same
-# command without it ran clean). The tests run those processes as a user would: without it. pytest sets it again
-# before each phase and removes it after teardown, where it is left in place.
+# command without it ran clean). The tests run those processes as a user would: without it. pytest sets it at the
+# start of each phase (inside its own setup/call hooks), so it is removed where fixtures and test functions start;
+# teardown keeps it (pytest removes it after teardown itself).
 @pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_setup(item):
+def pytest_fixture_setup(fixturedef, request):
     os.environ.pop("PYTEST_CURRENT_TEST", None)
     yield
 
 
 @pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_call(item):
+def pytest_pyfunc_call(pyfuncitem):
     os.environ.pop("PYTEST_CURRENT_TEST", None)
     yield
 

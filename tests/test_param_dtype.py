@@ -132,7 +132,7 @@ from transformers import AutoModelForCausalLM
 from openrlhf_irl.generation import SamplingParams
 from openrlhf_irl.generation.loading import load_tokenizer
 from openrlhf_irl.generation.online import VLLMPolicySampler
-from openrlhf_irl.generation.policy_samples import pack_policy_samples
+from openrlhf_irl.generation.policy_samples import cut_after_eos, pack_policy_samples
 from openrlhf_irl.generation.vllm import VLLMGenerator
 from openrlhf_irl.generation.weight_sync import EngineWeightSync
 
@@ -172,8 +172,7 @@ try:
         with torch.no_grad():
             g = model.generate(p[None], attention_mask=torch.ones(1, len(p), dtype=torch.long), do_sample=False,
                                max_new_tokens=6, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-        want = g[0, len(p):].tolist()
-        completions.append(want[: want.index(tok.eos_token_id) + 1] if tok.eos_token_id in want else want)
+        completions.append(cut_after_eos(g[0, len(p):].tolist(), tok.eos_token_id))
     expected = pack_policy_samples(ids, completions, pad_id=tok.pad_token_id)["sequences"]
     assert not torch.equal(before, expected), "the push changes nothing: weak test"
     assert torch.equal(out, expected), (out, expected)

@@ -35,25 +35,30 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _descendants(pids) -> set[int]:
-    out = set()
-    for pid in pids:
+def _descendants(roots) -> dict[int, psutil.Process]:
+    """``roots`` (``psutil.Process``) and their live descendants, by pid. A ``psutil.Process`` keeps the process's
+    start time: this machine's pids wrap around (``pid_max`` 32768) within a test run, so a pid alone may name
+    another job's process minutes later (a vLLM worker of a test running beside this one)."""
+    out = {}
+    for proc in roots:
         try:
-            proc = psutil.Process(pid)
-            out.add(pid)
-            out.update(child.pid for child in proc.children(recursive=True))
-        except psutil.NoSuchProcess:
+            if not proc.is_running():
+                continue
+            out[proc.pid] = proc
+            out.update((child.pid, child) for child in proc.children(recursive=True))
+        except psutil.Error:
             pass
     return out
 
 
-def _alive(pids) -> list[int]:
+def _alive(procs) -> list[psutil.Process]:
+    """Those of ``procs`` still running (the same process: ``is_running`` checks its start time) and not zombies."""
     alive = []
-    for pid in pids:
+    for proc in procs:
         try:
-            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
-                alive.append(pid)
-        except psutil.NoSuchProcess:
+            if proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE:
+                alive.append(proc)
+        except psutil.Error:
             pass
     return alive
 
@@ -70,7 +75,7 @@ class LocalCluster:
     node_ids: dict[str, str]
     node_cpus: dict[str, int]
     _created_dirs: list[str] = field(default_factory=list)
-    _pids: set[int] = field(default_factory=set)
+    _procs: dict[int, psutil.Process] = field(default_factory=dict)  # pid -> process, start time included
     left_alive: list[int] = field(default_factory=list)
     shm_seen: set[str] = field(default_factory=set)  # /dev/shm segments the cluster's processes were seen mapping
     left_shm: list[str] = field(default_factory=list)
@@ -80,9 +85,12 @@ class LocalCluster:
     def _note(self) -> None:
         from openrlhf_irl.utils.reaper import shm_mapped_by
 
-        pids = self.processes()
-        self._pids |= pids
-        self.shm_seen |= shm_mapped_by(pids)
+        procs = self.processes()
+        for pid, proc in procs.items():
+            known = self._procs.get(pid)
+            if known is None or not known.is_running():  # a pid reused since: the new process is the one now
+                self._procs[pid] = proc
+        self.shm_seen |= shm_mapped_by(list(procs))
 
     def _watch(self, interval_s: float) -> None:
         while not self._stop.wait(interval_s):
@@ -121,12 +129,18 @@ class LocalCluster:
                          is not None]
         return dead
 
-    def processes(self) -> set[int]:
-        """The pids of every process the cluster's nodes started so far (GCS, raylets, dashboard, workers, ...)."""
-        roots = set()
+    def processes(self) -> dict[int, psutil.Process]:
+        """The live processes the cluster's nodes started (GCS, raylets, dashboard, workers, ...), by pid. Only
+        services their ``Popen`` still reports running are roots: a dead one's pid may be another process's now."""
+        roots = []
         for node in self.cluster.list_all_nodes():
             for infos in node.all_processes.values():
-                roots.update(info.process.pid for info in infos if info.process is not None)
+                for info in infos:
+                    if info.process is not None and info.process.poll() is None:
+                        try:
+                            roots.append(psutil.Process(info.process.pid))
+                        except psutil.Error:
+                            pass
         return _descendants(roots)
 
     def shutdown(self, timeout_s: float = 30.0) -> list[int]:
@@ -144,13 +158,14 @@ class LocalCluster:
             self.cluster.shutdown()
         finally:
             deadline = time.monotonic() + timeout_s
-            while _alive(self._pids) and time.monotonic() < deadline:
+            while _alive(self._procs.values()) and time.monotonic() < deadline:
                 time.sleep(0.3)
-            self.left_alive = _alive(self._pids)
-            for pid in self.left_alive:  # only our own processes, by id
+            left = _alive(self._procs.values())
+            self.left_alive = [proc.pid for proc in left]
+            for proc in left:  # only our own processes: psutil refuses a pid reused since it was recorded
                 try:
-                    psutil.Process(pid).kill()
-                except psutil.NoSuchProcess:
+                    proc.kill()
+                except psutil.Error:
                     pass
             from openrlhf_irl.utils.reaper import remove_stale_shm
 
@@ -206,7 +221,7 @@ def start_local_cluster(temp_dir: str, head_cpus: int = 2, workers: tuple[int, .
         raise
     handle = LocalCluster(cluster=cluster, address=cluster.address, dashboard_url=f"http://127.0.0.1:{port}",
                           temp_dir=temp_dir, node_ids=node_ids, node_cpus=node_cpus, _created_dirs=created)
-    handle._pids = handle.processes()
+    handle._procs = handle.processes()
     handle.start_watch()
     try:
         _wait_for_jobs_api(handle.dashboard_url)

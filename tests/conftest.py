@@ -1,16 +1,17 @@
-"""Shared fixtures: a tiny real Llama + tokenizer written once per session, small JSONL datasets, CLI runner."""
+"""Shared fixtures and hooks: a tiny real Llama + tokenizer written once per session, small JSONL datasets, an Actor
+on it per module, the two-node Ray cluster. Shared functions and constants live in ``tests/helpers/``."""
 
 from __future__ import annotations
 
-import json
 import os
 import random
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 import pytest
+
+from helpers import REPO, counting_records, write_jsonl  # REPO: test_cli_faults.py still imports it from here
 
 # Everything the tests and the processes they start put in TMPDIR (Ray sessions, torch.distributed.run's
 # torchelastic_* folders, vLLM sockets, private run directories, pytest's own tmp_path) goes into one short folder
@@ -23,7 +24,7 @@ os.environ["TMPDIR"] = _SESSION_TMP
 tempfile.tempdir = _SESSION_TMP
 # and nothing in the home directory: datasets' cache, matplotlib's and triton's folders go there too; DeepSpeed's
 # JIT-built CPU ops are kept between runs in the repository's ignored outputs/.cache (where the PPO launcher puts them)
-_CACHE = Path(__file__).resolve().parents[1] / "outputs" / ".cache"
+_CACHE = REPO / "outputs" / ".cache"
 os.environ.update(HF_DATASETS_CACHE=os.path.join(_SESSION_TMP, "hf_datasets"),
                   MPLCONFIGDIR=os.path.join(_SESSION_TMP, "matplotlib"), TRITON_HOME=str(_CACHE / "triton"),
                   TORCH_EXTENSIONS_DIR=str(_CACHE / "torch_extensions"))
@@ -60,23 +61,6 @@ os.environ.setdefault("OMP_NUM_THREADS", "2")
 # PPO, online IQ-Learn) still sets its own engines' dtype.
 os.environ.setdefault("OPENRLHF_IRL_PARAM_DTYPE", "fp32")
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-def counting_records(n: int = 48, seed: int = 0) -> list[dict]:
-    """Prompt "count from a" -> "a a+1 a+2 a+3": a pattern a tiny model learns in a few dozen steps."""
-    rng = random.Random(seed)
-    out = []
-    for _ in range(n):
-        a = rng.randint(1, 60)
-        out.append({"prompt": f"count from {a}", "response": " ".join(str(a + j) for j in range(4))})
-    return out
-
-
-def write_jsonl(path: Path, records) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in records))
-    return path
-
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> str:
@@ -101,56 +85,41 @@ def pair_data(tmp_path_factory) -> str:
     return str(write_jsonl(tmp_path_factory.mktemp("pairs") / "pairs.jsonl", records))
 
 
-def sft_flags(model: str, data: str, out: str, *extra: str) -> list[str]:
-    """OpenRLHF train_sft flags for a short CPU run on the tiny model."""
-    return [
-        "--model.model_name_or_path", model, "--data.dataset", data,
-        "--data.input_key", "prompt", "--data.output_key", "response", "--data.max_len", "48",
-        "--train.micro_batch_size", "4", "--train.batch_size", "8", "--train.max_epochs", "2",
-        "--ds.zero_stage", "2", "--ds.attn_implementation", "eager", "--ds.param_dtype", "bf16",
-        "--adam.lr", "3e-3", "--lr_warmup_ratio", "0", "--ckpt.output_dir", out, "--ckpt.path", out + "_ckpt",
-        "--logger.logging_steps", "1", *extra,
-    ]
-
-
-def run_python(args: list[str], timeout: int = 600, env: dict | None = None, cwd: str | None = None):
-    """Run ``python args...`` from the repo's interpreter; returns the CompletedProcess (text output)."""
-    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-    return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=timeout,
-                          env=full_env, cwd=cwd or str(REPO))
-
-
-def assert_ok(proc) -> None:
-    assert proc.returncode == 0, f"exit {proc.returncode}\nSTDOUT:\n{proc.stdout[-4000:]}\nSTDERR:\n{proc.stderr[-8000:]}"
-
-
-def mean_response_nll(model_dir: str, records: list[dict]) -> float:
-    """Mean NLL of the responses under a saved model, with the prompt format OpenRLHF's SFT dataset uses
-    (default input template, " </s>" appended): an independent check that training helped."""
+@pytest.fixture(scope="module")
+def actor_and_tok(tiny_model):
+    """OpenRLHF's Actor on the tiny model in fp32, training mode, and its tokenizer; one per test module."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    if os.path.exists(os.path.join(model_dir, "adapter_config.json")):  # a LoRA checkpoint: adapter + base model
-        from peft import AutoPeftModelForCausalLM
+    from openrlhf_irl import compat
 
-        model = AutoPeftModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).merge_and_unload().eval()
-    else:
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for r in records:
-            prompt = f"User: {r['prompt']}\nAssistant: "
-            p_ids = tok(prompt, add_special_tokens=False)["input_ids"]
-            ids = tok(prompt + r["response"] + " " + tok.eos_token, add_special_tokens=False)["input_ids"]
-            x = torch.tensor([ids])
-            logp = torch.log_softmax(model(x).logits[0, :-1].float(), -1)
-            targets = x[0, 1:]
-            start = len(p_ids) - 1
-            nll = -logp[torch.arange(len(targets)), targets][start:]
-            total += float(nll.sum())
-            count += len(nll)
-    return total / count
+    compat.activate()
+    from openrlhf.models import Actor
+
+    torch.manual_seed(0)
+    actor = Actor(tiny_model, attn_implementation="eager", param_dtype="bf16")
+    actor.model.float()
+    actor.train()
+    return actor, AutoTokenizer.from_pretrained(tiny_model)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """Two tiny Llamas on the same corpus, (policy, init): seeds 0 and 1 (the PPO and multi-node runs)."""
+    from openrlhf_irl.utils.tiny_model import sample_corpus, write_tiny_llama
+
+    root = tmp_path_factory.mktemp("models")
+    texts = sample_corpus(seed=0)
+    return (write_tiny_llama(str(root / "policy"), texts, seed=0),
+            write_tiny_llama(str(root / "init"), texts, seed=1))
+
+
+@pytest.fixture(scope="module")
+def patched_openrlhf(tmp_path_factory) -> Path:
+    """A copy of the installed openrlhf package with every patch applied in order; returns its parent dir."""
+    from helpers.openrlhf_checkout import patched_copy
+
+    return patched_copy(tmp_path_factory.mktemp("openrlhf_patched"))
 
 
 @pytest.fixture(scope="session")
@@ -166,11 +135,11 @@ def vllm_ready() -> str:
 
 @pytest.fixture(scope="session")
 def local_ray_cluster(tmp_path_factory):
-    """A Ray cluster of two nodes on this machine, shared by the tests that use it (``tests/support/local_cluster.py``):
+    """A Ray cluster of two nodes on this machine, shared by the tests that use it (``tests/helpers/local_cluster.py``):
     the head (2 logical CPUs, custom resource ``node_head``, the dashboard and Jobs API on a free port) and a worker
     node (2 logical CPUs, ``node_w1``), each its own raylet. Stopped by its own handle at the end; a process of it
     still alive or a shared-memory segment its processes left in /dev/shm fails the session's teardown."""
-    from support.local_cluster import start_local_cluster
+    from helpers.local_cluster import start_local_cluster
 
     # short: the nodes' AF_UNIX sockets live under it (107 bytes at most)
     cluster = start_local_cluster(tempfile.mkdtemp(prefix="rc_", dir=_SESSION_TMP))

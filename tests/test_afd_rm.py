@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import assert_ok, counting_records, run_python, sft_flags, write_jsonl
+from helpers import assert_ok, counting_records, run_python, sft_flags, write_jsonl
 from openrlhf_irl import compat
 
 compat.activate()

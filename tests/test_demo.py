@@ -9,7 +9,7 @@ import re
 
 import pytest
 
-from conftest import REPO, assert_ok, run_python
+from helpers import REPO, assert_ok, run_python
 
 
 @pytest.mark.slow

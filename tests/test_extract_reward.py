@@ -9,8 +9,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from conftest import counting_records, write_jsonl
-from iq_reference import row_steps
+from helpers import counting_records, write_jsonl
+from helpers.iq_reference import row_steps
 from openrlhf_irl import compat
 from openrlhf_irl.cli.extract_reward import main
 
@@ -162,7 +162,7 @@ def test_multiturn_rows_are_scored_as_the_trainer_scores_them(tiny_model, tmp_pa
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from openrlhf_irl.trainers.iq_learn import IQConfig, PolicyForward, forward_terms
-    from test_iq_multiturn import TEMPLATE as CHAT, conversations, multiturn_batch
+    from helpers.iq_batches import TEMPLATE as CHAT, conversations, multiturn_batch
 
     records = conversations()
     data = write_jsonl(tmp_path / "conv.jsonl", records)

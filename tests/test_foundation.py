@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-from conftest import assert_ok, counting_records, mean_response_nll, run_python, sft_flags
+from helpers import assert_ok, counting_records, mean_response_nll, run_python, sft_flags
 from openrlhf_irl.compat import flash_attn_standin as fa
 
 # ---------------------------------------------------------------- flash-attn stand-ins (hand-built cases)

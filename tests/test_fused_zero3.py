@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from conftest import assert_ok, counting_records, run_python, sft_flags
+from helpers import assert_ok, counting_records, run_python, sft_flags
 from openrlhf_irl import compat
 
 compat.activate()
@@ -18,16 +18,7 @@ compat.activate()
 from openrlhf.models import Actor  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer, Gemma2Config  # noqa: E402
 
-from test_iq_trainer import bare_trainer, sft_batch  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def actor_and_tok(tiny_model):
-    torch.manual_seed(0)
-    actor = Actor(tiny_model, attn_implementation="eager", param_dtype="bf16")
-    actor.model.float()
-    actor.train()
-    return actor, AutoTokenizer.from_pretrained(tiny_model)
+from helpers.iq_batches import FixedSampler, bare_trainer, sft_batch  # noqa: E402
 
 
 def loss_and_grads(actor, fn):
@@ -77,8 +68,6 @@ def test_single_pass_equals_plain_and_two_pass_with_openrlhf_normalisers(actor_a
 def test_online_single_pass_equals_plain_online_loss(actor_and_tok, gamma):
     """Online IQ-Learn with the fused loss: the online term's expert and policy weights folded into the single-pass
     op (policy samples with EOS-ended and cut rows) give the plain online loss's value, gradients and stats."""
-    from test_iq_online import FixedSampler
-
     actor, tok = actor_and_tok
     inputs, attn, loss_mask = sft_batch(tok, counting_records(3, seed=13), truncate_last_to=12)
     mask = loss_mask[:, :-1]

@@ -8,56 +8,19 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from conftest import counting_records
-from iq_reference import offline_loss
+from helpers import assert_ok, counting_records, run_python, sft_flags, write_jsonl
+from helpers.iq_batches import (TEMPLATE, bare_trainer, conversations, grads, model_logits, multiturn_batch,
+                                sft_batch)
+from helpers.iq_reference import offline_loss
 from openrlhf_irl import compat
 
 compat.activate()
 
 import datasets  # noqa: E402
-from openrlhf.models import Actor  # noqa: E402
 from transformers import AutoTokenizer  # noqa: E402
 
 from openrlhf_irl.datasets.iq_sft import IQSFTDataset  # noqa: E402
 from openrlhf_irl.trainers.iq_learn import NonFiniteLoss, PolicyForward, forward_terms  # noqa: E402
-from test_iq_online import grads, model_logits  # noqa: E402
-from test_iq_trainer import bare_trainer, sft_batch  # noqa: E402
-
-# assistant turns end with EOS (as Qwen's <|im_end|>), the generation prompt ends with a newline
-TEMPLATE = ("{% for m in messages %}{% if m['role'] == 'user' %}{{ 'User: ' + m['content'] + '\\n' }}"
-            "{% else %}{{ 'Assistant:\\n' + m['content'] + eos_token }}{% endif %}{% endfor %}"
-            "{% if add_generation_prompt %}{{ 'Assistant:\\n' }}{% endif %}")
-
-
-@pytest.fixture(scope="module")
-def actor_and_tok(tiny_model):
-    torch.manual_seed(0)
-    actor = Actor(tiny_model, attn_implementation="eager", param_dtype="bf16")
-    actor.model.float()
-    actor.train()
-    return actor, AutoTokenizer.from_pretrained(tiny_model)
-
-
-def conversations():
-    out = []
-    for i, r in enumerate(counting_records(3, seed=4)):
-        a = int(r["prompt"].split()[-1])
-        conv = [{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": f"{a} {a + 1}"},
-                {"role": "user", "content": "go on" + " please" * i},
-                {"role": "assistant", "content": f"{a + 2} {a + 3} {a + 4}"}]
-        out.append({"messages": conv})
-    return out
-
-
-def multiturn_batch(tok, records, max_len=64, truncation="bootstrap"):
-    tok.chat_template = TEMPLATE
-    args = SimpleNamespace(data=SimpleNamespace(input_key="messages", output_key=None, apply_chat_template=True,
-                                                tokenizer_chat_template=None),
-                           irl=SimpleNamespace(truncation=truncation))
-    ds = IQSFTDataset(datasets.Dataset.from_list(records), tok, max_len, SimpleNamespace(args=args, print=print),
-                      num_processors=1, multiturn=True)
-    return ds.collate_fn([ds[i] for i in range(len(ds))])
-
 
 def segments(mask_row):
     """[(first, last)] shifted positions of each run of response tokens."""
@@ -213,8 +176,6 @@ def test_multiturn_and_truncated_rows_train_through_the_cli(tiny_model, tmp_path
     assistant turn; the saved model gives the second turns a lower NLL than the initial one."""
     import os
 
-    from conftest import assert_ok, run_python, write_jsonl
-
     records = []
     for i, r in enumerate(counting_records(32, seed=6)):
         a = int(r["prompt"].split()[-1])
@@ -255,8 +216,6 @@ def test_multiturn_and_truncated_rows_train_through_the_cli(tiny_model, tmp_path
 def test_non_finite_loss_stops_the_cli_run_with_one_line(tiny_model, sft_data, tmp_path):
     """A model whose final norm holds a NaN: the first micro-batch's loss is NaN and the run stops at once."""
     from transformers import AutoModelForCausalLM
-
-    from conftest import run_python, sft_flags
 
     broken = str(tmp_path / "broken")
     model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)

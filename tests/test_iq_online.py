@@ -6,66 +6,17 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import counting_records
-from iq_reference import offline_loss, online_term
+from helpers import counting_records
+from helpers.iq_batches import FixedSampler, bare_trainer, grads, model_logits, sft_batch
+from helpers.iq_reference import offline_loss, online_term
 from openrlhf_irl import compat
 
 compat.activate()
 
-from openrlhf.models import Actor  # noqa: E402
 from openrlhf.utils.loss_utils import iter_grad_accum_global_norm  # noqa: E402
-from transformers import AutoTokenizer  # noqa: E402
 
-from openrlhf_irl.generation.online import PolicySampler  # noqa: E402
-from openrlhf_irl.generation.policy_samples import pack_policy_samples  # noqa: E402
 from openrlhf_irl.losses.iq_learn import IQTokenTerms, iq_online_term  # noqa: E402
 from openrlhf_irl.trainers.iq_learn import IQConfig, check_online_config  # noqa: E402
-from test_iq_trainer import bare_trainer, sft_batch  # noqa: E402
-
-
-class FixedSampler(PolicySampler):
-    """Deterministic completions keyed by the prompt's tokens: n per prompt, even samples end with EOS, odd ones
-    are cut (no EOS). ``all_finished``: every sample ends with EOS."""
-
-    def __init__(self, tokenizer, n=2, all_finished=False):
-        self.tok, self.n, self.all_finished, self.refreshes = tokenizer, n, all_finished, 0
-
-    def refresh(self, model, *, zero_stage=0):
-        self.refreshes += 1
-
-    def sample(self, prompts):
-        eos = self.tok.eos_token_id
-        rows, completions = [], []
-        for p in prompts:
-            key = int(p.sum())
-            for s in range(self.n):
-                length = 2 + (key + s) % 4
-                toks = [5 + (key * 7 + s * 31 + 13 * j) % 250 for j in range(length)]
-                if self.all_finished or s % 2 == 0:
-                    toks.append(eos)
-                rows.append(p)
-                completions.append(toks)
-        return pack_policy_samples(rows, completions, pad_id=self.tok.pad_token_id, device=prompts[0].device)
-
-
-@pytest.fixture(scope="module")
-def actor_and_tok(tiny_model):
-    torch.manual_seed(0)
-    actor = Actor(tiny_model, attn_implementation="eager", param_dtype="bf16")
-    actor.model.float()
-    actor.train()
-    return actor, AutoTokenizer.from_pretrained(tiny_model)
-
-
-def model_logits(actor, ids, attn):
-    """The HF model's logits with the position ids of left/right padding (what OpenRLHF's Actor passes)."""
-    pos = attn.long().cumsum(-1) - 1
-    pos = pos.masked_fill(attn == 0, 1)
-    return actor.model(ids, attention_mask=attn, position_ids=pos).logits.float()
-
-
-def grads(actor):
-    return [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in actor.parameters()]
 
 
 # ------------------------------------------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from conftest import assert_ok, counting_records, mean_response_nll, run_python, sft_flags
+from helpers import assert_ok, counting_records, mean_response_nll, run_python, sft_flags
 from openrlhf_irl import compat
 
 compat.activate()
@@ -16,52 +16,8 @@ from openrlhf.models import Actor, SFTLoss  # noqa: E402
 from transformers import AutoTokenizer  # noqa: E402
 
 from openrlhf_irl.losses import iq_learn_loss  # noqa: E402
-from openrlhf_irl.trainers.iq_learn import IQConfig, IQLearnSFTLoss, IQLearnTrainer  # noqa: E402
-
-
-def sft_batch(tokenizer, records, truncate_last_to=None):
-    """Right-padded (inputs, attention_mask, loss_mask) as OpenRLHF's SFTDataset + collate build them."""
-    rows, masks = [], []
-    for i, r in enumerate(records):
-        prompt = f"User: {r['prompt']}\nAssistant: "
-        p_len = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
-        ids = tokenizer(prompt + r["response"] + " " + tokenizer.eos_token, add_special_tokens=False)["input_ids"]
-        if truncate_last_to and i == len(records) - 1:
-            ids = ids[:truncate_last_to]  # cut without EOS: not terminal
-        rows.append(ids)
-        masks.append([0] * (p_len - 1) + [1] * (len(ids) - p_len) + [0])
-    width = max(map(len, rows))
-    inputs = torch.full((len(rows), width), tokenizer.pad_token_id)
-    attn = torch.zeros((len(rows), width), dtype=torch.long)
-    loss_mask = torch.zeros((len(rows), width))
-    for i, (ids, m) in enumerate(zip(rows, masks)):
-        inputs[i, : len(ids)] = torch.tensor(ids)
-        attn[i, : len(ids)] = 1
-        loss_mask[i, : len(m)] = torch.tensor(m, dtype=torch.float32)
-    return inputs, attn, loss_mask
-
-
-def bare_trainer(actor, tokenizer, sampler=None, **cfg) -> IQLearnTrainer:
-    """The real IQLearnTrainer methods on a plain (non-DeepSpeed) Actor, without OpenRLHF's trainer set-up."""
-    trainer = object.__new__(IQLearnTrainer)
-    trainer.model = actor
-    trainer._actor_forward = actor.forward
-    trainer.iq_config = IQConfig(**cfg)
-    trainer.eos_token_id = tokenizer.eos_token_id
-    trainer.loss_fn = IQLearnSFTLoss(trainer)
-    trainer.strategy = SimpleNamespace(stage=0, print=print)
-    trainer.policy_sampler = sampler
-    trainer._online_samples = trainer._online_refreshed_at = None
-    return trainer
-
-
-@pytest.fixture(scope="module")
-def actor_and_tok(tiny_model):
-    torch.manual_seed(0)
-    actor = Actor(tiny_model, attn_implementation="eager", param_dtype="bf16")
-    actor.model.float()
-    actor.train()
-    return actor, AutoTokenizer.from_pretrained(tiny_model)
+from openrlhf_irl.trainers.iq_learn import IQConfig, IQLearnTrainer  # noqa: E402
+from helpers.iq_batches import bare_trainer, sft_batch  # noqa: E402
 
 
 def loss_and_grads(actor, fn):

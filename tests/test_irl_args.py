@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from conftest import run_python, write_jsonl
+from helpers import run_python, write_jsonl
 from openrlhf_irl.cli.launcher import build_args
 
 BASE = ["--trainer", "irl_iq", "--model.model_name_or_path", "unused", "--data.input_key", "prompt",

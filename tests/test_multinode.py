@@ -18,29 +18,13 @@ from types import SimpleNamespace
 
 import pytest
 
+from helpers import REPO, corpus_prompts
 from openrlhf_irl.compat import ray_ppo
 
-REPO = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).with_name("ray"))
 REWARD_FUNC = str(REPO / "openrlhf_irl" / "afd" / "ppo_reward_func.py")
 needs_cpu_layer = pytest.mark.skipif(not ray_ppo.needed(), reason="the CPU layer is off (CUDA present or disabled)")
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
-
-
-def _prompts(n: int) -> list[str]:
-    from openrlhf_irl.utils.tiny_model import sample_corpus
-
-    return [" ".join(t.split()[:4]) for t in sample_corpus(seed=0)[:n]]
-
-
-@pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    from openrlhf_irl.utils.tiny_model import sample_corpus, write_tiny_llama
-
-    root = tmp_path_factory.mktemp("mn_models")
-    texts = sample_corpus(seed=0)
-    return (write_tiny_llama(str(root / "policy"), texts, seed=0),
-            write_tiny_llama(str(root / "init"), texts, seed=1))
 
 
 def submit(cluster, entrypoint: list[str], env_vars: dict, timeout_s: float = 900) -> tuple[str, str, str]:
@@ -97,7 +81,7 @@ def _ppo_entrypoint(models, out: Path, n_prompts: int = 8, extra=()) -> list[str
 
     out.mkdir(parents=True, exist_ok=True)
     prompt_file = out / "prompts.jsonl"
-    prompt_file.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in _prompts(n_prompts)))
+    prompt_file.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in corpus_prompts(n_prompts)))
     argv = ppo_argv(models[0], str(prompt_file), str(out), reward_func=REWARD_FUNC, steps=2, lr=1e-3, extra=extra)
     return ["python", "-m", "openrlhf_irl.cli.train_ppo", *argv]
 
@@ -276,7 +260,7 @@ def test_example_ppo_log_ratio_script_runs_against_the_cluster(local_ray_cluster
     cluster = local_ray_cluster
     before = cluster.available()
     prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in _prompts(8)))
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in corpus_prompts(8)))
     out = tmp_path / "ppo"
     env = {**os.environ, "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"],
            "RAY_DASHBOARD": cluster.dashboard_url, "PPO_MODULE": "openrlhf_irl.cli.train_ppo", "GPU_ONLY": "",

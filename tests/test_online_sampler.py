@@ -9,7 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import REPO, assert_ok, counting_records, mean_response_nll, run_python, sft_flags
+from helpers import TESTS, assert_ok, counting_records, mean_response_nll, run_python, sft_flags
 
 from openrlhf_irl.generation.online import (
     HFPolicySampler,
@@ -21,7 +21,6 @@ from openrlhf_irl.generation.online import (
 from openrlhf_irl.generation.policy_samples import pack_policy_samples
 from openrlhf_irl.generation.weight_sync import _export_plan, policy_weights
 
-SUPPORT = str(REPO / "tests" / "support")
 
 
 def test_pack_policy_samples_by_hand():
@@ -169,7 +168,7 @@ def zero3(model):
 ENGINE_SCRIPT = ZERO3_PRELUDE + r"""
 import ray
 from openrlhf_irl.generation.online import VLLMPolicySampler
-from openrlhf_irl.generation.policy_samples import pack_policy_samples
+from openrlhf_irl.generation.policy_samples import cut_after_eos, pack_policy_samples
 from openrlhf_irl.generation.vllm import require_vllm, wait_engines_ready
 from openrlhf_irl.generation.weight_sync import EngineWeightSync
 
@@ -203,8 +202,7 @@ for p in prompts:
     with torch.no_grad():
         g = reference.generate(p[None], attention_mask=torch.ones(1, len(p), dtype=torch.long), do_sample=False,
                                max_new_tokens=6, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    c = g[0, len(p):].tolist()
-    c = c[: c.index(tok.eos_token_id) + 1] if tok.eos_token_id in c else c
+    c = cut_after_eos(g[0, len(p):].tolist(), tok.eos_token_id)
     completions += [c, c]  # n=2 greedy samples
 expected = pack_policy_samples([p for p in prompts for _ in range(2)], completions, pad_id=tok.pad_token_id)
 assert not torch.equal(before["sequences"], expected["sequences"]), "the push changes nothing: weak test"
@@ -270,7 +268,7 @@ def test_hf_sampler_keeps_zero3_ranks_in_step(tiny_model, tmp_path):
 @pytest.mark.parametrize("layout", ["zero3", "lora_zero2"])
 def test_irl_iq_online_through_vllm_engines(tiny_model, sft_data, tmp_path, layout, vllm_ready):
     """The trainer's online term drawn from a real vLLM engine (``--irl.sampler vllm``, observed by
-    ``tests/support/engine_probe.py``): after every push the engine's greedy tokens are the trained policy's own
+    ``tests/helpers/engine_probe.py``): after every push the engine's greedy tokens are the trained policy's own
     greedy tokens up to bf16 near-ties (ZeRO-3 shards gathered; LoRA adapters folded in, at ZeRO-2), the pushes
     move the engine, and training still lowers the NLL. (The two-rank ZeRO-3 push is checked exactly above.)"""
     out, log = str(tmp_path / layout), tmp_path / "probe.jsonl"
@@ -282,8 +280,8 @@ def test_irl_iq_online_through_vllm_engines(tiny_model, sft_data, tmp_path, layo
         flags += ["--ds.lora.rank", "16", "--ds.lora.alpha", "32", "--adam.lr", "1e-2"]
     extra = ["--trainer", "irl_iq", "--irl.td_weight", "0.1", "--irl.online_mix", "0.1", "--irl.n_samples", "2",
              "--irl.max_new_tokens", "6", "--irl.online_refresh_steps", "3", "--irl.sampler",
-             "engine_probe:make_sampler", "--irl.vllm_enforce_eager"]
-    env = {"PYTHONPATH": os.pathsep.join([SUPPORT, os.environ.get("PYTHONPATH", "")]), "ENGINE_PROBE_LOG": str(log)}
+             "helpers.engine_probe:make_sampler", "--irl.vllm_enforce_eager"]
+    env = {"PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]), "ENGINE_PROBE_LOG": str(log)}
     proc = run_python(["-m", "openrlhf_irl.cli.train_sft", *flags, *extra], timeout=900, env=env)
     assert_ok(proc)
     records = counting_records()

@@ -8,7 +8,7 @@ import os
 
 import pytest
 import torch
-from conftest import assert_ok, run_python
+from helpers import assert_ok, run_python
 
 from openrlhf_irl.compat import param_dtype
 from openrlhf_irl.compat.param_dtype import resolve
@@ -199,7 +199,7 @@ def test_vllm_engine_runs_and_takes_a_weight_push_in_fp32(tiny_model, tmp_path, 
 def test_dtype_benchmark_runs_and_reports_auto(capsys):
     import importlib.util
 
-    from conftest import REPO
+    from helpers import REPO
 
     spec = importlib.util.spec_from_file_location("dtype_step", REPO / "benchmarks" / "dtype_step.py")
     module = importlib.util.module_from_spec(spec)

@@ -1,7 +1,7 @@
 """Checkpoint rotation (``--ckpt.max_num 1``) under a kill during the save: OpenRLHF 0.11.2 deletes the old
 checkpoint first and the resume fails; our trainers' ``write_then_retire`` and ``patches/0006`` keep it.
 
-Each case runs ``tests/support/ckpt_rotation.py`` in a subprocess: OpenRLHF's real ``DeepspeedStrategy.save_ckpt``
+Each case runs ``tests/helpers/ckpt_rotation.py`` in a subprocess: OpenRLHF's real ``DeepspeedStrategy.save_ckpt``
 and ``load_ckpt`` on a real DeepSpeed engine (CPU, gloo, one rank), a save interrupted at its first write, a load,
 then one more save that rotates. The patched case uses the ``patched_openrlhf`` copy of ``test_patches.py``.
 """
@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from test_patches import LAUNCHER_VARS, PATCH_DIR, _free_port, _git, _installed_openrlhf, patched_openrlhf  # noqa: F401
+from helpers.openrlhf_checkout import LAUNCHER_VARS, PATCH_DIR, free_port, installed_openrlhf, run_git
 
-WORKER = Path(__file__).resolve().parent / "support" / "ckpt_rotation.py"
+WORKER = Path(__file__).resolve().parent / "helpers" / "ckpt_rotation.py"
 PATCH = PATCH_DIR / "0006-checkpoint-rotation-write-then-retire.patch"
 
 
@@ -28,7 +28,7 @@ def _run(mode: str, save_dir: Path, pythonpath: str | None = None) -> dict:
     if pythonpath:
         env.update(PYTHONPATH=os.pathsep.join([pythonpath, *filter(None, [os.environ.get("PYTHONPATH")])]),
                    OPENRLHF_IRL_COMPAT="0")
-    proc = subprocess.run([sys.executable, str(WORKER), mode, str(save_dir), str(_free_port())], env=env,
+    proc = subprocess.run([sys.executable, str(WORKER), mode, str(save_dir), str(free_port())], env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -37,8 +37,8 @@ def _run(mode: str, save_dir: Path, pythonpath: str | None = None) -> dict:
 def test_patch_applies_alone_to_pristine_openrlhf(tmp_path):
     import shutil
 
-    shutil.copytree(_installed_openrlhf(), tmp_path / "openrlhf", ignore=shutil.ignore_patterns("__pycache__"))
-    check = _git(["apply", "--check", "--verbose", str(PATCH)], tmp_path)
+    shutil.copytree(installed_openrlhf(), tmp_path / "openrlhf", ignore=shutil.ignore_patterns("__pycache__"))
+    check = run_git(["apply", "--check", "--verbose", str(PATCH)], tmp_path)
     assert check.returncode == 0, check.stderr
     text = PATCH.read_text()
     assert text.startswith("From ") and "Subject: [PATCH 6/6]" in text and "diff --git a/openrlhf/" in text

@@ -10,8 +10,9 @@ import shutil
 import tempfile
 
 import pytest
-from conftest import assert_ok, run_python
-from test_patches import LAUNCHER_VARS, patched_openrlhf  # noqa: F401  (the module-scoped fixture)
+
+from helpers import assert_ok, run_python
+from helpers.openrlhf_checkout import LAUNCHER_VARS
 
 pytestmark = pytest.mark.slow
 

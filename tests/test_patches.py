@@ -14,7 +14,6 @@ import os
 import random
 import re
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -22,41 +21,11 @@ from types import SimpleNamespace
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-PATCH_DIR = REPO / "patches"
-PATCHES = sorted(PATCH_DIR.glob("*.patch"))
+from helpers.openrlhf_checkout import LAUNCHER_VARS, PATCH_DIR, PATCHES, free_port, installed_openrlhf, run_git
+
 EXPECTED_PATCHES = ["0001-cli-pluggable-trainers.patch", "0002-device-agnostic-cpu.patch",
                     "0003-rm-trainer-training-step.patch", "0006-checkpoint-rotation-write-then-retire.patch",
                     "0007-param-dtype-fp32.patch"]
-
-# Rendezvous variables a launcher (torchrun, deepspeed) would set; stripped from the parent environment.
-LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-
-
-def _installed_openrlhf() -> Path:
-    spec = importlib.util.find_spec("openrlhf")
-    assert spec is not None and spec.submodule_search_locations, "openrlhf is not installed"
-    return Path(list(spec.submodule_search_locations)[0])
-
-
-def _git(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    # GIT_CEILING_DIRECTORIES: never let git treat an enclosing repository as the target.
-    env = {**os.environ, "GIT_CEILING_DIRECTORIES": str(cwd.parent)}
-    return subprocess.run(["git", *args], cwd=cwd, env=env, capture_output=True, text=True)
-
-
-@pytest.fixture(scope="module")
-def patched_openrlhf(tmp_path_factory) -> Path:
-    """A copy of the installed openrlhf package with every patch applied in order; returns its parent dir."""
-    root = tmp_path_factory.mktemp("openrlhf_patched")
-    shutil.copytree(_installed_openrlhf(), root / "openrlhf", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-    for patch in PATCHES:
-        check = _git(["apply", "--check", "--verbose", str(patch)], root)
-        assert check.returncode == 0, f"{patch.name} does not apply cleanly:\n{check.stderr}"
-        applied = _git(["apply", str(patch)], root)
-        assert applied.returncode == 0 and not applied.stderr.strip(), f"{patch.name}:\n{applied.stderr}"
-    return root
-
 
 def _load_patched_plugins(patched: Path):
     """The new ``openrlhf/utils/plugins.py`` of the patched copy, loaded on its own (no OpenRLHF imports)."""
@@ -139,12 +108,6 @@ def test_patches_apply_cleanly_and_plugins_helper_resolves_entry_points(patched_
 # --------------------------------------------------------------------- slow tests: the patched CLI itself
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def cli_inputs(tmp_path_factory) -> SimpleNamespace:
     """A tiny Llama and a prompt/response JSONL dataset."""
@@ -184,7 +147,7 @@ def _run_patched(patched: Path, inputs: SimpleNamespace, module: str, argv: list
         TOKENIZERS_PARALLELISM="false",
         PYTHONUNBUFFERED="1",
         # one process, as `torchrun --nproc_per_node 1` would set it up
-        RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()),
+        RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()),
     )
     return subprocess.run([sys.executable, "-m", module, *argv], cwd=inputs.root,
                           env=env, capture_output=True, text=True, timeout=900)
@@ -232,8 +195,8 @@ def test_patched_cli_runs_plugin_trainer_on_cpu(patched_openrlhf, cli_inputs):
 
 def test_fp32_patch_applies_to_pristine_openrlhf_alone(tmp_path):
     """0007 does not depend on the CPU patches: it applies to OpenRLHF 0.11.2 as released."""
-    shutil.copytree(_installed_openrlhf(), tmp_path / "openrlhf", ignore=shutil.ignore_patterns("__pycache__"))
-    check = _git(["apply", "--check", "--verbose", str(PATCH_DIR / "0007-param-dtype-fp32.patch")], tmp_path)
+    shutil.copytree(installed_openrlhf(), tmp_path / "openrlhf", ignore=shutil.ignore_patterns("__pycache__"))
+    check = run_git(["apply", "--check", "--verbose", str(PATCH_DIR / "0007-param-dtype-fp32.patch")], tmp_path)
     assert check.returncode == 0, check.stderr
 
 

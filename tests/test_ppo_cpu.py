@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers import REPO, TESTS, corpus_prompts
 from openrlhf_irl.compat import ray_ppo
 from openrlhf_irl.utils import reaper
 
-REPO = Path(__file__).resolve().parents[1]
 needs_cpu_layer = pytest.mark.skipif(not ray_ppo.needed(), reason="the CPU layer is off (CUDA present or disabled)")
 
 RECORDING_REWARD = """
@@ -30,22 +30,6 @@ def reward_func(queries, prompts, labels):
 """
 
 
-def _prompts(n: int = 4) -> list[str]:
-    from openrlhf_irl.utils.tiny_model import sample_corpus
-
-    return [" ".join(t.split()[:4]) for t in sample_corpus(seed=0)[:n]]
-
-
-@pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    from openrlhf_irl.utils.tiny_model import sample_corpus, write_tiny_llama
-
-    root = tmp_path_factory.mktemp("ppo_models")
-    texts = sample_corpus(seed=0)
-    return (write_tiny_llama(str(root / "policy"), texts, seed=0),
-            write_tiny_llama(str(root / "init"), texts, seed=1))
-
-
 @pytest.fixture(scope="module")
 def log_ratio_run(models, tmp_path_factory):
     """One PPO run over the log-ratio reward (SFT = the policy), 2 steps of 4 prompts x 2 samples, in fp32 (what
@@ -59,7 +43,7 @@ def log_ratio_run(models, tmp_path_factory):
     reward_file.write_text(RECORDING_REWARD)
     reward_log = out / "rewards.jsonl"
     tag = f"test-ppo-{uuid.uuid4().hex}"
-    result = run_ppo(policy, _prompts(8), str(out), log_ratio=(policy, init), reward_func=str(reward_file),
+    result = run_ppo(policy, corpus_prompts(8), str(out), log_ratio=(policy, init), reward_func=str(reward_file),
                      env={"PPO_TEST_REWARD_LOG": str(reward_log), ray_ppo.RUN_TAG_ENV: tag,
                           "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"},
                      steps=2, lr=1e-3, timeout_s=900, extra=("--ds.param_dtype", "fp32"))
@@ -109,7 +93,7 @@ def test_ppo_logged_reward_is_the_log_ratio_of_its_responses(log_ratio_run, mode
     result, reward_log, _ = log_ratio_run
     records = [json.loads(line) for line in reward_log.read_text().splitlines()]
     check_call = records.pop(0)  # the launcher's up-front call: the first prompt, an empty response
-    assert check_call["query"] == check_call["prompt"] == _prompts(8)[0]
+    assert check_call["query"] == check_call["prompt"] == corpus_prompts(8)[0]
     assert len(records) == 16  # 2 steps x 4 prompts x 2 samples
     tok = AutoTokenizer.from_pretrained(models[0])
     sft = AutoModelForCausalLM.from_pretrained(models[0]).eval()
@@ -147,7 +131,7 @@ def _argv(policy, prompts, *extra):
 @pytest.fixture()
 def prompt_file(tmp_path):
     path = tmp_path / "prompts.jsonl"
-    path.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in _prompts()))
+    path.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in corpus_prompts()))
     return str(path)
 
 
@@ -272,7 +256,7 @@ def test_logical_gpus_cover_what_train_ppo_ray_reserves():
 def test_ppo_over_a_reward_model_logs_the_models_own_scores(models, tmp_path):
     """``--reward.model_name_or_path``: a reward model (the policy's backbone with a random ``score`` head, the
     layout ``train_rm`` / ``afd_rm`` save) scores the rollouts in its own Ray actor. Every score it returned (recorded
-    in the actor by ``tests/support/record_rewards.py``) equals a plain fp32 transformers pass over the same tokens,
+    in the actor by ``tests/helpers/record_rewards.py``) equals a plain fp32 transformers pass over the same tokens,
     hidden state of the last token times the head, and the reward PPO logs per step is their mean."""
     import shutil
 
@@ -286,10 +270,10 @@ def test_ppo_over_a_reward_model_logs_the_models_own_scores(models, tmp_path):
     _add_score_head(str(rm), scale=1.0)
     tag = f"test-ppo-{uuid.uuid4().hex}"
     log = tmp_path / "rm_rewards.jsonl"
-    result = run_ppo(models[0], _prompts(8), str(tmp_path / "run"), reward_model=str(rm),
+    result = run_ppo(models[0], corpus_prompts(8), str(tmp_path / "run"), reward_model=str(rm),
                      env={ray_ppo.RUN_TAG_ENV: tag, "HF_HUB_OFFLINE": "1", "PPO_TEST_RM_LOG": str(log),
-                          ray_ppo.EXTRA_HOOK_ENV: "record_rewards.install",
-                          "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests" / "support")])},
+                          ray_ppo.EXTRA_HOOK_ENV: "helpers.record_rewards.install",
+                          "PYTHONPATH": os.pathsep.join([str(REPO), str(TESTS)])},
                      steps=2, lr=1e-3, timeout_s=900)
     leftovers = reaper.tagged_processes(tag)
     reaper.kill_tagged(tag)
@@ -325,7 +309,7 @@ def _start_and_wait_for_actors(models, tmp_path):
     from openrlhf_irl.afd.ppo import ppo_argv
 
     prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in _prompts(8)))
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in corpus_prompts(8)))
     tag = f"test-ppo-{uuid.uuid4().hex}"
     env = {**os.environ, ray_ppo.RUN_TAG_ENV: tag, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1",
            "AFD_SFT_MODEL": models[0], "AFD_INIT_MODEL": models[1], "AFD_DEVICE": "cpu"}
@@ -409,7 +393,7 @@ def test_patched_openrlhf_runs_ppo_on_cpu_without_the_compat_layer(models, tmp_p
         applied = subprocess.run(["git", "apply", str(patch)], cwd=root, env=git_env, capture_output=True, text=True)
         assert applied.returncode == 0, f"{patch.name}: {applied.stderr}"
     prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in _prompts(8)))
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in corpus_prompts(8)))
     script = tmp_path / "driver.py"
     script.write_text(PATCHED_DRIVER)
     import tempfile

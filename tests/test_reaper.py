@@ -13,7 +13,7 @@ import uuid
 
 import psutil
 import pytest
-from conftest import REPO, write_jsonl
+from helpers import REPO, write_jsonl
 
 from openrlhf_irl.utils.reaper import SHM_DIR, owned_shm_cleanup, remove_stale_shm, shm_mapped_by, shm_segments
 

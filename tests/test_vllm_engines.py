@@ -13,13 +13,12 @@ import uuid
 
 import pytest
 import torch
-from conftest import REPO, assert_ok, run_python, write_jsonl
+from helpers import REPO, TESTS, assert_ok, run_python, write_jsonl
 
 from openrlhf_irl.generation import SamplingParams
 from openrlhf_irl.generation.loading import load_causal_lm, load_tokenizer
 
 pytestmark = pytest.mark.slow
-SUPPORT = str(REPO / "tests" / "support")
 
 
 @pytest.fixture(scope="module")
@@ -157,9 +156,9 @@ def test_sample_cli_on_engines_survives_sigkill_and_resumes(tiny_model, tmp_path
 
 def test_best_of_n_cli_on_engines(tiny_model, tmp_path, vllm_ready):
     prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": f"count from {a}"} for a in (2, 9, 14, 23, 37, 52)])
-    env = {"PYTHONPATH": os.pathsep.join([SUPPORT, os.environ.get("PYTHONPATH", "")])}
+    env = {"PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
     proc = run_python(["-m", "openrlhf_irl.cli.best_of_n", "--policy", tiny_model, "--prompts", str(prompts),
-                       "--log-ratio-init", tiny_model, "--golden", "golden_digits:digit_count", "--n", "1,2,4,8",
+                       "--log-ratio-init", tiny_model, "--golden", "helpers.golden_digits:digit_count", "--n", "1,2,4,8",
                        "--max-new-tokens", "10", "--backend", "vllm", "--num-actors", "1",
                        "--output-dir", str(tmp_path / "bon"), "--seed", "1"], timeout=600, env=env)
     assert_ok(proc)

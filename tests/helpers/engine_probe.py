@@ -15,6 +15,7 @@ import os
 import torch
 
 from openrlhf_irl.generation.online import PolicySampler, build_vllm_sampler, completion_tokens
+from openrlhf_irl.generation.policy_samples import cut_after_eos
 from openrlhf_irl.utils.distributed import rank_and_world
 
 PROBE_PROMPTS = ("User: count from 3\nAssistant: ", "User: count from 41\nAssistant: ")
@@ -36,9 +37,7 @@ class ProbedSampler(PolicySampler):
                 g = module.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
                                     max_new_tokens=PROBE_TOKENS, synced_gpus=synced,
                                     eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id)
-            tokens = g[0, ids.shape[1]:].tolist()
-            eos = self.tokenizer.eos_token_id
-            out.append(tokens[: tokens.index(eos) + 1] if eos in tokens else tokens)
+            out.append(cut_after_eos(g[0, ids.shape[1]:].tolist(), self.tokenizer.eos_token_id))
         return out
 
     def _engine_greedy(self):

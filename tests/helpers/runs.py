@@ -1,0 +1,34 @@
+"""Running the package's CLIs and scripts in a subprocess, as a user would."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+TESTS = REPO / "tests"  # on PYTHONPATH, subprocesses import the scripts here as ``helpers.<module>``
+
+
+def sft_flags(model: str, data: str, out: str, *extra: str) -> list[str]:
+    """OpenRLHF train_sft flags for a short CPU run on the tiny model."""
+    return [
+        "--model.model_name_or_path", model, "--data.dataset", data,
+        "--data.input_key", "prompt", "--data.output_key", "response", "--data.max_len", "48",
+        "--train.micro_batch_size", "4", "--train.batch_size", "8", "--train.max_epochs", "2",
+        "--ds.zero_stage", "2", "--ds.attn_implementation", "eager", "--ds.param_dtype", "bf16",
+        "--adam.lr", "3e-3", "--lr_warmup_ratio", "0", "--ckpt.output_dir", out, "--ckpt.path", out + "_ckpt",
+        "--logger.logging_steps", "1", *extra,
+    ]
+
+
+def run_python(args: list[str], timeout: int = 600, env: dict | None = None, cwd: str | None = None):
+    """Run ``python args...`` from the repo's interpreter; returns the CompletedProcess (text output)."""
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=timeout,
+                          env=full_env, cwd=cwd or str(REPO))
+
+
+def assert_ok(proc) -> None:
+    assert proc.returncode == 0, f"exit {proc.returncode}\nSTDOUT:\n{proc.stdout[-4000:]}\nSTDERR:\n{proc.stderr[-8000:]}"

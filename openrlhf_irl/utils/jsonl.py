@@ -6,6 +6,7 @@ number and, where one is involved, the field: ``data.jsonl, line 3, field 'promp
 
 from __future__ import annotations
 
+import fcntl
 import json
 import math
 import os
@@ -168,21 +169,51 @@ def _target_mode(path: str) -> int:
         return 0o666 & ~umask
 
 
+TEMP_SUFFIX = ".openrlhf-irl.tmp"  # the temp files of atomic_writer: ".<target name>.<random>.openrlhf-irl.tmp"
+
+
+def _remove_dead_temps(directory: str, name: str) -> None:
+    """Remove the temp files an :func:`atomic_writer` of ``name`` left when its process was killed: those of this
+    name and suffix on which no live process holds the writer's flock."""
+    for entry in os.listdir(directory):
+        if not (entry.startswith(f".{name}.") and entry.endswith(TEMP_SUFFIX)):
+            continue
+        path = os.path.join(directory, entry)
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            os.unlink(path)
+        except OSError:  # locked: a live writer's
+            pass
+        finally:
+            os.close(fd)
+
+
 @contextmanager
 def atomic_writer(path: PathLike, mode: str = "w") -> Iterator[IO]:
     """Open a temp file next to ``path``; on a clean exit fsync it and ``os.replace`` it onto ``path``.
 
-    On an exception the temp file is removed and ``path`` is left untouched. ``mode`` is ``"w"``
+    On an exception the temp file is removed and ``path`` is left untouched; the temp file a killed process left
+    (no exception runs then) is removed by the next write of ``path``. ``mode`` is ``"w"``
     (UTF-8 text) or ``"wb"``.
     """
     if mode not in ("w", "wb"):
         raise ValueError(f"atomic_writer mode must be 'w' or 'wb', got {mode!r}")
     target = os.path.realpath(os.path.abspath(os.fspath(path)))  # through a symlink: its target gets the content
     directory, name = os.path.split(target)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{name}.", suffix=".tmp")
+    _remove_dead_temps(directory, name)
+    while True:  # a live writer holds an flock on its temp file, so another writer's clean-up leaves it alone
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{name}.", suffix=TEMP_SUFFIX)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        if os.fstat(fd).st_nlink:
+            break
+        os.close(fd)  # removed by a clean-up in the instant before the flock: take another
     try:
         encoding = None if mode == "wb" else "utf-8"
-        with open(fd, mode, encoding=encoding) as f:
+        with open(fd, mode, encoding=encoding, closefd=False) as f:  # fd, and its flock, kept until replaced
             yield f
             f.flush()
             os.fsync(f.fileno())
@@ -194,6 +225,8 @@ def atomic_writer(path: PathLike, mode: str = "w") -> Iterator[IO]:
         except FileNotFoundError:
             pass
         raise
+    finally:
+        os.close(fd)
     _fsync_dir(directory)
 
 

@@ -8,12 +8,15 @@ real paths, so a symlink is judged by what it points to.
 
 from __future__ import annotations
 
+import fcntl
 import os
-from typing import Optional
+import shutil
+from typing import Optional, Sequence
 
 from openrlhf_irl.utils.jsonl import atomic_write_json
 
-__all__ = ["MARKER", "OutputConflict", "real", "is_ours", "overlap", "mark_dir", "mark_file", "check_target"]
+__all__ = ["MARKER", "OutputConflict", "real", "is_ours", "overlap", "mark_dir", "mark_file", "check_target",
+           "STAGING", "OutputUnit"]
 
 MARKER = ".openrlhf-irl-output.json"
 
@@ -91,3 +94,75 @@ def check_target(path: str, label: str, overwrite: bool) -> None:
     shown = path if real(path) == os.path.abspath(path) else f"{path} (-> {real(path)})"
     raise OutputConflict(f"{label} {shown}: exists ({_describe(real(path))}), so it was not written by this "
                          "tool and is left as it is; choose another path, or pass --overwrite to write over it")
+
+
+STAGING = ".openrlhf-irl-staging"  # inside an output directory: the unit being written (only this package makes it)
+
+
+class OutputUnit:
+    """The files ``names`` of one run in ``directory``, written as a unit.
+
+    Creating it locks ``directory`` (``flock``, held until :meth:`close` or the process ends: a second job gets
+    :class:`OutputConflict` "another job is writing ...") and removes the staging folder a killed earlier run left.
+    The run writes each new file to :meth:`path` (in the staging folder); :meth:`commit` removes the previous run's
+    files of the unit, then moves the new ones in. ``names`` is in writing order and its last file says the unit is
+    complete: it leaves first and arrives last, so a kill at any point leaves the old unit whole, the new one whole,
+    or a unit without its last file, never an old file beside a new one. :meth:`set_aside` takes the previous run's
+    files out of sight at once (for a run that first changes what they were computed from); ``close(restore=True)``
+    puts them back when nothing was committed.
+    """
+
+    def __init__(self, directory: str, names: Sequence[str], flag: str = "--output-dir") -> None:
+        self.dir, self.names, self.committed = real(directory), tuple(names), False
+        self.fd = os.open(self.dir, os.O_RDONLY)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self.fd)
+            raise OutputConflict(f"{flag} {directory}: another job is writing into this directory (it is locked); "
+                                 f"wait for it or choose another {flag}") from None
+        self.staging = os.path.join(self.dir, STAGING)
+        shutil.rmtree(self.staging, ignore_errors=True)  # a killed earlier run's unit, never committed
+        os.makedirs(os.path.join(self.staging, "new"))
+
+    def path(self, name: str) -> str:
+        """Where the run writes ``name`` (moved into ``directory`` by :meth:`commit`)."""
+        return os.path.join(self.staging, "new", name)
+
+    def set_aside(self) -> None:
+        """Move the previous run's files of the unit out of ``directory`` (last name first)."""
+        os.makedirs(os.path.join(self.staging, "old"), exist_ok=True)
+        for name in reversed(self.names):
+            if os.path.lexists(os.path.join(self.dir, name)):
+                os.replace(os.path.join(self.dir, name), os.path.join(self.staging, "old", name))
+
+    def commit(self) -> None:
+        """Remove the previous run's files (last name first), then move the new ones in (last name last)."""
+        for name in reversed(self.names):
+            if os.path.lexists(os.path.join(self.dir, name)):
+                os.unlink(os.path.join(self.dir, name))
+        for name in self.names:
+            if os.path.lexists(self.path(name)):
+                os.replace(self.path(name), os.path.join(self.dir, name))
+        os.fsync(self.fd)
+        self.committed = True
+
+    def close(self, restore: bool = False) -> None:
+        """Remove the staging folder (with ``restore`` and nothing committed, the set-aside files go back first) and
+        release the lock."""
+        if self.fd is None:
+            return
+        old = os.path.join(self.staging, "old")
+        if restore and not self.committed and os.path.isdir(old):
+            for name in self.names:
+                if os.path.lexists(os.path.join(old, name)):
+                    os.replace(os.path.join(old, name), os.path.join(self.dir, name))
+        shutil.rmtree(self.staging, ignore_errors=True)
+        os.close(self.fd)  # closing drops the flock
+        self.fd = None
+
+    def __enter__(self) -> "OutputUnit":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

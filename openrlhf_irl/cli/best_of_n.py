@@ -20,8 +20,12 @@ from openrlhf_irl.afd.best_of_n import (ESTIMATORS, UNFINISHED, ScoreError, chec
 from openrlhf_irl.cli import sample as sample_cli
 from openrlhf_irl.cli.common import (UsageError, check_lora, check_model, check_output_dir, load_checked_tokenizer,
                                      positive_int, resolve_outputs, temperature, top_p)
-from openrlhf_irl.utils.output_guard import mark_dir
+from openrlhf_irl.utils.output_guard import OutputConflict, OutputUnit, mark_dir
 from openrlhf_irl.utils.jsonl import DataError, atomic_write_json, atomic_write_jsonl, data_error, read_jsonl
+
+
+# The results computed from samples.jsonl, one unit; best_of_n.json, written last, says it is complete.
+UNIT = ("scored.jsonl", "selected.jsonl", "best_of_n.png", "best_of_n.json")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -185,6 +189,7 @@ def main(argv=None) -> int:
     if not args.reward_model and not args.log_ratio_init:
         print("error: give at least one scorer: --reward-model PATH and/or --log-ratio-init PATH", file=sys.stderr)
         return 2
+    unit = None
     try:
         resolve_outputs({"--output-dir": args.output_dir}, _path_inputs(args), overwrite=args.overwrite,
                         dirs=("--output-dir",))
@@ -193,10 +198,32 @@ def main(argv=None) -> int:
         check_golden_call(args, prompts[0])
         check_output_dir(args.output_dir)
         mark_dir(args.output_dir, "openrlhf_irl.cli.best_of_n")
-    except (UsageError, DataError) as err:
+        unit = OutputUnit(args.output_dir, UNIT)  # locked: a second job is refused here
+    except (UsageError, DataError, OutputConflict) as err:
+        if unit is not None:
+            unit.close()
         print(f"error: {err}", file=sys.stderr)
         return 2
     samples_path = os.path.join(args.output_dir, "samples.jsonl")
+    before = _file_state(samples_path)
+    unit.set_aside()  # the previous results leave the folder before the samples they were computed from change
+    try:
+        code = _results(args, ns, prompts, samples_path, unit)
+    finally:  # the previous results come back only where the samples are still theirs (a refusal changes nothing)
+        unit.close(restore=_file_state(samples_path) == before)
+    return code
+
+
+def _file_state(path: str):
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def _results(args, ns: list, prompts: list, samples_path: str, unit: OutputUnit) -> int:
+    """Sample (or resume), score and select; the results written to ``unit`` and committed together."""
     n_max = ns[-1]
     _sample(args, n_max, samples_path)
     try:
@@ -211,11 +238,11 @@ def main(argv=None) -> int:
     except ScoreError as err:
         print(f"error: {err}; nothing written but {samples_path}", file=sys.stderr)
         return 2
-    atomic_write_jsonl(os.path.join(args.output_dir, "scored.jsonl"), records)
+    atomic_write_jsonl(unit.path("scored.jsonl"), records)
     selected = [{"prompt": rec["prompt"], "scorer": name, "N": n, "response": rec["response"], "score": rec[name],
                  "finished": rec.get("finished"), **({"golden": rec["golden"]} if golden else {})}
                 for name, by_n in out["selected"].items() for n, recs in by_n.items() for rec in recs]
-    atomic_write_jsonl(os.path.join(args.output_dir, "selected.jsonl"), selected)
+    atomic_write_jsonl(unit.path("selected.jsonl"), selected)
     result = {"ns": ns, "n_max": n_max, "n_prompts": len(out["groups"]), "scorers": list(out["selected"]),
               "estimator": args.estimator, "unfinished": args.unfinished,
               "unfinished_candidates": out["unfinished_candidates"], "n_candidates": len(records)}
@@ -224,15 +251,14 @@ def main(argv=None) -> int:
     if golden:
         result["curves"] = out["curves"]
         result["stats"] = out["stats"]
-        plot_curves(out["curves"], os.path.join(args.output_dir, "best_of_n.png"),
+        plot_curves(out["curves"], unit.path("best_of_n.png"),
                     title=f"Best-of-N, {len(out['groups'])} prompts")
         for name, stats in out["stats"].items():
             print(f"{name:>24}: " + "  ".join(
                 f"N={n}: {s['mean']:.4f}" + (f"±{s['se']:.4f}" if s["se"] is not None else "")
                 + f" (unfinished {s['unfinished']:.1f})" for n, s in stats.items()))
-    elif os.path.exists(os.path.join(args.output_dir, "best_of_n.png")):
-        os.unlink(os.path.join(args.output_dir, "best_of_n.png"))  # a previous run's curve, not this run's
-    atomic_write_json(os.path.join(args.output_dir, "best_of_n.json"), result)
+    atomic_write_json(unit.path("best_of_n.json"), result)
+    unit.commit()  # a previous run's curve (a run without --golden has none) is gone with the rest
     print(f"wrote {args.output_dir}/best_of_n.json")
     return 0
 

@@ -8,9 +8,12 @@ import sys
 from collections import Counter
 
 from openrlhf_irl.cli.common import UsageError, check_output_dir, positive_int, resolve_outputs
-from openrlhf_irl.utils.output_guard import mark_dir
+from openrlhf_irl.utils.output_guard import OutputConflict, OutputUnit, mark_dir
 from openrlhf_irl.datasets.hh_rlhf import load_hh_rlhf
 from openrlhf_irl.utils.jsonl import DataError, atomic_write_jsonl
+
+
+UNIT = ("demos.jsonl", "prompts.jsonl")  # one unit; prompts.jsonl, written last, says it is complete
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -27,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    skipped = Counter()
+    skipped, unit = Counter(), None
     try:
         if not os.path.isfile(args.input):
             raise UsageError(f"--input {args.input}: no such file")
@@ -43,10 +46,15 @@ def main(argv=None) -> int:
                              "nothing written")
         check_output_dir(args.output_dir)
         mark_dir(args.output_dir, "openrlhf_irl.cli.prepare_hh_rlhf")
-    except (DataError, UsageError) as err:
+        unit = OutputUnit(args.output_dir, UNIT)  # locked: a second job is refused here
+    except (DataError, UsageError, OutputConflict) as err:
+        if unit is not None:
+            unit.close()
         print(f"error: {err}", file=sys.stderr)
         return 2
     except OSError as err:
+        if unit is not None:
+            unit.close()
         print(f"error: {args.input}: {err.strerror}", file=sys.stderr)
         return 1
     records = records[: args.max_records] if args.max_records is not None else records
@@ -55,9 +63,10 @@ def main(argv=None) -> int:
         if r["prompt"] not in seen:
             seen.add(r["prompt"])
             prompts.append({"prompt": r["prompt"]})
-    os.makedirs(args.output_dir, exist_ok=True)
-    atomic_write_jsonl(os.path.join(args.output_dir, "demos.jsonl"), records)
-    atomic_write_jsonl(os.path.join(args.output_dir, "prompts.jsonl"), prompts)
+    with unit:  # both files, or neither, replace the previous run's (a kill leaves no new one beside an old one)
+        atomic_write_jsonl(unit.path("demos.jsonl"), records)
+        atomic_write_jsonl(unit.path("prompts.jsonl"), prompts)
+        unit.commit()
     print(f"{len(records)} demonstrations, {len(prompts)} unique prompts, skipped: {dict(skipped) or 'none'}")
     return 0
 

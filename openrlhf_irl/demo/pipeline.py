@@ -31,6 +31,7 @@ import math
 import os
 import random
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Callable
 
@@ -41,6 +42,11 @@ from openrlhf_irl.utils.stage_log import StageProgress, fmt_duration, log_name, 
 INPUT_TEMPLATE = "{}\n"
 
 RM_KIND = {"rm": "BT", "afd_rm": "BCE"}  # --trainer -> short label of the reward model's objective
+
+# What a run shows as its result (results.json, then the report): a rerun takes the previous run's out of the folder
+# before its first stage writes new data, so a rerun that stops never leaves an old report beside new data.
+RESULT_FILES = ("best_of_n.png", "policies.png", "quality_diversity.png", "subsets.png", "results.json",
+                "report.json", "report.md")
 
 
 @dataclass
@@ -161,6 +167,7 @@ class Demo:
         self.verbose = verbose
         self.label_prefix = label_prefix
         self.log_dir = os.path.join(self.root, "logs")
+        self._unit = None
 
     # ------------------------------------------------------------------ helpers
     def path(self, *parts: str) -> str:
@@ -192,13 +199,33 @@ class Demo:
         ]
         return stages
 
+    @contextmanager
+    def claimed(self):
+        """The run's hold on its folder: locked against a second job (:class:`OutputConflict` "another job is
+        writing ..."), the previous run's :data:`RESULT_FILES` out of it; the lock is released at the end."""
+        from openrlhf_irl.utils.output_guard import OutputUnit, mark_dir
+
+        if self._unit is not None:  # run() holds it around run_stages()
+            yield
+            return
+        os.makedirs(self.root, exist_ok=True)
+        mark_dir(self.root, "openrlhf-irl demo")  # ours: a rerun (or the experiment) may replace it
+        self._unit = OutputUnit(self.root, RESULT_FILES)
+        try:
+            self._unit.set_aside()  # never restored: the stages rewrite the data they were computed from
+            yield
+        finally:
+            self._unit.close()
+            self._unit = None
+
     def run_stages(self) -> dict:
         """Run every stage; return the seed's results (written to ``results.json``)."""
+        with self.claimed():
+            return self._run_stages()
+
+    def _run_stages(self) -> dict:
         from openrlhf_irl.utils.jsonl import atomic_write_json
 
-        from openrlhf_irl.utils.output_guard import mark_dir
-
-        mark_dir(self.root, "openrlhf-irl demo")  # ours: a rerun (or the experiment) may replace it
         self.results = {"seed": self.cfg.seed, "config": asdict(self.cfg), "rows": {}, "refs": {},
                         "param_dtype": param_dtype_used()}
         stages = self.stages()
@@ -539,11 +566,12 @@ class Demo:
     def run(self) -> dict:
         from openrlhf_irl.demo.report import build_report
 
-        results = self.run_stages()
-        start = time.time()
-        with stage_output(os.path.join(self.log_dir, "report.log"), self.verbose):
-            report = build_report(self.root, self.cfg, [results], title=f"openrlhf-irl demo "
-                                  f"({'quick' if self.cfg.quick else 'full'}, seed {self.cfg.seed})")
+        with self.claimed():
+            results = self.run_stages()
+            start = time.time()
+            with stage_output(os.path.join(self.log_dir, "report.log"), self.verbose):
+                report = build_report(self.root, self.cfg, [results], title=f"openrlhf-irl demo "
+                                      f"({'quick' if self.cfg.quick else 'full'}, seed {self.cfg.seed})")
         self.timings["report"] = round(time.time() - start, 1)
         return report
 
@@ -553,22 +581,33 @@ def run_demo(output_dir: str = "outputs/demo", seed: int = 0, quick: bool = Fals
     """Run the demo. The terminal gets a line per stage and a progress bar; each stage's own output goes to
     ``<output_dir>/logs/NN-<stage>.log``, what arrives between stages to ``logs/run.log`` (``verbose``: all of it
     on the terminal)."""
+    import sys
+    from contextlib import ExitStack
+
     import ray
+
+    from openrlhf_irl.utils.output_guard import OutputConflict
 
     cfg = DemoConfig.make(output_dir, seed=seed, quick=quick, backend=backend, **overrides)
     demo = Demo(cfg, verbose=verbose)
     kind = "quick" if quick else "full"
-    if not verbose:
-        write_terminal(f"openrlhf-irl demo ({kind}, seed {seed}): {len(demo.stages())} stages into {demo.root}; "
-                       f"each stage's output in {demo.log_dir}/ (--verbose shows it here)\n")
-    start = time.time()
-    with stage_output(os.path.join(demo.log_dir, "run.log"), verbose):
-        print(f"openrlhf-irl demo ({kind}): {json.dumps(asdict(cfg))}")
+    with ExitStack() as claim:
         try:
-            report = demo.run()
-        finally:
-            if ray.is_initialized():
-                ray.shutdown()
+            claim.enter_context(demo.claimed())  # before anything is written: a second demo into the folder stops
+        except OutputConflict as err:
+            print(f"error: {err}", file=sys.stderr)
+            raise SystemExit(2) from None
+        if not verbose:
+            write_terminal(f"openrlhf-irl demo ({kind}, seed {seed}): {len(demo.stages())} stages into {demo.root}; "
+                           f"each stage's output in {demo.log_dir}/ (--verbose shows it here)\n")
+        start = time.time()
+        with stage_output(os.path.join(demo.log_dir, "run.log"), verbose):
+            print(f"openrlhf-irl demo ({kind}): {json.dumps(asdict(cfg))}")
+            try:
+                report = demo.run()
+            finally:
+                if ray.is_initialized():
+                    ray.shutdown()
     write_terminal(f"demo done in {fmt_duration(time.time() - start)}; report: "
                    f"{os.path.join(demo.root, 'report.md')}\n")
     return report

@@ -134,7 +134,7 @@ def main(argv=None) -> int:
             parser.error("--seeds: need at least one seed")
         _check_output_dir(args.output_dir, args.overwrite,
                           [os.path.join(args.output_dir, f"seed_{s}") for s in seeds])
-        from openrlhf_irl.eval.experiment import run_experiment
+        from openrlhf_irl.demo.experiment import run_experiment
 
         run_experiment(args.output_dir, seeds, backend=args.backend, spin=not args.no_spin,
                        scale="quick" if args.quick else args.scale, verbose=args.verbose)

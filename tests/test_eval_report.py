@@ -1,5 +1,5 @@
 """The report over seeds (openrlhf_irl.demo.report) on hand-built seed results: every number against a plain loop;
-and the experiment's reuse of finished seeds (openrlhf_irl.eval.experiment)."""
+and the experiment's reuse of finished seeds (openrlhf_irl.demo.experiment)."""
 
 import json
 
@@ -7,7 +7,7 @@ import pytest
 
 from openrlhf_irl.demo.pipeline import DemoConfig
 from openrlhf_irl.demo.report import aggregate, build_report, row_metrics
-from openrlhf_irl.eval import experiment as E
+from openrlhf_irl.demo import experiment as E
 
 
 def _seed(seed, shift):

@@ -170,7 +170,7 @@ def _fake_stages(monkeypatch, fail: bool = False):
 
 def test_experiment_prints_stage_lines_and_writes_stage_logs(tmp_path, capfd, monkeypatch):
     import openrlhf_irl.demo.report as report
-    from openrlhf_irl.eval.experiment import run_experiment
+    from openrlhf_irl.demo.experiment import run_experiment
 
     _fake_stages(monkeypatch)
     monkeypatch.setattr(report, "build_report", lambda *a, **k: print("report-table") or {"ok": True})

@@ -90,6 +90,7 @@ class Case:
     needle: str
     code: int = 2
     hold_lock: bool = False
+    patch: Callable | None = None  # (monkeypatch) -> None, in-process only: a fault injected (Ctrl-C, full disk)
 
 
 # ------------------------------------------------------------------------------------------- sample
@@ -656,6 +657,188 @@ CASES_23 = {
 CASES.update(CASES_23)
 
 
+# ------------------------------------------------------------------------------------------- issue 23, classes 4 and 6
+# Class 4: inputs found wrong only after the expensive part (records contradicting their flag, truncated models, a
+# tokenizer larger than its model), refused up front. Class 6: a user's mistake found late, a full disk or a Ctrl-C
+# end in one line (Ctrl-C: ``interrupted: ...``, exit 130), never a traceback.
+
+
+def _truncated_model(t, m, name="model"):
+    """A copy of the tiny model whose model.safetensors lost its second half (an interrupted copy)."""
+    path = Path(_model_copy(t, m, name))
+    weights = path / "model.safetensors"
+    os.truncate(weights, weights.stat().st_size // 2)
+    return str(path)
+
+
+def _small_vocab_model(t, m, name="model"):
+    """A model with 100 embedding rows beside the tiny model's 300-token tokenizer (they do not belong together)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(m["llm"])
+    config.vocab_size = 100
+    AutoModelForCausalLM.from_config(config).save_pretrained(t / name)
+    for f in os.listdir(m["llm"]):
+        if f.startswith(("tokenizer", "special_tokens", "chat_template")):
+            shutil.copy(os.path.join(m["llm"], f), t / name / f)
+    return str(t / name)
+
+
+def _model_without_config(t, m, name="model"):
+    path = Path(_model_copy(t, m, name))
+    (path / "config.json").unlink()
+    return str(path)
+
+
+MODEL_KINDS = {"truncated": _truncated_model, "small-vocab": _small_vocab_model, "no-config": _model_without_config}
+
+
+def s_model(kind):
+    def setup(t, m):
+        return sample_args(MODEL_KINDS[kind](t, m), _prompts(t), str(t / "out.jsonl"))
+    return setup
+
+
+def e_model(kind):
+    def setup(t, m):
+        return ["--model", MODEL_KINDS[kind](t, m), "--data", _extract_data(t), "--output", str(t / "rewards.jsonl"),
+                "--device", "cpu"]
+    return setup
+
+
+def n_log_ratio_init_truncated(t, m):
+    return n_args(t, m, "--log-ratio-init", _truncated_model(t, m, "init"))
+
+
+def t_model(task, kind):
+    def setup(t, m):
+        return _train_argv(task, t, m, MODEL_KINDS[kind](t, m))
+    return setup
+
+
+def p_actor(kind):
+    def setup(t, m):
+        argv = p_case("ok")(t, m)
+        argv[argv.index("--actor.model_name_or_path") + 1] = MODEL_KINDS[kind](t, m, "actor")
+        return argv
+    return setup
+
+
+def b_policies(init_policy, sft_policy, mixed=False):
+    def setup(t, m):
+        init = write(t / "init.jsonl", [dict(REC, prompt=p["prompt"], policy=init_policy, sample_index=0)
+                                        for p in PROMPTS])
+        sft_rows = [dict(REC, prompt=p["prompt"], policy=sft_policy, sample_index=0) for p in PROMPTS]
+        if mixed:
+            sft_rows[1]["policy"] = "sft-other"
+        sft = write(t / "sft.jsonl", sft_rows)
+        return ["--init-samples", init, "--sft-samples", sft, "--output", str(t / "o.jsonl")]
+    return setup
+
+
+def r_data(trainer, kind):
+    """train_rm on a file of the wrong shape for ``trainer``: labels given as strings, pairs for labels, labels for
+    pairs."""
+    def setup(t, m):
+        if kind == "pairs":
+            rows = [{"prompt": f"count from {i}", "chosen": " 1 2", "rejected": " 9 9"} for i in range(4)]
+        else:
+            label = (lambda i: str(i % 2)) if kind == "string-labels" else (lambda i: i % 2)
+            rows = [{"prompt": f"count from {i}", "response": " 1 2", "label": label(i)} for i in range(4)]
+        data = write(t / "data.jsonl", rows)
+        return ["--trainer", trainer, "--model.model_name_or_path", m["llm"], "--data.dataset", data,
+                "--eval.dataset", data, "--data.prompt_key", "prompt", "--ckpt.output_dir", str(t / "out")]
+    return setup
+
+
+def t_output_under_a_file(task):
+    def setup(t, m):
+        argv = _train_argv(task, t, m, m["llm"])
+        argv[argv.index("--ckpt.output_dir") + 1] = str(Path(_foreign_file(t, "afile")) / "out")
+        return argv
+    return setup
+
+
+def _raise(exc):
+    def raiser(*args, **kwargs):
+        raise exc
+    return raiser
+
+
+def ctrl_c_in(target):
+    """Ctrl-C (KeyboardInterrupt) raised where ``target`` is called: the CLI's expensive part."""
+    def patch(monkeypatch):
+        monkeypatch.setattr(target, _raise(KeyboardInterrupt()))
+    return patch
+
+
+def disk_full_in(target, file_name):
+    def patch(monkeypatch):
+        monkeypatch.setattr(target, _raise(OSError(28, "No space left on device", file_name)))
+    return patch
+
+
+def _sample_pool_interrupted(monkeypatch):
+    import openrlhf_irl.generation.ray_pool as ray_pool
+
+    monkeypatch.setattr(ray_pool, "GenerationPool", _raise(KeyboardInterrupt()))
+
+
+def _extract_args(t, m):
+    return ["--model", m["llm"], "--data", _extract_data(t), "--output", str(t / "rewards.jsonl"), "--device", "cpu"]
+
+
+INTERRUPTED = "stopped by Ctrl-C"
+TRUNCATED = "model.safetensors is truncated"
+VOCAB = "its tokenizer has 300 tokens but the model only 100"
+CASES_23_4_6 = {
+    # class 4: records that contradict their flag
+    "build/init-and-sft-samples-swapped": Case("build_afd_dataset", b_policies("sft", "init"),
+                                               "init.jsonl, line 1, field 'policy': 'sft' samples given as "
+                                               "--init-samples"),
+    "build/both-files-one-policy": Case("build_afd_dataset", b_policies("p", "p"),
+                                        "sft.jsonl, line 1, field 'policy': 'p', the same policy as --init-samples"),
+    "build/sft-file-mixes-policies": Case("build_afd_dataset", b_policies("init", "sft", mixed=True),
+                                          "sft.jsonl, line 2, field 'policy': 'sft-other', but line 1 has 'sft'"),
+    # class 4: every model whole and agreeing with its tokenizer, before work
+    "sample/truncated-model": Case("sample", s_model("truncated"), TRUNCATED),
+    "sample/tokenizer-larger-than-the-model": Case("sample", s_model("small-vocab"), VOCAB),
+    "bon/log-ratio-init-truncated": Case("best_of_n", n_log_ratio_init_truncated,
+                                         "init: " + TRUNCATED),
+    "extract/truncated-model": Case("extract_reward", e_model("truncated"), TRUNCATED),
+    "extract/tokenizer-larger-than-the-model": Case("extract_reward", e_model("small-vocab"), VOCAB),
+    "train_sft/truncated-model": Case("train_sft", t_model("train_sft", "truncated"),
+                                      "model: " + TRUNCATED),
+    "train_rm/tokenizer-larger-than-the-model": Case("train_rm", t_model("train_rm", "small-vocab"), VOCAB),
+    "train_ppo/actor-truncated": Case("train_ppo", p_actor("truncated"), "actor: " + TRUNCATED),
+    # class 6: a user's mistake that used to surface after the model loaded
+    "train_sft/model-without-config": Case("train_sft", t_model("train_sft", "no-config"), "no config.json"),
+    "train_rm/afd-rm-labels-as-strings": Case("train_rm", r_data("afd_rm", "string-labels"),
+                                              "data.jsonl, line 1, field 'label': expected the number 0 or 1, "
+                                              "got '0' (a string)"),
+    "train_rm/afd-rm-given-pairs": Case("train_rm", r_data("afd_rm", "pairs"), "this is a pairs record"),
+    "train_rm/rm-given-labels": Case("train_rm", r_data("rm", "labels"), "this is a labels record"),
+    "train_sft/output-dir-under-a-file": Case("train_sft", t_output_under_a_file("train_sft"),
+                                              "afile is a file, not a directory"),
+    "extract/disk-full": Case("extract_reward", _extract_args, "rewards.jsonl: No space left on device", code=1,
+                              patch=disk_full_in("openrlhf_irl.cli.extract_reward.atomic_write_jsonl",
+                                                 "rewards.jsonl")),
+    # class 6: Ctrl-C in the expensive part of each CLI: exit 130, one line
+    "sample/ctrl-c": Case("sample", s_flag(), INTERRUPTED, code=130, patch=_sample_pool_interrupted),
+    "build/ctrl-c": Case("build_afd_dataset", b_flag(), INTERRUPTED, code=130,
+                         patch=ctrl_c_in("openrlhf_irl.cli.build_afd_dataset.build_afd_dataset")),
+    "extract/ctrl-c": Case("extract_reward", _extract_args, INTERRUPTED, code=130,
+                           patch=ctrl_c_in("openrlhf_irl.cli.extract_reward.score_batch")),
+    "train_sft/ctrl-c": Case("train_sft", t_case("train_sft", "ok"), INTERRUPTED, code=130,
+                             patch=ctrl_c_in("openrlhf_irl.cli.train_checks.claim_outputs")),
+    "train_rm/ctrl-c": Case("train_rm", t_case("train_rm", "ok"), INTERRUPTED, code=130,
+                            patch=ctrl_c_in("openrlhf_irl.cli.train_checks.claim_outputs")),
+    "train_ppo/ctrl-c": Case("train_ppo", p_case("ok", "--vllm.num_engines", "1"), INTERRUPTED, code=130,
+                             patch=ctrl_c_in("openrlhf_irl.cli.train_ppo.check_resources")),
+}
+CASES.update(CASES_23_4_6)
+
+
 @pytest.fixture(scope="module")
 def models(tmp_path_factory, tiny_model):
     """The session's tiny Llama and a copy with other weights (same tokenizer)."""
@@ -682,6 +865,8 @@ def _hold_lock(path: Path):
 @pytest.mark.parametrize("name", list(CASES))
 def test_cli_fault(name, models, tmp_path, capsys, monkeypatch):
     """Each case in this process (fast)."""
+    if CASES[name].patch is not None:
+        CASES[name].patch(monkeypatch)
     check_case(CASES[name], models, tmp_path, lambda module, argv, env: run_in_process(module, argv, env, capsys,
                                                                                         monkeypatch))
 
@@ -698,6 +883,57 @@ SUBPROCESS_CASES = ["sample/foreign-output-torn-tail-not-repaired", "sample/hub-
 def test_cli_fault_subprocess(name, models, tmp_path):
     """Cases of each CLI as ``python -m openrlhf_irl.cli.<module>``: the exit code and stderr a user sees."""
     check_case(CASES[name], models, tmp_path, run_cli)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("module", ["sample", "build_afd_dataset"])
+def test_ctrl_c_subprocess(module, models, tmp_path):
+    """A real SIGINT while the CLI reads its input (a FIFO that the test opens and never writes, so the CLI is
+    blocked in read() when the signal comes): exit 130, one ``interrupted:`` line, no traceback, nothing written."""
+    import signal
+    import threading
+
+    case = tmp_path / "case"
+    case.mkdir()
+    fifo = case / "input.jsonl"
+    os.mkfifo(fifo)
+    if module == "sample":
+        argv = sample_args(models["llm"], str(fifo), str(case / "out.jsonl"))
+    else:
+        argv = ["--init-samples", str(fifo), "--sft-samples", _samples(case, "sft.jsonl", "sft"),
+                "--output", str(case / "o.jsonl")]
+    before = snapshot(case)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.Popen([sys.executable, "-m", f"openrlhf_irl.cli.{module}", *argv], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env, cwd=str(REPO))
+    writer: list = []
+    opened = threading.Event()
+
+    def open_for_writing():
+        writer.append(os.open(fifo, os.O_WRONLY))  # returns once the CLI has opened the FIFO to read it
+        opened.set()
+
+    threading.Thread(target=open_for_writing, daemon=True).start()
+    try:
+        if not opened.wait(120):
+            proc.kill()
+            os.close(os.open(fifo, os.O_RDONLY | os.O_NONBLOCK))  # frees the writer thread
+            pytest.fail(f"the CLI never opened its input: {proc.communicate()[1][-3000:]}")
+        time.sleep(1.0)  # now blocked in read()
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for fd in writer:
+            os.close(fd)
+    assert proc.returncode == 130, f"exit {proc.returncode}\nSTDOUT:\n{out[-2000:]}\nSTDERR:\n{err[-3000:]}"
+    assert "Traceback" not in err, err[-3000:]
+    lines = [line for line in err.splitlines() if "error" in line.lower() or line.startswith("interrupted")]
+    assert len(lines) == 1 and lines[0].startswith(f"interrupted: {module} stopped by Ctrl-C"), err[-3000:]
+    assert snapshot(case) == before
 
 
 def check_case(case: Case, models: dict, tmp_path: Path, runner) -> None:
@@ -719,7 +955,7 @@ def check_case(case: Case, models: dict, tmp_path: Path, runner) -> None:
     assert proc.returncode == case.code, (f"exit {proc.returncode}\nSTDOUT:\n{proc.stdout[-2000:]}\n"
                                           f"STDERR:\n{err[-3000:]}")
     assert "Traceback" not in err, err[-3000:]
-    error_lines = [line for line in err.splitlines() if "error" in line.lower()]
+    error_lines = [line for line in err.splitlines() if "error" in line.lower() or line.startswith("interrupted")]
     assert len(error_lines) == 1, err[-3000:]
     assert case.needle in error_lines[0], error_lines[0]
     assert snapshot(case_dir) == before, "the CLI changed files although it refused"

@@ -16,7 +16,7 @@ import sys
 from typing import List, Optional
 
 from openrlhf_irl.datasets.afd import FORMATS, VARIANTS, build_afd_dataset, format_report
-from openrlhf_irl.cli.common import UsageError, check_output_file, positive_int, resolve_outputs
+from openrlhf_irl.cli.common import UsageError, check_output_file, cli_main, positive_int, resolve_outputs
 from openrlhf_irl.utils.output_guard import mark_file
 from openrlhf_irl.utils.jsonl import DataError, atomic_write_jsonl
 
@@ -80,6 +80,62 @@ def _load_tokenizer(path: str):
     return load_checked_tokenizer(path, "--tokenizer", need_eos=False)
 
 
+_ROLE_WORDS = {"init": ("init", "initial", "base"), "sft": ("sft",)}
+
+
+def _policy_role(value: str) -> Optional[str]:
+    """``init`` or ``sft`` when a record's ``policy`` value names one of them (as a word: ``init``, ``sft-1b``,
+    ``base_policy``), None when it names neither or both."""
+    import re
+
+    words = set(re.split(r"[^a-z0-9]+", value.lower()))
+    roles = [role for role, names in _ROLE_WORDS.items() if words & set(names)]
+    return roles[0] if len(roles) == 1 else None
+
+
+def check_sample_policies(files: dict) -> None:
+    """Every record's ``policy`` field agrees with the flag its file was passed with, before any pairing:
+    ``files`` is ``{source: (flag, path)}`` for the sources the variant reads. A file mixing policies, an init file
+    holding ``sft`` samples (or the reverse: the two files swapped), or both files holding one policy would build
+    inverted or meaningless pairs with exit 0. Lines that are not JSON objects, or have no string ``policy``, are
+    left to the dataset's own checks. :class:`DataError` naming the file, the line and the field."""
+    import json
+
+    first: dict = {}  # source -> (policy, line)
+    for source, (flag, path) in files.items():
+        if source == "demo":
+            continue
+        try:
+            f = open(path, encoding="utf-8")
+        except OSError:
+            continue  # reported, naming the flag, when the dataset reads it
+        with f:
+            for line_no, line in enumerate(f, start=1):
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    continue
+                policy = record.get("policy") if isinstance(record, dict) else None
+                if not isinstance(policy, str):
+                    continue
+                role = _policy_role(policy)
+                if role is not None and role != source:
+                    other = {"init": "--init-samples", "sft": "--sft-samples"}[role]
+                    raise DataError(f"{path}, line {line_no}, field 'policy': {policy!r} samples given as {flag}; "
+                                    f"they belong to {other} (are the two files swapped?)")
+                if source not in first:
+                    first[source] = (policy, line_no)
+                elif policy != first[source][0]:
+                    raise DataError(f"{path}, line {line_no}, field 'policy': {policy!r}, but line "
+                                    f"{first[source][1]} has {first[source][0]!r}: {flag} must hold one policy's "
+                                    "samples")
+    if "init" in first and "sft" in first and first["init"][0] == first["sft"][0]:
+        policy, line_no = first["sft"]
+        raise DataError(f"{files['sft'][1]}, line {line_no}, field 'policy': {policy!r}, the same policy as "
+                        f"--init-samples {files['init'][1]}: the two files must hold samples of two policies")
+
+
+@cli_main("build_afd_dataset", resume_hint="nothing was written")
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -89,6 +145,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         inputs = {flag: getattr(args, dest) for flag, dest in _INPUTS.values()}  # unused ones too: still the user's
         resolve_outputs({"--output": args.output}, {**inputs, "--tokenizer": args.tokenizer}, overwrite=args.overwrite)
         check_output_file(args.output)
+        check_sample_policies({source: (flag, getattr(args, dest)) for source, (flag, dest) in _INPUTS.items()
+                               if source in needed})
         tokenizer = _load_tokenizer(args.tokenizer) if args.tokenizer else None
         records, report = build_afd_dataset(
             args.variant,

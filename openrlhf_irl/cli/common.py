@@ -7,22 +7,88 @@ Every check raises :class:`UsageError` with one line naming the flag and the val
 from __future__ import annotations
 
 import argparse
+import errno
+import functools
 import json
 import os
 import re
 import socket
+import sys
 import tempfile
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 __all__ = [
     "UsageError", "positive_int", "nonnegative_int", "check_output_dir", "check_output_file", "check_model",
     "check_lora", "check_device", "check_not_same_file", "model_context_length", "load_checked_tokenizer",
-    "resolve_outputs", "finite_float", "temperature", "top_p",
+    "resolve_outputs", "finite_float", "temperature", "top_p", "cli_main", "user_error_line", "check_weights",
+    "check_vocab",
 ]
 
 
 class UsageError(ValueError):
     """A user mistake found before the work starts; its message is one line naming the flag."""
+
+
+#: OSErrors that are the user's machine or paths, not a bug: a full disk or quota, permissions, a read-only
+#: mount, a path under a regular file, a missing file or folder, a name too long, a file too large.
+USER_OS_ERRORS = frozenset(getattr(errno, name) for name in (
+    "ENOSPC", "EDQUOT", "EACCES", "EPERM", "EROFS", "ENOTDIR", "EISDIR", "ENOENT", "EEXIST", "ENOTEMPTY",
+    "ENAMETOOLONG", "EFBIG", "EMFILE", "ENFILE", "EIO", "EXDEV", "ELOOP") if hasattr(errno, name))
+
+
+def user_error_line(err: BaseException) -> Optional[str]:
+    """One line for an exception that is a user's mistake or machine (:class:`UsageError`, a
+    :class:`~openrlhf_irl.utils.jsonl.DataError`, an OSError such as a full disk naming its file); None for anything
+    else, which is a bug and keeps its traceback."""
+    from openrlhf_irl.utils.jsonl import DataError
+
+    if isinstance(err, (UsageError, DataError)):
+        text = " ".join(str(err).split("\n")).strip()
+        return text or type(err).__name__
+    if isinstance(err, OSError) and err.errno in USER_OS_ERRORS:
+        where = " -> ".join(str(f) for f in (err.filename, err.filename2) if f is not None)
+        reason = err.strerror or os.strerror(err.errno)
+        return f"{where}: {reason}" if where else reason
+    return None
+
+
+def cli_main(prog: str, *, resume_hint: str = "", usage_code: int = 2) -> Callable:
+    """Decorator for a CLI's ``main(argv=None)``: Ctrl-C (KeyboardInterrupt, also SIGTERM where the CLI maps it)
+    ends it with ``interrupted: ...`` and exit 130; a user's mistake found at any point (``UsageError``,
+    ``DataError``: exit ``usage_code``; a user-facing OSError such as ENOSPC naming the file: exit 1) with one
+    ``error: ...`` line. Any other exception propagates with its traceback: a bug is never hidden. The function's
+    own return value (an exit code, or None) is returned unchanged."""
+
+    def decorate(func: Callable) -> Callable:
+        @functools.wraps(func)
+        def main(argv=None):
+            try:
+                return func(argv)
+            except KeyboardInterrupt:
+                hint = f"; {resume_hint}" if resume_hint else ""
+                _say(f"interrupted: {prog} stopped by Ctrl-C{hint}")
+                raise SystemExit(130) from None
+            except Exception as err:
+                line = user_error_line(err)
+                if line is None:
+                    raise
+                _say(f"error: {line}")
+                raise SystemExit(1 if isinstance(err, OSError) else usage_code) from None
+
+        return main
+
+    return decorate
+
+
+def _say(line: str) -> None:
+    try:
+        sys.stdout.flush()
+    except Exception:  # a closed or broken stdout: the message still goes to stderr
+        pass
+    try:
+        print(line, file=sys.stderr, flush=True)
+    except Exception:
+        pass
 
 
 def positive_int(text: str) -> int:
@@ -217,6 +283,8 @@ def check_model(path: str, flag: str = "--model") -> str:
                 json.load(f)
         except (OSError, ValueError) as err:
             raise UsageError(f"{flag} {path}: unreadable config.json ({_first_line(err)})") from None
+        rows = check_weights(path, flag)
+        check_vocab(path, flag, rows=rows)
         return path
     if os.path.exists(path):
         raise UsageError(f"{flag} {path}: is a file, expected a model directory")
@@ -236,6 +304,120 @@ def check_model(path: str, flag: str = "--model") -> str:
         raise UsageError(f"{flag} {path}: no such local directory, and the Hugging Face hub is not reachable "
                          "(no network?): give a local path")
     return path
+
+
+_EMBEDDING_SUFFIXES = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "embed_in.weight")
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def _safetensors_header(file: str, flag: str, model: str) -> dict:
+    """The header of a ``.safetensors`` file, refused (one line) when the file is shorter than the header says."""
+    name = os.path.basename(file)
+    size = os.path.getsize(file)
+    with open(file, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise UsageError(f"{flag} {model}: {name} is truncated or corrupt ({size} bytes, not a safetensors file)")
+        n = int.from_bytes(head, "little")
+        if n > size - 8:
+            raise UsageError(f"{flag} {model}: {name} is truncated or corrupt ({size} bytes, its header alone "
+                             f"needs {n + 8})")
+        try:
+            header = json.loads(f.read(n))
+        except ValueError:
+            raise UsageError(f"{flag} {model}: {name} is corrupt (its header is not JSON)") from None
+    if not isinstance(header, dict):
+        raise UsageError(f"{flag} {model}: {name} is corrupt (its header is not a table of tensors)")
+    end = 0
+    for key, info in header.items():
+        if key == "__metadata__":
+            continue
+        offsets = info.get("data_offsets") if isinstance(info, dict) else None
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
+            raise UsageError(f"{flag} {model}: {name} is corrupt (tensor {key!r} has no valid data_offsets)")
+        end = max(end, offsets[1])
+    if 8 + n + end > size:
+        raise UsageError(f"{flag} {model}: {name} is truncated ({size} bytes, its tensors need {8 + n + end}); "
+                         "copy or download the model again")
+    return header
+
+
+def check_weights(path: str, flag: str = "--model") -> Optional[int]:
+    """The weight files of a local model directory are whole, read from their headers only (seconds, no
+    loading): every ``.safetensors`` file holds all the bytes its header names, a zip-format ``.bin``/``.pt`` has
+    its central directory, every shard an ``*.index.json`` names exists. Returns the rows of the input embedding
+    when the headers show it (None otherwise); :class:`UsageError` naming the model and the file."""
+    import zipfile
+
+    rows: Optional[int] = None
+    names = sorted(os.listdir(path))
+    for name in names:
+        if not name.endswith(".index.json"):
+            continue
+        try:
+            with open(os.path.join(path, name), encoding="utf-8") as f:
+                shards = set((json.load(f).get("weight_map") or {}).values())
+        except (OSError, ValueError, AttributeError) as err:
+            raise UsageError(f"{flag} {path}: unreadable {name} ({_first_line(err)})") from None
+        missing = sorted(s for s in shards if not os.path.isfile(os.path.join(path, str(s))))
+        if missing:
+            raise UsageError(f"{flag} {path}: {name} names {len(missing)} missing weight file(s), e.g. {missing[0]}")
+    for name in names:
+        file = os.path.join(path, name)
+        if not os.path.isfile(file):
+            continue
+        if name.endswith(".safetensors"):
+            header = _safetensors_header(file, flag, path)
+            for key, info in header.items():
+                shape = info.get("shape") if isinstance(info, dict) else None
+                if key.endswith(_EMBEDDING_SUFFIXES) and isinstance(shape, list) and shape:
+                    rows = shape[0] if rows is None else min(rows, shape[0])
+        elif name.endswith((".bin", ".pt", ".pth")):
+            with open(file, "rb") as f:
+                zipped = f.read(4) == b"PK\x03\x04"
+            if zipped:
+                try:
+                    zipfile.ZipFile(file).close()
+                except (zipfile.BadZipFile, OSError, ValueError):
+                    raise UsageError(f"{flag} {path}: {name} is truncated or corrupt ({os.path.getsize(file)} "
+                                     "bytes); copy or download the model again") from None
+    return rows
+
+
+def check_vocab(path: str, flag: str = "--model", tokenizer_path: Optional[str] = None,
+                tokenizer_flag: Optional[str] = None, rows: Optional[int] = None) -> None:
+    """The tokenizer (``tokenizer_path``, the model's own by default) has no more tokens than the model has
+    embedding rows (``rows``, from :func:`check_weights`) and ``vocab_size``: a token id beyond them fails deep
+    inside the model (an index error) or, on vLLM, in an engine. :class:`UsageError` naming both paths. A tokenizer
+    that cannot be loaded is left to the CLI's own tokenizer check."""
+    tokenizer_path = tokenizer_path or path
+    tokenizer_flag = tokenizer_flag or flag
+    if not (os.path.isdir(tokenizer_path)
+            and any(os.path.isfile(os.path.join(tokenizer_path, f)) for f in _TOKENIZER_FILES)):
+        return
+    try:
+        with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
+            config = json.load(f)
+    except (OSError, ValueError):
+        return
+    vocab_size = config.get("vocab_size") if isinstance(config, dict) else None
+    if not isinstance(vocab_size, int) and isinstance(config, dict):
+        vocab_size = (config.get("text_config") or {}).get("vocab_size")
+    limits = [v for v in (vocab_size, rows) if isinstance(v, int) and v > 0]
+    if not limits:
+        return
+    try:
+        from transformers import AutoTokenizer
+
+        n = len(AutoTokenizer.from_pretrained(tokenizer_path))
+    except Exception:  # reported by load_checked_tokenizer where the CLI loads it
+        return
+    if n > min(limits):
+        what = f"vocab_size {vocab_size}" + (f", {rows} embedding rows" if rows is not None else "")
+        who = ("its tokenizer" if tokenizer_path == path and tokenizer_flag == flag
+               else f"the tokenizer of {tokenizer_flag} {tokenizer_path}")
+        raise UsageError(f"{flag} {path}: {who} has {n} tokens but the model only {min(limits)} ({what}): the "
+                         "tokenizer and the model do not belong together")
 
 
 def check_lora(path: Optional[str], flag: str = "--lora") -> Optional[str]:

@@ -30,6 +30,7 @@ from openrlhf_irl.cli.common import (
     check_device,
     check_model,
     check_output_file,
+    cli_main,
     load_checked_tokenizer,
     model_context_length,
     positive_int,
@@ -224,6 +225,7 @@ def _finite_or_none(obj):
     return None if isinstance(obj, float) and not math.isfinite(obj) else obj
 
 
+@cli_main("extract_reward", resume_hint="nothing was written")
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:

@@ -87,12 +87,14 @@ def plugin_classes(task: str, plugin: TrainerPlugin):
 
 
 def _guarded_get_strategy(original):
-    """OpenRLHF's ``get_strategy`` whose strategy claims the run's output directories (the marker) and saves
-    models safely (finite weights, staged then moved in: :func:`openrlhf_irl.utils.checkpoint.safe_save_model`)."""
-    from openrlhf_irl.cli.train_checks import claim_outputs
+    """OpenRLHF's ``get_strategy`` (the first call of its ``train``) that first checks every model the run loads
+    (:func:`openrlhf_irl.cli.train_checks.check_models`), and whose strategy claims the run's output directories
+    (the marker) and saves models safely (finite weights, staged then moved in: :func:`openrlhf_irl.utils.checkpoint.safe_save_model`)."""
+    from openrlhf_irl.cli.train_checks import check_models, claim_outputs, flat
     from openrlhf_irl.utils.checkpoint import safe_save_model
 
     def get_strategy(args):
+        check_models(flat(args))  # every model whole and fitting its tokenizer, before any is loaded
         strategy = original(args)
         claim_outputs(args)
         safe_save_model(strategy)

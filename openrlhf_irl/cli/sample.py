@@ -33,9 +33,9 @@ import time
 from collections import Counter
 from typing import Dict, List, Optional, Set, Tuple
 
-from openrlhf_irl.cli.common import (UsageError, check_lora, check_model, check_output_file, load_checked_config,
-                                     load_checked_tokenizer, model_context_length, positive_int, resolve_outputs,
-                                     temperature, top_p)
+from openrlhf_irl.cli.common import (UsageError, check_lora, check_model, check_output_file, cli_main,
+                                     load_checked_config, load_checked_tokenizer, model_context_length, positive_int,
+                                     resolve_outputs, temperature, top_p)
 from openrlhf_irl.generation.params import SamplingParams, format_prompt, plan_requests
 from openrlhf_irl.utils.jsonl import DataError, append_jsonl, data_error, read_jsonl, read_jsonl_tolerant_tail
 from openrlhf_irl.utils.provenance import (differences, model_identity, read_provenance, sidecar_path,
@@ -160,7 +160,8 @@ def provenance(args, tokenizer) -> dict:
 class OutputLock:
     """An exclusive ``flock`` on the output file for the job's life; a second job gets :class:`UsageError`.
 
-    A file this lock created and nothing was written to is removed again on release.
+    A file this lock created and nothing was written to is removed again on release, with the provenance
+    sidecar this job wrote beside it (a job stopped before its first sample leaves nothing).
     """
 
     def __init__(self, path: str) -> None:
@@ -168,6 +169,7 @@ class OutputLock:
 
         self.path = path
         self.created = not os.path.exists(path)
+        self.wrote_sidecar = False  # set by prepare_output when it (re)writes the provenance
         self.fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -180,8 +182,11 @@ class OutputLock:
         if self.fd is None:
             return
         try:
-            if self.created and os.fstat(self.fd).st_size == 0 and not os.path.exists(sidecar_path(self.path)):
-                os.unlink(self.path)
+            if self.created and os.fstat(self.fd).st_size == 0:
+                if self.wrote_sidecar and os.path.exists(sidecar_path(self.path)):
+                    os.unlink(sidecar_path(self.path))
+                if not os.path.exists(sidecar_path(self.path)):
+                    os.unlink(self.path)
         except OSError:
             pass
         os.close(self.fd)  # closing drops the flock
@@ -244,6 +249,7 @@ def check_prompt_lengths(args, tokenizer, prompts: List[str], formatted: List[st
     return too_long
 
 
+@cli_main("sample", resume_hint="the samples written so far are kept: rerun the same command to resume")
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -280,6 +286,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             raise UsageError(f"formatting prompts: {e}") from None
         too_long = check_prompt_lengths(args, tokenizer, prompts, formatted, lines, model_context_length(config))
         lock = OutputLock(args.output)
+        had_sidecar = os.path.exists(sidecar_path(args.output))
+        lock.wrote_sidecar = not had_sidecar or args.overwrite
         done = prepare_output(args, tokenizer, skipped)
     except (DataError, UsageError) as e:
         if lock is not None:
@@ -291,6 +299,10 @@ def main(argv: Optional[List[str]] = None) -> int:
             lock.release()
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except BaseException:  # Ctrl-C or a bug: the lock (and a file it created empty) still goes
+        if lock is not None:
+            lock.release()
+        raise
     try:
         with owned_shm_cleanup():  # vLLM's shared memory the job's engines leave, also on Ctrl-C during start-up
             return _run(args, params, prompts, formatted, done, too_long, skipped)

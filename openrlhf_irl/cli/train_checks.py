@@ -111,11 +111,136 @@ def check_outputs(values: Dict[str, Any]) -> None:
                          "retired as old checkpoints; choose another path, or pass --ckpt.overwrite")
 
 
+def _file_above(path: str) -> Optional[str]:
+    """The nearest existing ancestor of ``path`` when it is not a directory (``path`` cannot be created there)."""
+    current = os.path.dirname(os.path.abspath(path))
+    while True:
+        if os.path.exists(current):
+            return None if os.path.isdir(current) else current
+        parent = os.path.dirname(current)
+        if parent == current:
+            return None
+        current = parent
+
+
+def check_output_parents(values: Dict[str, Any]) -> None:
+    """ValueError when an output would have to be created under a regular file (found only at the first save)."""
+    for name in OUTPUTS:
+        path = values.get(name)
+        if isinstance(path, str) and path.strip():
+            above = _file_above(path)
+            if above is not None:
+                raise ValueError(f"--{name} {path}: cannot be created, {above} is a file, not a directory")
+
+
+#: model flags and the flag whose tokenizer reads them (OpenRLHF's PPO feeds the actor's token ids to every model)
+MODEL_SUFFIX = "model_name_or_path"
+
+
+def check_models(values: Dict[str, Any]) -> None:
+    """Every model the run loads, before any of them is: a model directory whose config.json parses, whose weight
+    files are whole (a truncated ``model.safetensors`` is found here, not after start-up), and whose tokenizer fits
+    its embedding (:func:`openrlhf_irl.cli.common.check_model`). With an actor (PPO), the reference model and the
+    critic read the actor's token ids: its tokenizer must fit them too. UsageError (a ValueError) naming the flag."""
+    from openrlhf_irl.cli.common import check_model, check_vocab
+
+    models = {name: value for name, value in values.items()
+              if name.endswith(MODEL_SUFFIX) and isinstance(value, str) and value.strip()}
+    for name, path in models.items():
+        check_model(path, f"--{name}")
+    actor = models.get("actor.model_name_or_path")
+    if actor and os.path.isdir(actor):
+        for name in ("ref.model_name_or_path", "critic.model_name_or_path"):
+            path = models.get(name)
+            if path and os.path.isdir(path) and os.path.realpath(path) != os.path.realpath(actor):
+                check_vocab(path, f"--{name}", tokenizer_path=actor, tokenizer_flag="--actor.model_name_or_path")
+
+
+def _records(path: str):
+    """``(where, record)`` of a local JSON-lines or JSON-list file; lines that do not parse are skipped (the
+    dataset loader reports them)."""
+    import json
+
+    if path.endswith(".jsonl"):
+        with open(path, encoding="utf-8") as f:
+            for line_no, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    yield f"line {line_no}", json.loads(line)
+                except ValueError:
+                    continue
+        return
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except ValueError:
+        return
+    if isinstance(data, list):
+        for index, record in enumerate(data):
+            yield f"record {index}", record
+
+
+def check_reward_data(values: Dict[str, Any]) -> None:
+    """For ``train_rm``: every record of a local JSON/JSONL ``--data.dataset`` / ``--eval.dataset`` has the shape
+    the chosen trainer reads, before the model loads. ``--trainer afd_rm`` reads labels files (``prompt``,
+    ``response``, ``label`` 0/1: a number, not a string); ``--trainer rm`` reads pairs (``chosen``, ``rejected``);
+    a pairs file given to afd_rm, or a labels file to rm, is named as such. ValueError naming the file, the
+    record and the field."""
+    trainer = values.get("trainer")
+    if trainer not in ("rm", "afd_rm") or "data.chosen_key" not in values:
+        return
+    chosen = values.get("data.chosen_key") or "chosen"
+    rejected = values.get("data.rejected_key") or "rejected"
+    label = values.get("data.label_key") or "label"
+    response = values.get("data.response_key") or "response"
+    for flag in ("data.dataset", "eval.dataset"):
+        path = values.get(flag)
+        if not isinstance(path, str) or "," in path or not path.endswith((".jsonl", ".json")):
+            continue
+        if not os.path.isfile(path):
+            continue
+        for where, record in _records(path):
+            if not isinstance(record, dict):
+                raise ValueError(f"--{flag} {path}, {where}: expected a JSON object, got {type(record).__name__}")
+            if trainer == "afd_rm":
+                if label not in record:
+                    if chosen in record and rejected in record:
+                        raise ValueError(f"--{flag} {path}, {where}, field {label!r}: missing; this is a pairs "
+                                         f"record ({chosen!r}/{rejected!r}) and --trainer afd_rm reads labels "
+                                         f"({response!r}, {label!r}): train pairs with --trainer rm, or build the "
+                                         "dataset with build_afd_dataset --format labels")
+                    raise ValueError(f"--{flag} {path}, {where}, field {label!r}: missing (--data.label_key)")
+                value = record[label]
+                if isinstance(value, bool) or (isinstance(value, (int, float)) and value in (0, 1)):
+                    pass
+                else:
+                    kind = "a string" if isinstance(value, str) else type(value).__name__
+                    raise ValueError(f"--{flag} {path}, {where}, field {label!r}: expected the number 0 or 1, got "
+                                     f"{value!r} ({kind})")
+                if response not in record:
+                    raise ValueError(f"--{flag} {path}, {where}, field {response!r}: missing (--data.response_key)")
+            else:
+                for key_flag, key in (("chosen_key", chosen), ("rejected_key", rejected)):
+                    if key in record:
+                        continue
+                    if label in record and response in record:
+                        raise ValueError(f"--{flag} {path}, {where}, field {key!r}: missing; this is a labels "
+                                         f"record ({response!r}, {label!r}) and --trainer rm reads pairs "
+                                         f"({chosen!r}/{rejected!r}): train labels with --trainer afd_rm, or build "
+                                         "the dataset with build_afd_dataset --format pairs")
+                    raise ValueError(f"--{flag} {path}, {where}, field {key!r}: missing (--data.{key_flag})")
+
+
 def check_training_args(ns, defaults: Optional[Dict[str, Any]] = None) -> None:
-    """Both checks on a parsed namespace (flat or nested)."""
+    """The checks run at parse time on a namespace (flat or nested): numbers, outputs, reward-model data. The
+    models (:func:`check_models`) are checked where the run starts (the launcher's ``get_strategy``, train_ppo's
+    own checks): parsing alone, as the examples' tests do, needs no model."""
     values = flat(ns)
     check_numbers(values, defaults)
+    check_output_parents(values)
     check_outputs(values)
+    check_reward_data(values)
 
 
 def claim_outputs(args) -> None:

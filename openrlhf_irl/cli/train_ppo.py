@@ -23,7 +23,7 @@ import runpy
 import signal
 import sys
 
-from openrlhf_irl.cli.common import UsageError, check_model, load_checked_tokenizer
+from openrlhf_irl.cli.common import UsageError, check_model, cli_main, load_checked_tokenizer
 
 MODULE = "openrlhf.cli.train_ppo_ray"
 CPU_DEFAULTS = (("--ds.attn_implementation", "sdpa"), ("--vllm.sync_backend", "gloo"))
@@ -230,10 +230,11 @@ def check_reward_func(url: str, prompt: str | None = None) -> None:
 
 
 def check(args) -> None:
-    from openrlhf_irl.cli.train_checks import check_training_args
+    from openrlhf_irl.cli.train_checks import check_models, check_training_args, flat
 
     try:
         check_training_args(args)  # numbers finite and in range; --ckpt.* never an input nor a stranger's folder
+        check_models(flat(args))  # every model whole, fitting its tokenizer and the actor's
     except ValueError as err:
         raise UsageError(str(err)) from None
     check_model(args.actor.model_name_or_path, "--actor.model_name_or_path")
@@ -332,7 +333,7 @@ def run_cpu(argv: list[str]) -> int:
 
 def run_gpu(argv: list[str]) -> int:
     """With CUDA: OpenRLHF's module unchanged, after the numbers and output paths are checked (one line, exit 2)."""
-    from openrlhf_irl.cli.train_checks import check_training_args, claim_outputs
+    from openrlhf_irl.cli.train_checks import check_models, check_training_args, claim_outputs, flat
 
     overwrite = "--ckpt.overwrite" in argv  # ours, not OpenRLHF's: taken out before its parser sees it
     argv = [a for a in argv if a != "--ckpt.overwrite"]
@@ -340,6 +341,7 @@ def run_gpu(argv: list[str]) -> int:
     args.ckpt.overwrite = overwrite
     try:
         check_training_args(args)
+        check_models(flat(args))
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -348,6 +350,7 @@ def run_gpu(argv: list[str]) -> int:
     return 0
 
 
+@cli_main("train_ppo", resume_hint="a run saving checkpoints (--ckpt.save_steps) resumes with --ckpt.load_enable")
 def main(argv: list[str] | None = None) -> None:
     from openrlhf_irl.compat import ray_ppo
 

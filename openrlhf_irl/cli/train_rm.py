@@ -2,9 +2,11 @@
 
 import sys
 
+from openrlhf_irl.cli.common import cli_main
 from openrlhf_irl.cli.launcher import run
 
 
+@cli_main("train_rm", resume_hint="a run saving checkpoints (--ckpt.save_steps) resumes with --ckpt.load_enable")
 def main(argv=None):
     from openrlhf_irl.cli.common import check_rm_eval_split
 

@@ -15,7 +15,7 @@ from typing import Any, Iterator, List, Optional, Sequence
 import ray
 
 from .params import Completion, SamplingParams, plan_requests
-from .ray_session import ensure_ray
+from .ray_session import ensure_ray, release_each
 
 __all__ = ["GenerationPool", "ensure_ray", "resolve_backend"]
 
@@ -171,11 +171,7 @@ class GenerationPool:
                     submit(actor)
                 yield result
         finally:
-            for ref in pending:  # an abandoned stream: do not leave work queued
-                try:
-                    ray.cancel(ref)
-                except Exception:  # pragma: no cover - best effort
-                    pass
+            release_each(ray.cancel, pending)  # an abandoned stream: do not leave work queued
 
     def generate(self, prompts: Sequence[str], params: SamplingParams) -> List[Completion]:
         """All completions, sorted by (prompt_index, sample_index)."""
@@ -184,11 +180,7 @@ class GenerationPool:
 
     def close(self) -> None:
         """Kill the actors/engines; shut Ray down if this pool started it."""
-        for actor in self.actors:
-            try:
-                ray.kill(actor)
-            except Exception:  # pragma: no cover - best effort
-                pass
+        release_each(ray.kill, self.actors)
         self.actors = []
         if self._vllm is not None:
             self._vllm.close()

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import os
-from typing import Optional
+from typing import Any, Callable, Iterable, Optional
 
 import ray
 
-__all__ = ["ensure_ray"]
+__all__ = ["ensure_ray", "release_each"]
 
 
 def ensure_ray(num_cpus: Optional[int] = None) -> bool:
@@ -29,3 +29,13 @@ def ensure_ray(num_cpus: Optional[int] = None) -> bool:
         ray.init(address="local", num_cpus=num_cpus or os.cpu_count() or 1,
                  _temp_dir=os.path.join(private_run_dir(), "ray"), **kwargs)
     return True
+
+
+def release_each(release: Callable[[Any], Any], handles: Iterable) -> None:
+    """``release(handle)`` for every handle (``ray.kill`` an actor, ``ray.cancel`` a task, remove a placement
+    group), best effort: one that fails does not stop the others."""
+    for handle in handles:
+        try:
+            release(handle)
+        except Exception:  # pragma: no cover - best effort
+            pass

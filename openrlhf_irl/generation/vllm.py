@@ -173,17 +173,11 @@ class EngineGroup:
         import ray
         from ray.util.placement_group import remove_placement_group
 
-        for engine in self.engines:
-            try:
-                ray.kill(engine)
-            except Exception:  # pragma: no cover - best effort
-                pass
+        from .ray_session import release_each
+
+        release_each(ray.kill, self.engines)
         self.engines = []
-        for group in self._placement_groups:
-            try:
-                remove_placement_group(group)
-            except Exception:  # pragma: no cover - best effort
-                pass
+        release_each(remove_placement_group, self._placement_groups)
         self._placement_groups = []
         if self._shm is not None:  # after the kills: waits for the engine processes, then removes their segments
             self._shm.close()

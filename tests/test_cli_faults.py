@@ -886,10 +886,11 @@ def test_cli_fault_subprocess(name, models, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("module", ["sample", "build_afd_dataset"])
+@pytest.mark.parametrize("module", ["sample", "build_afd_dataset", "best_of_n"])
 def test_ctrl_c_subprocess(module, models, tmp_path):
     """A real SIGINT while the CLI reads its input (a FIFO that the test opens and never writes, so the CLI is
-    blocked in read() when the signal comes): exit 130, one ``interrupted:`` line, no traceback, nothing written."""
+    blocked in read() when the signal comes): exit 130, one ``interrupted:`` line, no traceback, nothing written.
+    (best_of_n without :func:`cli_main`: the start-up hook's line, and Python's own exit by SIGINT.)"""
     import signal
     import threading
 
@@ -899,6 +900,10 @@ def test_ctrl_c_subprocess(module, models, tmp_path):
     os.mkfifo(fifo)
     if module == "sample":
         argv = sample_args(models["llm"], str(fifo), str(case / "out.jsonl"))
+    elif module == "best_of_n":
+        argv = n_args(case, models, "--log-ratio-init", models["llm"])
+        argv[argv.index("--prompts") + 1] = str(fifo)
+        os.unlink(case / "prompts.jsonl")
     else:
         argv = ["--init-samples", str(fifo), "--sft-samples", _samples(case, "sft.jsonl", "sft"),
                 "--output", str(case / "o.jsonl")]
@@ -929,11 +934,60 @@ def test_ctrl_c_subprocess(module, models, tmp_path):
             proc.wait()
         for fd in writer:
             os.close(fd)
-    assert proc.returncode == 130, f"exit {proc.returncode}\nSTDOUT:\n{out[-2000:]}\nSTDERR:\n{err[-3000:]}"
+    assert proc.returncode in (130, -signal.SIGINT), (f"exit {proc.returncode}\nSTDOUT:\n{out[-2000:]}\n"
+                                                      f"STDERR:\n{err[-3000:]}")
+    assert module == "best_of_n" or proc.returncode == 130
     assert "Traceback" not in err, err[-3000:]
     lines = [line for line in err.splitlines() if "error" in line.lower() or line.startswith("interrupted")]
     assert len(lines) == 1 and lines[0].startswith(f"interrupted: {module} stopped by Ctrl-C"), err[-3000:]
     assert snapshot(case) == before
+
+
+def test_ctrl_c_outside_cli_main_is_one_line_and_bugs_keep_their_traceback(monkeypatch, capsys):
+    """The hook common.py installs under ``python -m openrlhf_irl...``: a KeyboardInterrupt no cli_main caught
+    (Ctrl-C while torch imports) prints one line; any other uncaught exception still prints its traceback."""
+    import types
+
+    from openrlhf_irl.cli import common
+
+    fake_main = types.ModuleType("__main__")
+    fake_main.__spec__ = types.SimpleNamespace(name="openrlhf_irl.cli.extract_reward")
+    monkeypatch.setitem(sys.modules, "__main__", fake_main)
+    monkeypatch.setattr(sys, "excepthook", sys.__excepthook__)
+    common._install_startup_interrupt_hook()
+    assert sys.excepthook is not sys.__excepthook__
+    capsys.readouterr()
+    sys.excepthook(KeyboardInterrupt, KeyboardInterrupt(), None)
+    assert capsys.readouterr().err.strip() == "interrupted: extract_reward stopped by Ctrl-C"
+    try:
+        raise RuntimeError("a bug")
+    except RuntimeError as err:
+        sys.excepthook(RuntimeError, err, err.__traceback__)
+    assert "Traceback" in capsys.readouterr().err
+
+
+def test_cli_main_keeps_tracebacks_for_bugs():
+    """cli_main turns only a user's mistakes and Ctrl-C into one line: a bug (any other exception, an OSError
+    that is not about the user's files) propagates with its traceback."""
+    import errno
+
+    from openrlhf_irl.cli.common import UsageError, cli_main
+
+    def failing(exc):
+        @cli_main("x")
+        def main(argv=None):
+            raise exc
+        return main
+
+    with pytest.raises(KeyError):
+        failing(KeyError("bug"))()
+    with pytest.raises(ConnectionResetError):
+        failing(ConnectionResetError(errno.ECONNRESET, "reset"))()
+    for exc, code in ((UsageError("--x: bad"), 2), (OSError(errno.ENOSPC, "No space left on device", "f"), 1),
+                      (KeyboardInterrupt(), 130)):
+        with pytest.raises(SystemExit) as exit_:
+            failing(exc)()
+        assert exit_.value.code == code
 
 
 def check_case(case: Case, models: dict, tmp_path: Path, runner) -> None:

@@ -80,6 +80,30 @@ def cli_main(prog: str, *, resume_hint: str = "", usage_code: int = 2) -> Callab
     return decorate
 
 
+def _install_startup_interrupt_hook() -> None:
+    """Under ``python -m openrlhf_irl...`` (or the ``openrlhf-irl`` script) only: a Ctrl-C that no
+    :func:`cli_main` catches (while the CLI module still imports torch and transformers, or in a CLI without the
+    decorator) prints one ``interrupted:`` line instead of a traceback; Python still ends the process by SIGINT
+    (exit status 130 in a shell), after its normal clean-up. Other exceptions go to the previous hook."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    name = str(getattr(spec, "name", "") or "")
+    if not name and os.path.basename(sys.argv[0] if sys.argv else "").startswith("openrlhf-irl"):
+        name = "openrlhf_irl.__main__"
+    if not name.startswith("openrlhf_irl") or getattr(sys.excepthook, "_openrlhf_irl", False):
+        return
+    previous = sys.excepthook
+    prog = name.rsplit(".", 1)[-1] if name.count(".") > 1 else "openrlhf-irl"
+
+    def hook(kind, value, tb):
+        if issubclass(kind, KeyboardInterrupt):
+            _say(f"interrupted: {prog} stopped by Ctrl-C")
+            return
+        previous(kind, value, tb)
+
+    hook._openrlhf_irl = True
+    sys.excepthook = hook
+
+
 def _say(line: str) -> None:
     try:
         sys.stdout.flush()
@@ -507,3 +531,6 @@ def check_rm_eval_split(argv: list) -> Optional[str]:
                 "them (0 records here); pass --eval.dataset (a held-out file, or the training file itself) or "
                 "use at least 100 records")
     return None
+
+
+_install_startup_interrupt_hook()

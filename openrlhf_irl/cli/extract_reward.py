@@ -23,6 +23,7 @@ import sys
 from collections import defaultdict
 from types import SimpleNamespace
 
+import openrlhf_irl.cli.common  # noqa: F401  first: a Ctrl-C while torch imports ends in one line
 import torch
 
 from openrlhf_irl.cli.common import (

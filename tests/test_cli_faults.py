@@ -784,6 +784,34 @@ def _sample_pool_interrupted(monkeypatch):
     monkeypatch.setattr(ray_pool, "GenerationPool", _raise(KeyboardInterrupt()))
 
 
+class _FakePool:
+    """A generation pool that yields one finished sample per request at once (no Ray, no model)."""
+    backend, _started_ray = "fake", False
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def generate_stream(self, formatted, params, skip):
+        from types import SimpleNamespace
+
+        yield [SimpleNamespace(prompt_index=i, sample_index=s, text=" 1 2", finished=True, logprob=-1.0)
+               for i in range(len(formatted)) for s in range(params.n) if (i, s) not in skip]
+
+
+def _sample_disk_full(monkeypatch):
+    import openrlhf_irl.generation.ray_pool as ray_pool
+
+    monkeypatch.setattr(ray_pool, "GenerationPool", _FakePool)
+    monkeypatch.setattr("openrlhf_irl.cli.sample.append_jsonl",
+                        _raise(OSError(28, "No space left on device", "out.jsonl")))
+
+
 def _extract_args(t, m):
     return ["--model", m["llm"], "--data", _extract_data(t), "--output", str(t / "rewards.jsonl"), "--device", "cpu"]
 
@@ -823,6 +851,11 @@ CASES_23_4_6 = {
     "extract/disk-full": Case("extract_reward", _extract_args, "rewards.jsonl: No space left on device", code=1,
                               patch=disk_full_in("openrlhf_irl.cli.extract_reward.atomic_write_jsonl",
                                                  "rewards.jsonl")),
+    "sample/disk-full": Case("sample", s_flag(), "out.jsonl: No space left on device", code=1,
+                             patch=_sample_disk_full),
+    "train_sft/disk-full": Case("train_sft", t_case("train_sft", "ok"), ".json: No space left on device", code=1,
+                                patch=disk_full_in("openrlhf_irl.cli.train_checks.claim_outputs",
+                                                   "out/.openrlhf-irl-output.json")),
     # class 6: Ctrl-C in the expensive part of each CLI: exit 130, one line
     "sample/ctrl-c": Case("sample", s_flag(), INTERRUPTED, code=130, patch=_sample_pool_interrupted),
     "build/ctrl-c": Case("build_afd_dataset", b_flag(), INTERRUPTED, code=130,

@@ -706,6 +706,14 @@ def e_model(kind):
     return setup
 
 
+def s_lora_truncated(t, m):
+    """A LoRA adapter whose adapter_model.safetensors stops inside its header (an interrupted copy)."""
+    (t / "lora").mkdir()
+    (t / "lora" / "adapter_config.json").write_text("{}")
+    (t / "lora" / "adapter_model.safetensors").write_bytes((400).to_bytes(8, "little") + b'{"base_model.')
+    return sample_args(m["llm"], _prompts(t), str(t / "out.jsonl"), "--lora", str(t / "lora"))
+
+
 def n_log_ratio_init_truncated(t, m):
     return n_args(t, m, "--log-ratio-init", _truncated_model(t, m, "init"))
 
@@ -831,6 +839,7 @@ CASES_23_4_6 = {
     # class 4: every model whole and agreeing with its tokenizer, before work
     "sample/truncated-model": Case("sample", s_model("truncated"), TRUNCATED),
     "sample/tokenizer-larger-than-the-model": Case("sample", s_model("small-vocab"), VOCAB),
+    "sample/lora-truncated": Case("sample", s_lora_truncated, "lora: adapter_model.safetensors is truncated"),
     "bon/log-ratio-init-truncated": Case("best_of_n", n_log_ratio_init_truncated,
                                          "init: " + TRUNCATED),
     "extract/truncated-model": Case("extract_reward", e_model("truncated"), TRUNCATED),

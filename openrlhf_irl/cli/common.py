@@ -451,6 +451,7 @@ def check_lora(path: Optional[str], flag: str = "--lora") -> Optional[str]:
         raise UsageError(f"{flag} {path}: no such adapter directory")
     if not os.path.isfile(os.path.join(path, "adapter_config.json")):
         raise UsageError(f"{flag} {path}: not a PEFT adapter (no adapter_config.json)")
+    check_weights(path, flag)  # a truncated adapter_model.safetensors, before the base model loads
     return path
 
 

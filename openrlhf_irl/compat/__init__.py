@@ -6,6 +6,8 @@ NCCL, a "cuda" device mesh) and a handful of ``torch.cuda`` calls in the strateg
 :func:`activate` bridges them at run time. It is a no-op when CUDA is present, when
 ``OPENRLHF_IRL_COMPAT=0``, or for an OpenRLHF version it was not written for.
 
+A DeepSpeed op's build lock left by a killed process is recovered by :mod:`.extension_lock`.
+
 ``--ds.param_dtype fp32``/``auto`` (bf16 only where the CPU computes it natively) is :mod:`.param_dtype`.
 
 Its vLLM engine path (engines on a CPU Ray cluster, the weight push) is bridged by :mod:`.vllm_cpu`: the
@@ -54,9 +56,14 @@ def needed() -> bool:
 
 
 def activate() -> bool:
-    """Install the CPU layer once (idempotent). Returns whether it is active."""
+    """Install the CPU layer once (idempotent). Returns whether it is active. A JIT extension lock that a killed
+    process left no longer hangs later jobs (:mod:`.extension_lock`), with or without CUDA."""
     if _state["active"]:
         return True
+    if os.environ.get(ENV_SWITCH, "1") != "0":
+        from . import extension_lock
+
+        extension_lock.install()
     if not needed():
         return False
     from . import flash_attn_standin, param_dtype

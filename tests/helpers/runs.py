@@ -24,10 +24,33 @@ def sft_flags(model: str, data: str, out: str, *extra: str) -> list[str]:
 
 
 def run_python(args: list[str], timeout: int = 600, env: dict | None = None, cwd: str | None = None):
-    """Run ``python args...`` from the repo's interpreter; returns the CompletedProcess (text output)."""
+    """Run ``python args...`` from the repo's interpreter; returns the CompletedProcess (text output). The run is
+    a process group of its own: past ``timeout`` (or on any error here) the whole group is killed, so the ranks of
+    a ``torch.distributed.run`` do not outlive it, and ``TimeoutExpired`` carries what it printed."""
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-    return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=timeout,
-                          env=full_env, cwd=cwd or str(REPO))
+    cmd = [sys.executable, *args]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=full_env,
+                            cwd=cwd or str(REPO), start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        _kill_group(proc)
+        out, err = proc.communicate()
+        raise subprocess.TimeoutExpired(cmd, timeout, out, err) from None
+    except BaseException:
+        _kill_group(proc)
+        proc.communicate()
+        raise
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    import signal
+
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
 
 
 def assert_ok(proc) -> None:

@@ -181,7 +181,9 @@ def test_sample_cli_on_engines_leaves_no_shared_memory(tiny_model, tmp_path, vll
                     os.killpg(job.pid, signal.SIGINT)
                     interrupted = True
             time.sleep(0.5)
-        log_tail = (tmp_path / "log.txt").read_text()[-4000:]
+        log = (tmp_path / "log.txt").read_text()
+        deaths = [line for line in log.splitlines() if "died unexpectedly" in line or "exit code" in line]
+        log_tail = "\n".join(deaths[-5:]) + "\n...\n" + log[-4000:]  # how an engine worker ended, if one did
         if ending == "ctrl-c":
             assert interrupted and job.poll() not in (None, 0), log_tail
         else:

@@ -7,6 +7,8 @@ import argparse
 import os
 import sys
 
+from openrlhf_irl.cli.common import cli_main
+
 COMMANDS = {
     "train_sft": "OpenRLHF's SFT CLI with --trainer {sft,irl_iq}",
     "train_rm": "OpenRLHF's reward-model CLI with --trainer {rm,afd_rm}",
@@ -69,6 +71,7 @@ def _seeds(text: str) -> list[int]:
     return seeds
 
 
+@cli_main("openrlhf-irl", resume_hint="rerun the same command; a stopped run never leaves its old report beside new data")
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="openrlhf-irl", description="Inverse RL for OpenRLHF.",
                                      epilog="other commands: " + "; ".join(

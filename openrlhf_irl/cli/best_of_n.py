@@ -18,7 +18,7 @@ import sys
 from openrlhf_irl.afd.best_of_n import (ESTIMATORS, UNFINISHED, ScoreError, check_scores, load_golden, parse_ns,
                                         plot_curves, resolve_golden, score_and_select)
 from openrlhf_irl.cli import sample as sample_cli
-from openrlhf_irl.cli.common import (UsageError, check_lora, check_model, check_output_dir, load_checked_tokenizer,
+from openrlhf_irl.cli.common import (UsageError, cli_main, check_lora, check_model, check_output_dir, load_checked_tokenizer,
                                      positive_int, resolve_outputs, temperature, top_p)
 from openrlhf_irl.utils.output_guard import OutputConflict, OutputUnit, mark_dir
 from openrlhf_irl.utils.jsonl import DataError, atomic_write_json, atomic_write_jsonl, data_error, read_jsonl
@@ -179,6 +179,7 @@ def read_candidates(path: str, prompts: list, n_max: int) -> list:
     return records
 
 
+@cli_main("best_of_n", resume_hint="the samples written so far are kept: rerun the same command to resume")
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:

@@ -7,7 +7,7 @@ import os
 import sys
 from collections import Counter
 
-from openrlhf_irl.cli.common import UsageError, check_output_dir, positive_int, resolve_outputs
+from openrlhf_irl.cli.common import UsageError, cli_main, check_output_dir, positive_int, resolve_outputs
 from openrlhf_irl.utils.output_guard import OutputConflict, OutputUnit, mark_dir
 from openrlhf_irl.datasets.hh_rlhf import load_hh_rlhf
 from openrlhf_irl.utils.jsonl import DataError, atomic_write_jsonl
@@ -28,6 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@cli_main("prepare_hh_rlhf", resume_hint="the previous files, if any, are kept whole")
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     skipped, unit = Counter(), None

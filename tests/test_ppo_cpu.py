@@ -354,7 +354,7 @@ def test_interrupt_or_dead_actor_ends_the_job_with_one_line_and_no_orphans(model
         reaper.kill_tagged(tag)
     last = err.strip().splitlines()[-1]
     if fault == "ctrl_c":
-        assert proc.returncode == 130 and last.startswith("error: PPO interrupted")
+        assert proc.returncode == 130 and last.startswith("interrupted: train_ppo stopped by Ctrl-C")
     else:
         assert proc.returncode == 1 and last.startswith("error: PPO failed:") and "Actor" in last, last
     assert leftovers == []

@@ -309,7 +309,8 @@ def run_cpu(argv: list[str]) -> int:
         if not message:
             _run_openrlhf(argv)
     except KeyboardInterrupt:
-        code, message = 130, "PPO interrupted; its Ray actors and vLLM engines were stopped"
+        code, message = 130, ("train_ppo stopped by Ctrl-C; its Ray actors and vLLM engines were stopped; a run "
+                              "saving checkpoints (--ckpt.save_steps) resumes with --ckpt.load_enable")
     except SystemExit:
         raise
     except Exception as err:  # a dead actor or a failure inside one: Ray's error, in one line
@@ -327,7 +328,7 @@ def run_cpu(argv: list[str]) -> int:
         signal.signal(signal.SIGTERM, previous)
         signal.signal(signal.SIGINT, sigint)
     if message:  # last, after Ray stopped streaming its workers' output
-        print(f"error: {message}", file=sys.stderr)
+        print(f"{'interrupted' if code == 130 else 'error'}: {message}", file=sys.stderr)  # as cli_main says it
     return code
 
 

@@ -60,7 +60,8 @@ compat.activate()  # CPU: flash-attn stand-ins so that `import openrlhf.models` 
 
 from openrlhf.models import Actor, SFTLoss  # noqa: E402
 
-from openrlhf_irl.trainers.iq_learn import IQConfig, IQLearnSFTLoss, IQLearnTrainer  # noqa: E402
+from openrlhf_irl.losses.iq_sft import IQConfig, IQLearnSFTLoss  # noqa: E402
+from openrlhf_irl.trainers.iq_learn import IQLearnTrainer  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from fused_mle import fused_linear_cross_entropy  # noqa: E402
@@ -174,14 +175,14 @@ def make_batches(cfg: BenchConfig, seed: int):
 
 # ---- methods --------------------------------------------------------------------------------------------------
 def bare_trainer(actor, **cfg) -> IQLearnTrainer:
-    """The real ``IQLearnTrainer`` forward and loss on a plain Actor, without OpenRLHF's trainer set-up
-    (as ``tests/test_iq_trainer.py::bare_trainer``)."""
+    """The real ``IQLearnTrainer`` forward on a plain Actor, without OpenRLHF's trainer set-up, and the loss
+    (``IQLearnSFTLoss``) built directly as ``iq_loss``."""
     trainer = object.__new__(IQLearnTrainer)
     trainer.model = actor
     trainer._actor_forward = actor.forward
     trainer.iq_config = IQConfig(**cfg)
     trainer.eos_token_id = EOS_ID
-    trainer.loss_fn = IQLearnSFTLoss(trainer)
+    trainer.iq_loss = IQLearnSFTLoss(trainer.iq_config, EOS_ID)
     return trainer
 
 
@@ -222,8 +223,8 @@ def make_methods(actor, cfg: BenchConfig, ablations: bool) -> list[Method]:
         def loss(inputs, attn, loss_mask):
             fwd, _ = trainer.policy_forward(inputs, attention_mask=attn, return_output=True,
                                                  return_logprobs=True)
-            out = trainer.loss_fn(fwd, loss_mask[:, :-1])
-            trainer.loss_fn.pop_stats()  # the trainer pops them at logging steps; keep the lists from growing
+            out = trainer.iq_loss(fwd, loss_mask[:, :-1])
+            trainer.iq_loss.pop_stats()  # the trainer pops them at logging steps; keep the lists from growing
             return out
 
         return loss
@@ -333,8 +334,8 @@ def sanity(actor, cfg, batch) -> dict:
     out["mle_fused_loss"] = float(fused_mle.loss(inputs, attn, loss_mask))
     for key, fused in (("iq_plain", False), ("iq_fused", True)):
         trainer = bare_trainer(actor, td_weight=TD_WEIGHT, fused_loss=fused, fused_chunk_size=cfg.fused_chunk_size)
-        out[f"{key}_loss"] = float(trainer.loss_fn(trainer.policy_forward(inputs, attention_mask=attn), mask))
-        out[f"{key}_nll"] = trainer.loss_fn.pop_stats()["nll"]
+        out[f"{key}_loss"] = float(trainer.iq_loss(trainer.policy_forward(inputs, attention_mask=attn), mask))
+        out[f"{key}_nll"] = trainer.iq_loss.pop_stats()["nll"]
     return out
 
 

@@ -45,7 +45,7 @@ def training_batch(tok, records, max_len, truncation="bootstrap"):
 def test_token_rewards_are_the_trainers_on_its_training_rows(tiny_model, tmp_path, gamma, truncation):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from openrlhf_irl.trainers.iq_learn import IQConfig, PolicyForward, forward_terms
+    from openrlhf_irl.losses.iq_sft import IQConfig, PolicyForward, forward_terms
 
     records = counting_records(5, seed=13)
     records[1]["response"] = " ".join(str(i) for i in range(20, 45))  # cut by --max-len
@@ -161,7 +161,7 @@ def test_output_that_is_the_input_is_refused(tiny_model, tmp_path, capsys):
 def test_multiturn_rows_are_scored_as_the_trainer_scores_them(tiny_model, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from openrlhf_irl.trainers.iq_learn import IQConfig, PolicyForward, forward_terms
+    from openrlhf_irl.losses.iq_sft import IQConfig, PolicyForward, forward_terms
     from helpers.iq_batches import TEMPLATE as CHAT, conversations, multiturn_batch
 
     records = conversations()

@@ -45,14 +45,14 @@ def test_single_pass_equals_plain_and_two_pass_with_openrlhf_normalisers(actor_a
     assert run(single, inputs, attn, mask).grad_fn.name().startswith("LinearIQObjective")  # the default path
 
     ref, ref_grads = loss_and_grads(actor, lambda: run(plain, inputs, attn, mask, **norms))
-    ref_stats = plain.loss_fn.pop_stats()
+    ref_stats = plain.iq_loss.pop_stats()
     for trainer in (single, two_pass):
-        trainer.loss_fn.pop_stats()
+        trainer.iq_loss.pop_stats()
         got, got_grads = loss_and_grads(actor, lambda: run(trainer, inputs, attn, mask, **norms))
         torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
         for g, r in zip(got_grads, ref_grads):
             torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-6)
-        stats = trainer.loss_fn.pop_stats()
+        stats = trainer.iq_loss.pop_stats()
         for key in ("nll", "td", "value", "reward", "entropy"):
             assert stats[key] == pytest.approx(ref_stats[key], rel=1e-5, abs=1e-6), key
 
@@ -78,7 +78,7 @@ def test_online_single_pass_equals_plain_online_loss(actor_and_tok, gamma):
                         ("two_pass", dict(fused_loss=True, fused_chunk_size=6, fused_single_pass=False))):
         trainer = bare_trainer(actor, tok, sampler=FixedSampler(tok, n=2), **cfg, **extra)
         loss, g = loss_and_grads(actor, lambda: run(trainer, inputs, attn, mask, **norms))
-        results[name] = (loss, g, trainer.loss_fn.pop_stats())
+        results[name] = (loss, g, trainer.iq_loss.pop_stats())
     ref, ref_grads, ref_stats = results["plain"]
     assert abs(ref_stats["online_term"]) > 1e-3  # the online term is there
     for name in ("single", "two_pass"):

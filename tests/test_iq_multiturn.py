@@ -20,7 +20,7 @@ import datasets  # noqa: E402
 from transformers import AutoTokenizer  # noqa: E402
 
 from openrlhf_irl.datasets.iq_sft import IQSFTDataset  # noqa: E402
-from openrlhf_irl.trainers.iq_learn import NonFiniteLoss, PolicyForward, forward_terms  # noqa: E402
+from openrlhf_irl.losses.iq_sft import NonFiniteLoss, PolicyForward, forward_terms  # noqa: E402
 
 def segments(mask_row):
     """[(first, last)] shifted positions of each run of response tokens."""
@@ -149,8 +149,8 @@ def test_skip_nonfinite_gives_zero_gradient_and_counts(actor_and_tok):
         loss = trainer.loss_fn(fwd, mask)
         loss.backward()
         assert float(loss) == 0.0 and torch.count_nonzero(fwd.logits.grad) == 0
-    assert trainer.loss_fn.pop_stats()["nonfinite_skipped"] == 1.5  # mean of the counts logged (1, 2)
-    assert trainer.loss_fn.skipped == 2
+    assert trainer.iq_loss.pop_stats()["nonfinite_skipped"] == 1.5  # mean of the counts logged (1, 2)
+    assert trainer.iq_loss.skipped == 2
 
 
 def test_multiturn_template_off_token_boundary_is_refused(actor_and_tok):

@@ -16,7 +16,7 @@ compat.activate()
 from openrlhf.utils.loss_utils import iter_grad_accum_global_norm  # noqa: E402
 
 from openrlhf_irl.losses.iq_learn import IQTokenTerms, iq_online_term  # noqa: E402
-from openrlhf_irl.trainers.iq_learn import IQConfig, check_online_config  # noqa: E402
+from openrlhf_irl.losses.iq_sft import IQConfig, check_online_config  # noqa: E402
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -95,7 +95,7 @@ def test_gamma_one_value_part_cancels_for_complete_samples(actor_and_tok):
         on = bare_trainer(actor, tok, sampler=FixedSampler(tok, n=3, all_finished=True), td_weight=0.5,
                           online_mix=0.5, chi2_on_policy=False)
         value_only = on.loss_fn(on.policy_forward(inputs, attn), mask)
-        stats = on.loss_fn.pop_stats()
+        stats = on.iq_loss.pop_stats()
         on_chi2 = bare_trainer(actor, tok, sampler=FixedSampler(tok, n=3, all_finished=True), td_weight=0.5,
                                online_mix=0.5)
         with_chi2 = on_chi2.loss_fn(on_chi2.policy_forward(inputs, attn), mask)

@@ -16,7 +16,8 @@ from openrlhf.models import Actor, SFTLoss  # noqa: E402
 from transformers import AutoTokenizer  # noqa: E402
 
 from openrlhf_irl.losses import iq_learn_loss  # noqa: E402
-from openrlhf_irl.trainers.iq_learn import IQConfig, IQLearnTrainer  # noqa: E402
+from openrlhf_irl.losses.iq_sft import IQConfig  # noqa: E402
+from openrlhf_irl.trainers.iq_learn import IQLearnTrainer  # noqa: E402
 from helpers.iq_batches import bare_trainer, sft_batch  # noqa: E402
 
 
@@ -66,7 +67,7 @@ def test_trainer_loss_equals_reference_loss_on_a_batch_with_eos_and_truncation(a
         ref, ref_stats = iq_learn_loss(logits, labels, mask, mask & (labels == tok.eos_token_id),
                                        td_weight=0.5, gamma=gamma, mle_weight=0.7)
     torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-6)
-    stats = trainer.loss_fn.pop_stats()  # entropy over all response tokens (fewer than the 256 sampled for logging)
+    stats = trainer.iq_loss.pop_stats()  # entropy over all response tokens (fewer than the 256 sampled for logging)
     for key in ("nll", "td", "value", "reward", "entropy"):
         assert stats[key] == pytest.approx(ref_stats[key], rel=1e-5, abs=1e-6), key
 
@@ -82,7 +83,7 @@ def test_fused_trainer_forward_matches_plain_loss_and_gradients(actor_and_tok):
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
     for g, r in zip(got_grads, ref_grads):
         torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-6)
-    assert plain.loss_fn.pop_stats().keys() == fused.loss_fn.pop_stats().keys() >= {"nll", "td", "value", "reward",
+    assert plain.iq_loss.pop_stats().keys() == fused.iq_loss.pop_stats().keys() >= {"nll", "td", "value", "reward",
                                                                                    "entropy", "td_weight"}
 
 

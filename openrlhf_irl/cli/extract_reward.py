@@ -181,7 +181,7 @@ def score_batch(model, items, tokenizer, *, gamma: float, truncation: str):
     """Per-row (labels, per-token rewards, log pi sum, terminal, cut) over the response tokens, computed by the
     trainer's own ``forward_terms`` on full logits."""
     from openrlhf_irl.losses.iq_learn import episode_masks
-    from openrlhf_irl.trainers.iq_learn import IQConfig, PolicyForward, forward_terms
+    from openrlhf_irl.losses.iq_sft import IQConfig, PolicyForward, forward_terms
 
     ids = torch.nn.utils.rnn.pad_sequence([i[0][0] for i in items], batch_first=True,
                                           padding_value=tokenizer.pad_token_id)

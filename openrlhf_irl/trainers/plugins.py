@@ -116,7 +116,7 @@ def check_iq_learn_args(ns) -> None:
     if getattr(ns, "trainer", "irl_iq") != "irl_iq":
         return
     get = lambda name, default=None: getattr(ns, name, default)  # noqa: E731
-    from openrlhf_irl.trainers.iq_learn import IQConfig, check_online_config
+    from openrlhf_irl.losses.iq_sft import IQConfig, check_online_config
 
     cfg = IQConfig(**{k: get(f"irl.{k}") for k in IQConfig.__dataclass_fields__ if hasattr(ns, f"irl.{k}")})
     check_online_config(cfg, multiturn=bool(get("data.multiturn")))

@@ -16,7 +16,8 @@ import datasets  # noqa: E402
 from openrlhf_irl.datasets.iq_sft import IQSFTDataset  # noqa: E402
 from openrlhf_irl.generation.online import PolicySampler  # noqa: E402
 from openrlhf_irl.generation.policy_samples import pack_policy_samples  # noqa: E402
-from openrlhf_irl.trainers.iq_learn import IQConfig, IQLearnSFTLoss, IQLearnTrainer  # noqa: E402
+from openrlhf_irl.losses.iq_sft import IQConfig, IQLearnSFTLoss  # noqa: E402
+from openrlhf_irl.trainers.iq_learn import IQLearnTrainer  # noqa: E402
 
 from .records import counting_records  # noqa: E402
 
@@ -50,8 +51,9 @@ def bare_trainer(actor, tokenizer, sampler=None, **cfg) -> IQLearnTrainer:
     trainer._actor_forward = actor.forward
     trainer.iq_config = IQConfig(**cfg)
     trainer.eos_token_id = tokenizer.eos_token_id
-    trainer.loss_fn = IQLearnSFTLoss(trainer)
     trainer.strategy = SimpleNamespace(stage=0, print=print)
+    trainer.iq_loss = IQLearnSFTLoss(trainer.iq_config, trainer.eos_token_id)
+    trainer.loss_fn = trainer.scheduled_loss
     trainer.policy_sampler = sampler
     trainer._online_samples = trainer._online_refreshed_at = None
     return trainer

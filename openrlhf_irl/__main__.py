@@ -21,10 +21,12 @@ COMMANDS = {
 
 def _offline_env(output_dir: str) -> None:
     """No downloads, and no caches in the home directory: datasets' and matplotlib's under the output directory's
-    ``.cache``, DeepSpeed's JIT-built ops and triton's in ``outputs/.cache`` next to the package (shared by runs, as
+    ``.cache``, DeepSpeed's JIT-built ops and triton's in the package's cache (``utils.cache_dir``: shared by runs, as
     the PPO launcher keeps them); a user's own settings win."""
     cache = os.path.join(os.path.abspath(output_dir), ".cache")
-    shared = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "outputs", ".cache")
+    from openrlhf_irl.utils.cache_dir import cache_dir
+
+    shared = str(cache_dir())
     for key, value in {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "disabled",
                        "TOKENIZERS_PARALLELISM": "false", "HF_DATASETS_CACHE": os.path.join(cache, "hf_datasets"),
                        "MPLCONFIGDIR": os.path.join(cache, "matplotlib"),

@@ -14,6 +14,7 @@ import torch
 from helpers import REPO, TESTS, corpus_prompts
 from openrlhf_irl.compat import ray_ppo
 from openrlhf_irl.utils import reaper
+from openrlhf_irl.utils.cache_dir import cache_dir
 
 needs_cpu_layer = pytest.mark.skipif(not ray_ppo.needed(), reason="the CPU layer is off (CUDA present or disabled)")
 
@@ -400,7 +401,7 @@ def test_patched_openrlhf_runs_ppo_on_cpu_without_the_compat_layer(models, tmp_p
 
     run_dir = Path(tempfile.mkdtemp(prefix="ppo5_"))  # short: Ray's sockets go under TMPDIR (AF_UNIX <= 107 bytes)
     tag = f"test-ppo-{uuid.uuid4().hex}"
-    cache = ray_ppo.DEFAULT_CACHE
+    cache = cache_dir()
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
                                                             "MASTER_PORT", "RAY_ADDRESS")}
     env.update({ray_ppo.RUN_TAG_ENV: tag, "OPENRLHF_IRL_COMPAT": "0", "HF_HUB_OFFLINE": "1",

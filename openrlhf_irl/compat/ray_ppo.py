@@ -31,11 +31,11 @@ import torch
 
 from openrlhf_irl import compat
 from openrlhf_irl.utils.reaper import RUN_TAG_ENV  # the job's tag (its processes' clean-up is in utils.reaper)
+from openrlhf_irl.utils.cache_dir import CACHE_ENV
+from openrlhf_irl.utils.cache_dir import cache_dir as package_cache_dir
 
 SETUP_HOOK = "openrlhf_irl.compat.ray_ppo.setup_worker"
 EXTRA_HOOK_ENV = "OPENRLHF_IRL_WORKER_HOOK"  # "module.function": a user's own worker setup hook, run after ours
-REPO_ROOT = Path(__file__).resolve().parents[2]
-DEFAULT_CACHE = REPO_ROOT / "outputs" / ".cache"
 
 
 def needed() -> bool:
@@ -196,7 +196,7 @@ def install_driver_placement() -> None:
 # ---------------------------------------------------------------------------------------------------- the driver
 def worker_env(cache_dir: str | os.PathLike | None = None, run_tag: str | None = None) -> dict[str, str]:
     """Environment for every Ray worker of a CPU PPO job (the user's own values win), tagged with ``run_tag``."""
-    cache = Path(os.environ.get("OPENRLHF_IRL_CACHE") or cache_dir or DEFAULT_CACHE)
+    cache = Path(os.environ.get(CACHE_ENV) or cache_dir or package_cache_dir())
     env = {
         "DS_ACCELERATOR": "cpu",
         "TORCH_EXTENSIONS_DIR": str(cache / "torch_extensions"),

@@ -21,7 +21,7 @@ __all__ = [
     "UsageError", "positive_int", "nonnegative_int", "check_output_dir", "check_output_file", "check_model",
     "check_lora", "check_device", "check_not_same_file", "model_context_length", "load_checked_tokenizer",
     "resolve_outputs", "finite_float", "temperature", "top_p", "cli_main", "user_error_line", "check_weights",
-    "check_vocab",
+    "check_vocab", "add_flag",
 ]
 
 
@@ -113,6 +113,38 @@ def _say(line: str) -> None:
         print(line, file=sys.stderr, flush=True)
     except Exception:
         pass
+
+
+class _DeprecatedSpelling(argparse.Action):
+    """A flag's old spelling: one ``warning:`` line on stderr, then the primary flag's own action does the work
+    (so the value lands in the same ``dest``, through the same type, choices and mutually exclusive group)."""
+
+    def __init__(self, option_strings, dest, *, primary: argparse.Action, **kw) -> None:
+        super().__init__(option_strings, dest, nargs=primary.nargs, type=primary.type, choices=primary.choices,
+                         metavar=primary.metavar, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+        self.primary = primary
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        new = self.primary.option_strings[0]
+        _say(f"warning: {option_string} is deprecated, use {new}; the old spelling goes in the next release")
+        self.primary(parser, namespace, values, new)
+
+
+def add_flag(parser, new: str, *old: str, **kw) -> argparse.Action:
+    """``parser.add_argument(new, **kw)`` where ``new`` is OpenRLHF's spelling of a flag that means the same
+    there (``--data.input_key``), plus the ``old`` spellings of this package (``--input-key``) as hidden aliases
+    that still work for one release and print one deprecation line each time they are used. ``dest`` defaults to
+    the first old spelling's (``input_key``), so code reading ``args.input_key`` is unchanged. ``parser`` may be
+    an argument group or a mutually exclusive group: the aliases join it too."""
+    if "dest" not in kw:
+        kw["dest"] = (old[0] if old else new).lstrip("-").replace("-", "_").replace(".", "_")
+    if old and kw.get("help") != argparse.SUPPRESS:
+        note = f"(deprecated: {', '.join(old)})"
+        kw["help"] = f"{kw['help']} {note}" if kw.get("help") else note
+    primary = parser.add_argument(new, **kw)
+    if old:
+        parser.add_argument(*old, action=_DeprecatedSpelling, dest=primary.dest, primary=primary)
+    return primary
 
 
 def positive_int(text: str) -> int:

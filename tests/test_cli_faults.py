@@ -21,7 +21,7 @@ from typing import Callable
 
 import pytest
 
-from conftest import REPO
+from helpers import REPO
 from openrlhf_irl.utils.output_guard import mark_dir
 
 PROMPTS = [{"prompt": "count from 3"}, {"prompt": "count from 7"}]
@@ -690,7 +690,22 @@ def _model_without_config(t, m, name="model"):
     return str(path)
 
 
-MODEL_KINDS = {"truncated": _truncated_model, "small-vocab": _small_vocab_model, "no-config": _model_without_config}
+def _head_dim_16_model(t, m, name="model"):
+    """A whole model with 4 heads of 16 dimensions: transformers runs it, vLLM's CPU attention cannot (>= 32)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(m["llm"])
+    config.num_attention_heads = config.num_key_value_heads = config.hidden_size // 16
+    config.head_dim = 16
+    AutoModelForCausalLM.from_config(config).save_pretrained(t / name)
+    for f in os.listdir(m["llm"]):
+        if f.startswith(("tokenizer", "special_tokens", "chat_template")):
+            shutil.copy(os.path.join(m["llm"], f), t / name / f)
+    return str(t / name)
+
+
+MODEL_KINDS = {"truncated": _truncated_model, "small-vocab": _small_vocab_model, "no-config": _model_without_config,
+               "head-dim-16": _head_dim_16_model}
 
 
 def s_model(kind):
@@ -724,9 +739,9 @@ def t_model(task, kind):
     return setup
 
 
-def p_actor(kind):
+def p_actor(kind, *flags):
     def setup(t, m):
-        argv = p_case("ok")(t, m)
+        argv = p_case("ok", *flags)(t, m)
         argv[argv.index("--actor.model_name_or_path") + 1] = MODEL_KINDS[kind](t, m, "actor")
         return argv
     return setup
@@ -848,6 +863,9 @@ CASES_23_4_6 = {
                                       "model: " + TRUNCATED),
     "train_rm/tokenizer-larger-than-the-model": Case("train_rm", t_model("train_rm", "small-vocab"), VOCAB),
     "train_ppo/actor-truncated": Case("train_ppo", p_actor("truncated"), "actor: " + TRUNCATED),
+    # was: the engine failed after 81 s with "EngineCore encountered an issue"
+    "train_ppo/actor-head-dim-16": Case("train_ppo", p_actor("head-dim-16", "--vllm.num_engines", "1"),
+                                        "head_dim 16 (config.json hidden_size / num_attention_heads) is below the 32"),
     # class 6: a user's mistake that used to surface after the model loaded
     "train_sft/model-without-config": Case("train_sft", t_model("train_sft", "no-config"), "no config.json"),
     "train_rm/afd-rm-labels-as-strings": Case("train_rm", r_data("afd_rm", "string-labels"),

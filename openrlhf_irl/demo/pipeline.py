@@ -21,7 +21,7 @@ nothing is downloaded. The run is a list of stages (:meth:`Demo.stages`):
              policies): golden reward, win rates against the SFT sample and the demonstration, diversity
 
 The demo's report is one seed of :mod:`openrlhf_irl.demo.report`; ``openrlhf-irl experiment``
-(:mod:`openrlhf_irl.eval.experiment`) runs the same stages over several seeds with larger sweeps.
+(:mod:`openrlhf_irl.demo.experiment`) runs the same stages over several seeds with larger sweeps.
 """
 
 from __future__ import annotations

@@ -31,6 +31,7 @@ from .scoring import encode_prompt
 
 __all__ = ["EngineGroup", "VLLMGenerator", "require_vllm", "check_servable", "wait_engines_ready"]
 
+SAMPLING_FIX = "use backend 'hf'"
 MIN_CPU_HEAD_DIM = 32  # vLLM 0.29's CPU attention: head_dim 32, 64, 80, 96, 112, 128, ... 512
 
 
@@ -57,11 +58,12 @@ def require_vllm() -> None:
                                "unsupported OpenRLHF version); use backend 'hf' instead")
 
 
-def check_servable(model: str) -> None:
+def check_servable(model: str, fix: str | None = None) -> None:
     """Refuse, naming the model, the setting and the fix, a checkpoint vLLM cannot serve here.
 
     On CPU the attention kernels need ``head_dim >= 32`` (``hidden_size / num_attention_heads`` unless the config
     sets ``head_dim``); an architecture vLLM does not implement fails at start-up after a long traceback.
+    ``fix``: what the caller's user can do instead (default: the sampling backend's advice).
     """
     import torch
 
@@ -70,21 +72,21 @@ def check_servable(model: str) -> None:
         return  # a hub name or an unusual layout: vLLM reports its own error
     with open(path) as f:
         config = json.load(f)
-    archs = config.get("architectures") or []
-    from vllm import ModelRegistry
-
-    supported = set(ModelRegistry.get_supported_archs())
-    if archs and not any(a in supported for a in archs):
-        raise ValueError(f"{model}: architectures {archs} are not implemented by vLLM "
-                         f"{_vllm_version()}; sample it with backend 'hf'")
     if not torch.cuda.is_available():
         heads = config.get("num_attention_heads")
         head_dim = config.get("head_dim") or (config["hidden_size"] // heads if heads and "hidden_size" in config
                                               else None)
         if head_dim is not None and head_dim < MIN_CPU_HEAD_DIM:
             raise ValueError(f"{model}: head_dim {head_dim} (config.json hidden_size / num_attention_heads) is "
-                             f"below the {MIN_CPU_HEAD_DIM} that vLLM's CPU attention supports; use backend 'hf', "
-                             f"or a model with fewer, wider heads")
+                             f"below the {MIN_CPU_HEAD_DIM} that vLLM's CPU attention supports; "
+                             f"{fix or SAMPLING_FIX + ', or a model with fewer, wider heads'}")
+    archs = config.get("architectures") or []
+    from vllm import ModelRegistry
+
+    supported = set(ModelRegistry.get_supported_archs())
+    if archs and not any(a in supported for a in archs):
+        raise ValueError(f"{model}: architectures {archs} are not implemented by vLLM "
+                         f"{_vllm_version()}; {fix or SAMPLING_FIX}")
 
 
 def _vllm_version() -> str:

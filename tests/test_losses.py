@@ -1,5 +1,5 @@
 """IQ-Learn losses (plain and fused) against an independent loop reference, hand-worked cases and the analytic
-gradient of REFERENCE.md section 1."""
+gradient of docs/iq_learn.md#fused-gradient."""
 
 import math
 
@@ -243,7 +243,7 @@ def _analytic_grad(logits, labels, loss_mask, terminal, td_weight, gamma, mle_we
 @pytest.mark.parametrize(
     "rows,mle_weight",
     [
-        ([(0, 7, True)], 1.0),  # all response, EOS-terminated (REFERENCE formula as written)
+        ([(0, 7, True)], 1.0),  # all response, EOS-terminated (docs/iq_learn.md A/B formula as written)
         ([(2, 5, False)], 0.5),  # prompt then a response truncated at the last column
         ([(1, 4, True)], 1.0),  # prompt, EOS, padding
     ],

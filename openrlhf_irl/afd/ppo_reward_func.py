@@ -5,8 +5,8 @@ and calls it with the decoded prompt+response (special tokens kept) and the form
 
     r(x, y) = log pi_SFT(y|x) - log pi_init(y|x)
 
-the optimum of the Init-SFT discriminator (REFERENCE section 2). Set ``AFD_SFT_MODEL`` and ``AFD_INIT_MODEL`` to the
-two model directories (``AFD_DEVICE`` optional).
+the optimum of the Init-SFT discriminator (docs/afd.md#the-log-ratio-reward). Set ``AFD_SFT_MODEL`` and
+``AFD_INIT_MODEL`` to the two model directories (``AFD_DEVICE`` optional).
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """``python -m openrlhf_irl.cli.extract_reward``: per-token implicit rewards of an IQ-Learn policy.
 
-r_t = Q(s_t, a_t) - gamma * V(s_{t+1}) with Q = logits and V = logsumexp(logits) (REFERENCE 1), computed on exactly
+r_t = Q(s_t, a_t) - gamma * V(s_{t+1}) with Q = logits and V = logsumexp(logits)
+(docs/iq_learn.md#reward-extraction), computed on exactly
 the token rows training saw: each record goes through the IQ trainer's dataset (OpenRLHF's ``SFTDataset``: same
 input template or chat template, prompt and response tokenised jointly, " " + EOS appended, cut at ``--max-len``)
 and through the trainer's own episode rules (terminal at the final EOS, ``--truncation`` for cut rows, multi-turn

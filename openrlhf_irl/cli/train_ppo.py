@@ -82,7 +82,7 @@ def check_cpu_settings(args) -> None:
 
 
 def check_resources(args) -> None:
-    """Too many processes for the cores, or more memory than is free (estimate: REFERENCE section 6)."""
+    """Too many processes for the cores, or more memory than is free (estimate: docs/cpu_layer.md#ppo-memory-estimate)."""
     import psutil
 
     from openrlhf_irl.compat.ray_ppo import engine_processes, model_processes

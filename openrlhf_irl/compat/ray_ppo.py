@@ -1,7 +1,7 @@
 """OpenRLHF 0.11.2's Ray PPO flow (``openrlhf.cli.train_ppo_ray``) on a machine without CUDA.
 
-What the vLLM engine side needs is in :mod:`.vllm_cpu`; this module covers the rest of the flow (REFERENCE
-section 6, ``patches/0005-*`` is the upstream fix):
+What the vLLM engine side needs is in :mod:`.vllm_cpu`; this module covers the rest of the flow
+(docs/cpu_layer.md#ppo-on-cpu; ``patches/0005-*`` is the upstream fix):
 
 * the placement groups and ``RayActorGroup`` ask Ray for ``GPU`` resources: :func:`ray_init_kwargs` starts the local
   Ray instance with as many *logical* GPUs as the flow reserves (:func:`required_gpus`; one DeepSpeed process

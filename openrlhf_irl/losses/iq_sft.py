@@ -1,6 +1,6 @@
 """IQ-Learn SFT loss over one teacher-forced pass (``--trainer irl_iq``), apart from any trainer.
 
-Offline, over demonstration response tokens (``docs/`` derivation; lambda = ``td_weight``):
+Offline, over demonstration response tokens (``docs/iq_learn.md#offline-objective``; lambda = ``td_weight``):
 
     L = mean_t [ -mle_weight * log pi(a_t|s_t) + lambda * (Q(s_t, a_t) - gamma * V(s_{t+1}))^2 ]
 

@@ -1,6 +1,6 @@
 """Independent per-token loop references for the IQ-Learn trainer's loss (offline and online).
 
-Written from the equations (REFERENCE section 1 and the IQ-Learn online objective), with Python loops over rows and
+Written from the equations (docs/iq_learn.md, offline and online objectives), with Python loops over rows and
 positions and no code from ``openrlhf_irl``. ``logits`` are the model's full [B, T, V] logits of ``ids`` [B, T]; a
 row's response positions are the shifted indices t (label ``ids[b, t + 1]``) where ``mask[b][t]`` is set.
 """

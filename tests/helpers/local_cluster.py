@@ -1,4 +1,4 @@
-"""A Ray cluster of several nodes on this machine, for the multi-node tests (REFERENCE section 9).
+"""A Ray cluster of several nodes on this machine, for the multi-node tests (docs/multinode.md).
 
 ``ray.cluster_utils.Cluster`` starts a head (GCS, dashboard with the Jobs API, raylet) and one raylet per extra
 node, each a "node" of its own with its own logical CPUs and a custom resource naming it (``node_head``,

@@ -69,8 +69,8 @@ def run_in_process(module: str, argv: list, env: dict, capsys, monkeypatch):
 
 
 def sample_args(model: str, prompts: str, output: str, *extra: str) -> list:
-    return ["--model", model, "--prompts", prompts, "--policy-name", "p", "--output", output, "--n-samples", "2",
-            "--max-new-tokens", "8", "--backend", "hf", "--num-actors", "1", *extra]
+    return ["--model", model, "--prompts", prompts, "--policy-name", "p", "--output", output,
+            "--rollout.n_samples_per_prompt", "2", "--rollout.max_new_tokens", "8", "--backend", "hf", "--num-actors", "1", *extra]
 
 
 def sign(argv: list, output: str) -> None:
@@ -120,7 +120,7 @@ def _signed(t, m, records, *flags):
 
 
 def s_other_temperature(t, m):
-    return _signed(t, m, [dict(REC, prompt="count from 3", sample_index=0)], "--temperature", "0.7")
+    return _signed(t, m, [dict(REC, prompt="count from 3", sample_index=0)], "--rollout.temperature", "0.7")
 
 
 def s_other_seed(t, m):
@@ -134,7 +134,7 @@ def s_other_model(t, m):
 
 
 def s_other_template(t, m):
-    return _signed(t, m, [dict(REC, prompt="count from 3", sample_index=0)], "--input-template", "Q: {}\nA:")
+    return _signed(t, m, [dict(REC, prompt="count from 3", sample_index=0)], "--data.input_template", "Q: {}\nA:")
 
 
 def s_duplicate_keys(t, m):
@@ -257,7 +257,7 @@ def b_flag(*flags):
 
 def n_args(t, m, *extra):
     return ["--policy", m["llm"], "--prompts", _prompts(t), "--output-dir", str(t / "bon"), "--backend", "hf",
-            "--num-actors", "1", "--max-new-tokens", "8", "--n", "1,2", *extra]
+            "--num-actors", "1", "--rollout.max_new_tokens", "8", "--n", "1,2", *extra]
 
 
 def n_setup(*extra, log_ratio=True):
@@ -271,8 +271,9 @@ def n_samples_signed(records_fn, *flags):
     def setup(t, m):
         argv = n_args(t, m, "--log-ratio-init", m["llm"])
         out = str(t / "bon" / "samples.jsonl")
-        sample_argv = ["--model", m["llm"], "--prompts", _prompts(t), "--input-key", "prompt", "--n-samples", "2",
-                       "--temperature", "1.0", "--top-p", "0.95", "--max-new-tokens", "8", "--num-actors", "1",
+        sample_argv = ["--model", m["llm"], "--prompts", _prompts(t), "--data.input_key", "prompt",
+                       "--rollout.n_samples_per_prompt", "2", "--rollout.temperature", "1.0", "--rollout.top_p", "0.95",
+                       "--rollout.max_new_tokens", "8", "--num-actors", "1",
                        "--backend", "hf", "--policy-name", "policy", "--output", out, "--seed", "0",
                        "--batch-size", "8"]
         write(Path(out), records_fn())
@@ -351,7 +352,7 @@ CASES = {
     "sample/second-writer": Case("sample", s_locked, "another job is writing this file", hold_lock=True),
     "sample/prompt-longer-than-context": Case("sample", s_prompt_too_long,
                                               "prompts.jsonl, line 3, field 'prompt': 401 prompt tokens + "
-                                              "--max-new-tokens 8 exceed the model's context of 256 tokens"),
+                                              "--rollout.max_new_tokens 8 exceed the model's context of 256 tokens"),
     "sample/model-dir-not-a-model": Case("sample", s_not_a_model, "not a model directory (no config.json)"),
     "sample/missing-model": Case("sample", s_missing_model, "no such model directory"),
     "sample/model-is-a-file": Case("sample", s_model_is_a_file, "is a file, expected a model directory"),
@@ -363,11 +364,13 @@ CASES = {
     "sample/read-only-output-dir": Case("sample", s_read_only_output_dir, "directory is not writable"),
     "sample/batch-size-0": Case("sample", s_flag("--batch-size", "0"), "--batch-size: must be >= 1, got 0"),
     "sample/max-prompts-0": Case("sample", s_flag("--max-prompts", "0"), "--max-prompts: must be >= 1, got 0"),
-    "sample/n-samples-negative": Case("sample", s_flag("--n-samples", "-1"), "--n-samples: must be >= 1, got -1"),
-    "sample/temperature-nan": Case("sample", s_flag("--temperature", "nan"),
-                                   "--temperature: must be a finite number in [0, 100], got nan"),
-    "sample/top-p-0": Case("sample", s_flag("--top-p", "0"), "--top-p: must be a finite number in (0, 1], got 0"),
-    "sample/max-new-tokens-beyond-context": Case("sample", s_flag("--max-new-tokens", "300"),
+    "sample/n-samples-negative": Case("sample", s_flag("--rollout.n_samples_per_prompt", "-1"),
+                                      "--rollout.n_samples_per_prompt: must be >= 1, got -1"),
+    "sample/temperature-nan": Case("sample", s_flag("--rollout.temperature", "nan"),
+                                   "--rollout.temperature: must be a finite number in [0, 100], got nan"),
+    "sample/top-p-0": Case("sample", s_flag("--rollout.top_p", "0"),
+                           "--rollout.top_p: must be a finite number in (0, 1], got 0"),
+    "sample/max-new-tokens-beyond-context": Case("sample", s_flag("--rollout.max_new_tokens", "300"),
                                                  "leaves no room for a prompt"),
     "sample/lora-not-an-adapter": Case("sample", s_lora_not_adapter, "not a PEFT adapter"),
     # build_afd_dataset
@@ -392,7 +395,8 @@ CASES = {
     "bon/n-0": Case("best_of_n", n_setup("--n", "0,2"), "--n expects positive integers"),
     "bon/output-dir-is-a-file": Case("best_of_n", n_output_dir_is_a_file, "exists and is not a directory"),
     "bon/duplicate-candidate-keys": Case("best_of_n", n_samples_signed(_dup_records), "repeated (prompt"),
-    "bon/stale-samples-other-temperature": Case("best_of_n", n_samples_signed(_one_record, "--temperature", "0.5"),
+    "bon/stale-samples-other-temperature": Case("best_of_n",
+                                                n_samples_signed(_one_record, "--rollout.temperature", "0.5"),
                                                 "sampling.temperature: 1.0 before, 0.5 now"),
     "bon/stale-samples-other-policy": Case("best_of_n", n_samples_signed(_one_record, "--policy", "{llm2}"),
                                            "model.path"),
@@ -507,7 +511,7 @@ def e_case(kind):
             extra = ["--report", out]
         elif kind == "beyond-context":
             data = _extract_data(t, " " + " ".join(str(i % 10) for i in range(400)))
-            extra = ["--max-len", "1000"]
+            extra = ["--data.max_len", "1000"]
         return ["--model", model, "--data", data, "--output", out, "--device", "cpu", *extra]
     return setup
 
@@ -625,16 +629,18 @@ CASES_23 = {
     "experiment/seed-dir-it-did-not-write": Case("openrlhf_irl.__main__", d_case("experiment", "seed"),
                                                  "--output-dir's seed_0/"),
     # class 2
-    "sample/temperature-inf": Case("sample", s_flag("--temperature", "inf"),
-                                   "--temperature: must be a finite number in [0, 100], got inf"),
-    "sample/temperature-1e-45": Case("sample", s_flag("--temperature", "1e-45"),
-                                     "--temperature: must be 0 (greedy) or at least 0.001, got 1e-45"),
-    "sample/top-p-1.5": Case("sample", s_flag("--top-p", "1.5"), "--top-p: must be a finite number in (0, 1], got 1.5"),
-    "bon/temperature-inf": Case("best_of_n", n_setup("--temperature", "inf"),
-                                "--temperature: must be a finite number in [0, 100], got inf"),
-    "bon/temperature-1e-45": Case("best_of_n", n_setup("--temperature", "1e-45"),
-                                  "--temperature: must be 0 (greedy) or at least 0.001"),
-    "bon/top-p-1.5": Case("best_of_n", n_setup("--top-p", "1.5"), "--top-p: must be a finite number in (0, 1]"),
+    "sample/temperature-inf": Case("sample", s_flag("--rollout.temperature", "inf"),
+                                   "--rollout.temperature: must be a finite number in [0, 100], got inf"),
+    "sample/temperature-1e-45": Case("sample", s_flag("--rollout.temperature", "1e-45"),
+                                     "--rollout.temperature: must be 0 (greedy) or at least 0.001, got 1e-45"),
+    "sample/top-p-1.5": Case("sample", s_flag("--rollout.top_p", "1.5"),
+                             "--rollout.top_p: must be a finite number in (0, 1], got 1.5"),
+    "bon/temperature-inf": Case("best_of_n", n_setup("--rollout.temperature", "inf"),
+                                "--rollout.temperature: must be a finite number in [0, 100], got inf"),
+    "bon/temperature-1e-45": Case("best_of_n", n_setup("--rollout.temperature", "1e-45"),
+                                  "--rollout.temperature: must be 0 (greedy) or at least 0.001"),
+    "bon/top-p-1.5": Case("best_of_n", n_setup("--rollout.top_p", "1.5"),
+                          "--rollout.top_p: must be a finite number in (0, 1]"),
     "bon/golden-returns-nan": Case("best_of_n", n_golden_nan, "returned nan for record 0"),
     "extract/row-beyond-the-context": Case("extract_reward", e_case("beyond-context"),
                                            "data.jsonl, line 1, field 'response': 451 tokens, beyond the model's "
@@ -1103,10 +1109,10 @@ def test_best_of_n_run_reports_se_and_unfinished_and_refuses_stale_samples(model
     assert sum(not r["finished"] for r in scored) == result["unfinished_candidates"]
 
     before = snapshot(tmp_path / "bon")
-    stale = run_cli("best_of_n", argv + ["--temperature", "0.5"])
+    stale = run_cli("best_of_n", argv + ["--rollout.temperature", "0.5"])
     assert stale.returncode == 2 and "sampling.temperature: 1.0 before, 0.5 now" in stale.stderr
     assert "--overwrite" in stale.stderr and snapshot(tmp_path / "bon") == before
-    fresh = run_cli("best_of_n", argv + ["--temperature", "0.5", "--overwrite"])
+    fresh = run_cli("best_of_n", argv + ["--rollout.temperature", "0.5", "--overwrite"])
     assert fresh.returncode == 0, fresh.stderr[-3000:]
     side = json.loads((tmp_path / "bon" / "samples.jsonl.provenance.json").read_text())
     assert side["sampling"]["temperature"] == 0.5
@@ -1244,3 +1250,45 @@ def test_every_score_must_be_one_finite_number_per_record():
         score_and_select(recs, {"s": lambda r: [1.0, 2.0]}, [1, 2], lambda p, r: [0.5, float("nan")])
     with pytest.raises(ScoreError, match="s: returned 1 scores for 2 records"):
         score_and_select(recs, {"s": lambda r: [1.0]}, [1], None)
+
+
+# issue 21: a flag that means what an OpenRLHF flag means takes OpenRLHF's spelling; the old spelling still works for
+# one release, with one deprecation line. (cli, old, new, a value unlike the default or None for a switch)
+RENAMED = [
+    *[(cli, old, new, value) for cli in ("sample", "best_of_n") for old, new, value in (
+        ("--input-key", "--data.input_key", "q"), ("--apply-chat-template", "--data.apply_chat_template", None),
+        ("--input-template", "--data.input_template", "Q: {}"), ("--temperature", "--rollout.temperature", "0.5"),
+        ("--top-p", "--rollout.top_p", "0.5"), ("--max-new-tokens", "--rollout.max_new_tokens", "7"))],
+    ("sample", "--n-samples", "--rollout.n_samples_per_prompt", "3"),
+    ("build_afd_dataset", "--input-key", "--data.input_key", "q"),
+    ("build_afd_dataset", "--output-key", "--data.output_key", "r"),
+    ("extract_reward", "--input-key", "--data.input_key", "q"),
+    ("extract_reward", "--output-key", "--data.output_key", "r"),
+    ("extract_reward", "--apply-chat-template", "--data.apply_chat_template", None),
+    ("extract_reward", "--tokenizer-chat-template", "--data.tokenizer_chat_template", "{{ messages }}"),
+    ("extract_reward", "--input-template", "--data.input_template", "Q: {}"),
+    ("extract_reward", "--multiturn", "--data.multiturn", None),
+    ("extract_reward", "--max-len", "--data.max_len", "99"),
+]
+REQUIRED = {"sample": ["--model", "m", "--prompts", "p", "--policy-name", "x", "--output", "o"],
+            "best_of_n": ["--policy", "m", "--prompts", "p", "--output-dir", "o"],
+            "build_afd_dataset": ["--output", "o"], "extract_reward": ["--model", "m", "--data", "d", "--output", "o"]}
+
+
+@pytest.mark.parametrize("cli,old,new,value", RENAMED, ids=[f"{c}/{o}" for c, o, _, _ in RENAMED])
+def test_old_flag_spelling_works_with_one_deprecation_line(cli, old, new, value, capsys, monkeypatch):
+    import importlib
+
+    monkeypatch.setenv("COLUMNS", "250")  # --help on one line per flag
+    parser = importlib.import_module(f"openrlhf_irl.cli.{cli}").build_parser()
+    given = [] if value is None else [value]
+    capsys.readouterr()
+    via_old = parser.parse_args(REQUIRED[cli] + [old, *given])
+    assert capsys.readouterr().err.splitlines() == [
+        f"warning: {old} is deprecated, use {new}; the old spelling goes in the next release"]
+    via_new = parser.parse_args(REQUIRED[cli] + [new, *given])
+    assert capsys.readouterr().err == ""
+    assert vars(via_old) == vars(via_new) != vars(parser.parse_args(REQUIRED[cli]))
+    help_text = parser.format_help()
+    assert f"{new} " in help_text and f"(deprecated: {old})" in help_text
+    assert f"{old} " not in help_text.replace(f"(deprecated: {old})", "")  # the old spelling is not a listed flag

@@ -126,7 +126,7 @@ def test_quick_demo_end_to_end(tmp_path):
     proc = run_python(["-m", "openrlhf_irl.cli.best_of_n", "--policy", str(out / "models" / "sft_mle"),
                        "--log-ratio-init", str(out / "models" / "init"), "--reward-model", str(out / "models" / "rm_init-sft_bce"),
                        "--golden", "openrlhf_irl.demo.task:golden_reward", "--prompts", str(out / "data" / "eval_prompts.jsonl"),
-                       "--input-template", "{}\n", "--n", "1,2,4", "--max-new-tokens", "12", "--num-actors", "2",
+                       "--data.input_template", "{}\n", "--n", "1,2,4", "--rollout.max_new_tokens", "12", "--num-actors", "2",
                        "--max-prompts", "4", "--output-dir", str(bon)], timeout=600)
     assert_ok(proc)
     result = json.loads((bon / "best_of_n.json").read_text())

@@ -48,11 +48,11 @@ def test_token_rewards_are_the_trainers_on_its_training_rows(tiny_model, tmp_pat
     from openrlhf_irl.losses.iq_sft import IQConfig, PolicyForward, forward_terms
 
     records = counting_records(5, seed=13)
-    records[1]["response"] = " ".join(str(i) for i in range(20, 45))  # cut by --max-len
+    records[1]["response"] = " ".join(str(i) for i in range(20, 45))  # cut by --data.max_len
     data = write_jsonl(tmp_path / "train.jsonl", records)
     out = tmp_path / "rewards.jsonl"
-    assert main(["--model", tiny_model, "--data", str(data), "--output", str(out), "--input-template", TEMPLATE,
-                 "--max-len", "24", "--gamma", str(gamma), "--truncation", truncation, "--batch-size", "2"]) == 0
+    assert main(["--model", tiny_model, "--data", str(data), "--output", str(out), "--data.input_template", TEMPLATE,
+                 "--data.max_len", "24", "--gamma", str(gamma), "--truncation", truncation, "--batch-size", "2"]) == 0
     rows = _rows(out)
 
     tok = AutoTokenizer.from_pretrained(tiny_model)
@@ -122,8 +122,8 @@ BAD = [
     ({}, ["--gamma", "1.5"], "argument --gamma: must be a finite number in [0, 1]"),
     ({}, ["--batch-size", "-1"], "argument --batch-size: must be >= 1"),
     ({}, ["--batch-size", "0"], "argument --batch-size: must be >= 1"),
-    ({}, ["--max-len", "2"], "argument --max-len: must be >= 3"),
-    ({"prompt": "word " * 40}, ["--max-len", "24"], "line 2, field 'prompt': the prompt leaves no room"),
+    ({}, ["--data.max_len", "2"], "argument --data.max_len: must be >= 3"),
+    ({"prompt": "word " * 40}, ["--data.max_len", "24"], "line 2, field 'prompt': the prompt leaves no room"),
 ]
 
 
@@ -167,8 +167,9 @@ def test_multiturn_rows_are_scored_as_the_trainer_scores_them(tiny_model, tmp_pa
     records = conversations()
     data = write_jsonl(tmp_path / "conv.jsonl", records)
     out = tmp_path / "rewards.jsonl"
-    assert main(["--model", tiny_model, "--data", str(data), "--output", str(out), "--input-key", "messages",
-                 "--multiturn", "--tokenizer-chat-template", CHAT, "--max-len", "64", "--gamma", "0.9"]) == 0
+    assert main(["--model", tiny_model, "--data", str(data), "--output", str(out), "--data.input_key", "messages",
+                 "--data.multiturn", "--data.tokenizer_chat_template", CHAT, "--data.max_len", "64",
+                 "--gamma", "0.9"]) == 0
     rows = _rows(out)
     tok = AutoTokenizer.from_pretrained(tiny_model)
     inputs, attn, loss_mask = multiturn_batch(tok, records)

@@ -234,7 +234,8 @@ def test_sampling_job_submitted_to_two_nodes_writes_every_record_once(local_ray_
     prompt_file.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
     output = tmp_path / "samples.jsonl"
     entry = ["python", "-m", "openrlhf_irl.cli.sample", "--model", models[1], "--prompts", str(prompt_file),
-             "--n-samples", "2", "--max-new-tokens", "8", "--num-actors", "3", "--backend", "hf",
+             "--rollout.n_samples_per_prompt", "2", "--rollout.max_new_tokens", "8", "--num-actors", "3",
+             "--backend", "hf",
              "--policy-name", "init", "--output", str(output)]
     sid, status, logs = submit(cluster, entry, {"HF_HUB_OFFLINE": "1"}, timeout_s=600)
     assert status == "SUCCEEDED", logs[-6000:]

@@ -162,7 +162,8 @@ def test_sample_cli_on_engines_leaves_no_shared_memory(tiny_model, tmp_path, vll
 
     prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": f"count from {a}"} for a in range(1, 5)])
     cmd = [sys.executable, "-m", "openrlhf_irl.cli.sample", "--model", tiny_model, "--prompts", str(prompts),
-           "--n-samples", "2", "--max-new-tokens", "8", "--backend", "vllm", "--num-actors", "1",
+           "--rollout.n_samples_per_prompt", "2", "--rollout.max_new_tokens", "8", "--backend", "vllm",
+           "--num-actors", "1",
            "--policy-name", "sft", "--output", str(tmp_path / "samples.jsonl")]
     before = shm_segments()
     seen, procs, interrupted = set(), {}, False

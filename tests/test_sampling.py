@@ -246,7 +246,8 @@ def run_main(capsys, argv):
 
 
 def test_cli_bad_inputs_exit_2(models, tmp_path, capsys):
-    base = ["--model", models[1], "--n-samples", "2", "--policy-name", "sft", "--output", str(tmp_path / "o.jsonl")]
+    base = ["--model", models[1], "--rollout.n_samples_per_prompt", "2", "--policy-name", "sft",
+            "--output", str(tmp_path / "o.jsonl")]
     missing = write_jsonl(tmp_path / "missing.jsonl", [{"prompt": "a"}, {"question": "b"}])
     code, _, err = run_main(capsys, base + ["--prompts", missing])
     assert code == 2 and "missing.jsonl, line 2, field 'prompt': missing" in err
@@ -262,11 +263,11 @@ def test_cli_bad_inputs_exit_2(models, tmp_path, capsys):
     assert code == 2 and "empty.jsonl" in err and "no prompts" in err
 
     other_key = write_jsonl(tmp_path / "q.jsonl", [{"question": "a"}])
-    code, _, err = run_main(capsys, base + ["--prompts", other_key, "--input-key", "prompt"])
+    code, _, err = run_main(capsys, base + ["--prompts", other_key, "--data.input_key", "prompt"])
     assert code == 2 and "field 'prompt'" in err
 
     with pytest.raises(SystemExit) as e:
-        main(base + ["--prompts", missing, "--input-template", "no slot"])
+        main(base + ["--prompts", missing, "--data.input_template", "no slot"])
     assert e.value.code == 2
 
 
@@ -282,7 +283,7 @@ def sign(argv, path):
 def test_cli_resume_checks_and_nothing_to_do(models, tmp_path, capsys):
     prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "a"}, {"prompt": "b"}, {"prompt": "a"}])
     out = tmp_path / "o.jsonl"
-    argv = ["--model", models[1], "--prompts", prompts, "--n-samples", "2", "--policy-name", "sft",
+    argv = ["--model", models[1], "--prompts", prompts, "--rollout.n_samples_per_prompt", "2", "--policy-name", "sft",
             "--output", str(out)]
     rec = {"response": "r", "policy": "sft", "finished": True, "logprob": -1.0}
     done = [dict(rec, prompt=p, sample_index=s) for p in "ab" for s in range(2)]
@@ -303,7 +304,7 @@ def test_cli_resume_checks_and_nothing_to_do(models, tmp_path, capsys):
     assert read_records(out) == done  # the torn line was cut off
 
     # other settings than the file's: refused, naming the setting and the flag
-    code, _, err = run_main(capsys, argv + ["--temperature", "0.5"])
+    code, _, err = run_main(capsys, argv + ["--rollout.temperature", "0.5"])
     assert code == 2 and "sampling.temperature: 1.0 before, 0.5 now" in err and "--overwrite" in err
     code, _, err = run_main(capsys, [*argv[:1], models[0], *argv[2:]])
     assert code == 2 and "model.path" in err and "model.weights" in err
@@ -353,7 +354,7 @@ def test_cli_prompt_longer_than_context(models, tmp_path, capsys):
     prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "short"}, {"prompt": long_prompt}])
     out = tmp_path / "o.jsonl"
     argv = ["--model", models[1], "--prompts", prompts, "--policy-name", "sft", "--output", str(out),
-            "--max-new-tokens", "8"]
+            "--rollout.max_new_tokens", "8"]
     code, _, err = run_main(capsys, argv)
     assert code == 2 and "p.jsonl, line 2, field 'prompt'" in err and "context of 256 tokens" in err
     assert not out.exists()
@@ -367,7 +368,7 @@ def test_cli_prompt_longer_than_context(models, tmp_path, capsys):
 
     only_long = write_jsonl(tmp_path / "long.jsonl", [{"prompt": long_prompt}])
     code, _, err = run_main(capsys, [*argv[:3], only_long, *argv[4:], "--skip-long-prompts"])
-    assert code == 2 and "every prompt leaves less than --max-new-tokens" in err
+    assert code == 2 and "every prompt leaves less than --rollout.max_new_tokens" in err
 
 
 # ------------------------------------------------------------------------------------------ CLI with Ray (slow)
@@ -381,7 +382,7 @@ def cli_env():
 
 def cli_cmd(model, prompts, output, *extra):
     return [sys.executable, "-m", "openrlhf_irl.cli.sample", "--model", model, "--prompts", prompts,
-            "--max-new-tokens", "8", "--num-actors", "2", "--backend", "hf", "--policy-name", "sft",
+            "--rollout.max_new_tokens", "8", "--num-actors", "2", "--backend", "hf", "--policy-name", "sft",
             "--output", output, *extra]
 
 
@@ -390,7 +391,8 @@ def test_cli_ray_pool_writes_all_samples(models, tmp_path):
     rows = [{"prompt": p, "id": i} for i, p in enumerate(PROMPTS)] + [{"prompt": PROMPTS[1]}]
     prompts = write_jsonl(tmp_path / "prompts.jsonl", rows)
     out = tmp_path / "samples.jsonl"
-    cmd = cli_cmd(models[1], prompts, str(out), "--n-samples", "3", "--apply-chat-template", "--top-p", "0.95")
+    cmd = cli_cmd(models[1], prompts, str(out), "--rollout.n_samples_per_prompt", "3", "--data.apply_chat_template",
+                  "--rollout.top_p", "0.95")
     proc = subprocess.run(cmd, env=cli_env(), capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "4 unique (1 duplicates dropped)" in proc.stdout
@@ -413,7 +415,7 @@ def test_cli_kill_and_resume(models, tmp_path):
     prompts_list = [f"the model counts {i}" for i in range(60)]
     prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": p} for p in prompts_list])
     out = tmp_path / "samples.jsonl"
-    cmd = cli_cmd(models[1], prompts, str(out), "--n-samples", "3", "--batch-size", "1")
+    cmd = cli_cmd(models[1], prompts, str(out), "--rollout.n_samples_per_prompt", "3", "--batch-size", "1")
     proc = subprocess.Popen(cmd, env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     try:

@@ -114,7 +114,8 @@ def test_sample_cli_on_engines_survives_sigkill_and_resumes(tiny_model, tmp_path
     out = tmp_path / "samples.jsonl"
     n = 6
     cmd = [sys.executable, "-m", "openrlhf_irl.cli.sample", "--model", tiny_model, "--prompts", str(prompts),
-           "--n-samples", str(n), "--max-new-tokens", "12", "--backend", "vllm", "--num-actors", "1",
+           "--rollout.n_samples_per_prompt", str(n), "--rollout.max_new_tokens", "12", "--backend", "vllm",
+           "--num-actors", "1",
            "--policy-name", "sft", "--output", str(out), "--seed", "3"]
     tag = f"OPENRLHF_IRL_TEST_TAG={uuid.uuid4().hex}"
     env = {**os.environ, "PYTHONUNBUFFERED": "1", tag.split("=")[0]: tag.split("=")[1]}
@@ -159,7 +160,7 @@ def test_best_of_n_cli_on_engines(tiny_model, tmp_path, vllm_ready):
     env = {"PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
     proc = run_python(["-m", "openrlhf_irl.cli.best_of_n", "--policy", tiny_model, "--prompts", str(prompts),
                        "--log-ratio-init", tiny_model, "--golden", "helpers.golden_digits:digit_count", "--n", "1,2,4,8",
-                       "--max-new-tokens", "10", "--backend", "vllm", "--num-actors", "1",
+                       "--rollout.max_new_tokens", "10", "--backend", "vllm", "--num-actors", "1",
                        "--output-dir", str(tmp_path / "bon"), "--seed", "1"], timeout=600, env=env)
     assert_ok(proc)
     assert "vllm" in proc.stdout

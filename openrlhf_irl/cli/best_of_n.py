@@ -18,8 +18,8 @@ import sys
 from openrlhf_irl.afd.best_of_n import (ESTIMATORS, UNFINISHED, ScoreError, check_scores, load_golden, parse_ns,
                                         plot_curves, resolve_golden, score_and_select)
 from openrlhf_irl.cli import sample as sample_cli
-from openrlhf_irl.cli.common import (UsageError, cli_main, check_lora, check_model, check_output_dir, load_checked_tokenizer,
-                                     positive_int, resolve_outputs, temperature, top_p)
+from openrlhf_irl.cli.common import (UsageError, add_flag, cli_main, check_lora, check_model, check_output_dir,
+                                     load_checked_tokenizer, positive_int, resolve_outputs, temperature, top_p)
 from openrlhf_irl.utils.output_guard import OutputConflict, OutputUnit, mark_dir
 from openrlhf_irl.utils.jsonl import DataError, atomic_write_json, atomic_write_jsonl, data_error, read_jsonl
 
@@ -33,10 +33,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--policy", required=True, help="policy to sample from (the SFT model)")
     p.add_argument("--lora", help="LoRA adapter of the policy")
     p.add_argument("--prompts", required=True, help="prompts JSONL")
-    p.add_argument("--input-key", default="prompt")
+    add_flag(p, "--data.input_key", "--input-key", default="prompt")
     fmt = p.add_mutually_exclusive_group()
-    fmt.add_argument("--apply-chat-template", action="store_true")
-    fmt.add_argument("--input-template")
+    add_flag(fmt, "--data.apply_chat_template", "--apply-chat-template", action="store_true")
+    add_flag(fmt, "--data.input_template", "--input-template")
     p.add_argument("--n", default="1,2,4,8,16,32", help="comma-separated N values (default: %(default)s)")
     p.add_argument("--n-max", type=positive_int,
                    help="samples per prompt (N_max); the N grid is cut at it and ends at it (default: largest --n)")
@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="all_subsets: expected golden reward of the best of N drawn from the N_max samples "
                    "(unbiased, lower variance); first: the best of the first N (default: %(default)s)")
     p.add_argument("--unfinished", choices=UNFINISHED, default="last",
-                   help="candidates cut by --max-new-tokens: last = ranked below every finished one (for every "
+                   help="candidates cut by --rollout.max_new_tokens: last = ranked below every finished one (for every "
                    "scorer and the oracle), score = ranked by score like the others (default: %(default)s)")
     p.add_argument("--reward-model", action="append", default=[], metavar="PATH",
                    help="OpenRLHF-format reward model to rank with (repeatable)")
@@ -56,9 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", required=True)
     p.add_argument("--overwrite", action="store_true", help="start samples.jsonl over instead of resuming it (and "
                    "write into an existing non-empty --output-dir that this tool did not write)")
-    p.add_argument("--temperature", type=temperature, default=1.0, help="0 = greedy, else in [0.001, 100]")
-    p.add_argument("--top-p", type=top_p, default=0.95, help="in (0, 1]")
-    p.add_argument("--max-new-tokens", type=positive_int, default=128)
+    add_flag(p, "--rollout.temperature", "--temperature", type=temperature, default=1.0,
+             help="0 = greedy, else in [0.001, 100]")
+    add_flag(p, "--rollout.top_p", "--top-p", type=top_p, default=0.95, help="in (0, 1]")
+    add_flag(p, "--rollout.max_new_tokens", "--max-new-tokens", type=positive_int, default=128)
     p.add_argument("--num-actors", type=positive_int, default=2)
     p.add_argument("--backend", choices=("auto", "hf", "vllm"), default="auto")
     p.add_argument("--batch-size", type=positive_int, default=8)
@@ -68,17 +69,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _sample(args, n_max: int, path: str) -> None:
-    argv = ["--model", args.policy, "--prompts", args.prompts, "--input-key", args.input_key,
-            "--n-samples", str(n_max), "--temperature", str(args.temperature), "--top-p", str(args.top_p),
-            "--max-new-tokens", str(args.max_new_tokens), "--num-actors", str(args.num_actors),
+    argv = ["--model", args.policy, "--prompts", args.prompts, "--data.input_key", args.input_key,
+            "--rollout.n_samples_per_prompt", str(n_max), "--rollout.temperature", str(args.temperature),
+            "--rollout.top_p", str(args.top_p), "--rollout.max_new_tokens", str(args.max_new_tokens),
+            "--num-actors", str(args.num_actors),
             "--backend", args.backend, "--policy-name", "policy", "--output", path, "--seed", str(args.seed),
             "--batch-size", str(args.batch_size)]
     if args.lora:
         argv += ["--lora", args.lora]
     if args.apply_chat_template:
-        argv.append("--apply-chat-template")
+        argv.append("--data.apply_chat_template")
     elif args.input_template:
-        argv += ["--input-template", args.input_template]
+        argv += ["--data.input_template", args.input_template]
     if args.max_prompts:
         argv += ["--max-prompts", str(args.max_prompts)]
     if args.overwrite:

@@ -16,7 +16,7 @@ import sys
 from typing import List, Optional
 
 from openrlhf_irl.datasets.afd import FORMATS, VARIANTS, build_afd_dataset, format_report
-from openrlhf_irl.cli.common import UsageError, check_output_file, cli_main, positive_int, resolve_outputs
+from openrlhf_irl.cli.common import UsageError, add_flag, check_output_file, cli_main, positive_int, resolve_outputs
 from openrlhf_irl.utils.output_guard import mark_file
 from openrlhf_irl.utils.jsonl import DataError, atomic_write_jsonl
 
@@ -45,9 +45,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "sidecar marking it as this tool's)")
     p.add_argument("--overwrite", action="store_true",
                    help="write over an existing --output that this tool did not write")
-    p.add_argument("--input-key", default="prompt", help="prompt key of the demonstrations (default: %(default)s)")
-    p.add_argument("--output-key", default="response",
-                   help="response key of the demonstrations (default: %(default)s)")
+    add_flag(p, "--data.input_key", "--input-key", default="prompt",
+             help="prompt key of the demonstrations (default: %(default)s)")
+    add_flag(p, "--data.output_key", "--output-key", default="response",
+             help="response key of the demonstrations (default: %(default)s)")
     p.add_argument("--keep-truncated", action="store_true", help="keep samples that did not end with EOS")
     p.add_argument("--keep-empty", action="store_true", help="keep empty (whitespace-only) responses")
     p.add_argument("--lenient", action="store_true",

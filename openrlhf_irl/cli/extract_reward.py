@@ -3,7 +3,8 @@
 r_t = Q(s_t, a_t) - gamma * V(s_{t+1}) with Q = logits and V = logsumexp(logits)
 (docs/iq_learn.md#reward-extraction), computed on exactly
 the token rows training saw: each record goes through the IQ trainer's dataset (OpenRLHF's ``SFTDataset``: same
-input template or chat template, prompt and response tokenised jointly, " " + EOS appended, cut at ``--max-len``)
+input template or chat template, prompt and response tokenised jointly, " " + EOS appended, cut at
+``--data.max_len``)
 and through the trainer's own episode rules (terminal at the final EOS, ``--truncation`` for cut rows, multi-turn
 segments bootstrapped across user turns). A record with ``"finished": false`` (a sample cut by its length limit)
 is tokenised the same way without the EOS and is not terminal. Pass the template flags used for training.
@@ -29,6 +30,7 @@ import torch
 
 from openrlhf_irl.cli.common import (
     UsageError,
+    add_flag,
     check_device,
     check_model,
     check_output_file,
@@ -70,21 +72,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report", default=None, help="JSON file for the correlation report")
     p.add_argument("--overwrite", action="store_true",
                    help="write over an existing --output / --report that this tool did not write")
-    p.add_argument("--input-key", default="prompt", help="as --data.input_key of training")
-    p.add_argument("--output-key", default="response", help="as --data.output_key of training")
+    add_flag(p, "--data.input_key", "--input-key", default="prompt", help="as in training (default: %(default)s)")
+    add_flag(p, "--data.output_key", "--output-key", default="response",
+             help="as in training (default: %(default)s)")
     p.add_argument("--reference-key", default=None, help="numeric column to correlate the rewards with")
-    p.add_argument("--apply-chat-template", action="store_true", help="as --data.apply_chat_template of training")
-    p.add_argument("--tokenizer-chat-template", default=None, help="as --data.tokenizer_chat_template of training")
-    p.add_argument("--input-template", default=DEFAULT_TEMPLATE,
-                   help=f"as --data.input_template of training (OpenRLHF's default {DEFAULT_TEMPLATE!r}); "
-                        "ignored with --apply-chat-template")
-    p.add_argument("--multiturn", action="store_true",
-                   help="as --data.multiturn: the input key holds a whole conversation ending with an assistant turn")
+    add_flag(p, "--data.apply_chat_template", "--apply-chat-template", action="store_true", help="as in training")
+    add_flag(p, "--data.tokenizer_chat_template", "--tokenizer-chat-template", default=None, help="as in training")
+    add_flag(p, "--data.input_template", "--input-template", default=DEFAULT_TEMPLATE,
+             help=f"as in training (OpenRLHF's default {DEFAULT_TEMPLATE!r}); ignored with "
+                  "--data.apply_chat_template")
+    add_flag(p, "--data.multiturn", "--multiturn", action="store_true",
+             help="as in training: the input key holds a whole conversation ending with an assistant turn")
     p.add_argument("--truncation", choices=("bootstrap", "drop", "eos"), default="bootstrap",
-                   help="as --irl.truncation of training: how a row cut by --max-len ends")
+                   help="as --irl.truncation of training: how a row cut by --data.max_len ends")
     p.add_argument("--gamma", type=_unit_float, default=1.0, help="discount in [0, 1], as --irl.gamma")
     p.add_argument("--batch-size", type=positive_int, default=8)
-    p.add_argument("--max-len", type=_max_len, default=2048, help="as --data.max_len of training")
+    add_flag(p, "--data.max_len", "--max-len", type=_max_len, default=2048,
+             help="as in training (default: %(default)s)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return p
 
@@ -149,7 +153,7 @@ def build_dataset(tokenizer, records, args):
     for (line_no, _), row in zip(records, rows):
         if probe.process_data(json.loads(json.dumps(row)))["prompt"] is None:
             raise DataError(f"{args.data}, line {line_no}, field {args.input_key!r}: the prompt leaves no room for "
-                            f"a response under --max-len {args.max_len} (training drops such records)")
+                            f"a response under --data.max_len {args.max_len} (training drops such records)")
     return IQSFTDataset(datasets.Dataset.from_list(rows), tokenizer, args.max_len, strategy,
                         input_template=args.input_template, num_processors=1, multiturn=args.multiturn)
 
@@ -164,8 +168,8 @@ def check_context(ds, records, args, context) -> None:
         if n > context:
             field = args.input_key if args.multiturn else args.output_key
             raise DataError(f"{args.data}, line {line_no}, field {field!r}: {n} tokens, beyond the model's "
-                            f"context of {context} tokens; lower --max-len to {context} (rows are cut there, as "
-                            "training with --data.max_len cuts them) or shorten the record")
+                            f"context of {context} tokens; lower --data.max_len to {context} (rows are cut there, "
+                            "as training with --data.max_len cuts them) or shorten the record")
 
 
 def dataset_item(ds, idx: int, finished: bool):

@@ -2,23 +2,24 @@
 
 Example (the paper's setting: temperature 1.0, top-p 0.95)::
 
-    python -m openrlhf_irl.cli.sample --model ./sft --prompts prompts.jsonl --apply-chat-template \\
-        --n-samples 4 --max-new-tokens 128 --policy-name sft --output sft_samples.jsonl
+    python -m openrlhf_irl.cli.sample --model ./sft --prompts prompts.jsonl --data.apply_chat_template \\
+        --rollout.n_samples_per_prompt 4 --rollout.max_new_tokens 128 --policy-name sft --output sft_samples.jsonl
 
 Each output line is ``{"prompt", "response", "policy", "sample_index", "finished", "logprob"}``: ``prompt``
 is the raw prompt exactly as in the prompts file (not templated), ``finished`` says the response ended with
-EOS within ``--max-new-tokens``, ``logprob`` is ``log pi(response|prompt)`` at temperature 1 (see
+EOS within ``--rollout.max_new_tokens``, ``logprob`` is ``log pi(response|prompt)`` at temperature 1 (see
 ``openrlhf_irl.generation``). Records are appended (fsync'd) as batches finish; rerunning the same command
 after a crash drops a torn last line and generates only the missing (prompt, sample_index) pairs.
 
 What produced the file is kept next to it in ``<output>.provenance.json`` (the model's path and a hash of its
 config and weights, the LoRA adapter, temperature, top-p, max new tokens, seed, prompt format, policy name,
 tool version). A rerun resumes the file only when that record matches; otherwise it stops, names the
-difference, and ``--overwrite`` starts the file over. A larger ``--n-samples`` or more prompts extend it. An
-existing non-empty output without that record was not written by this tool and is refused (never repaired).
+difference, and ``--overwrite`` starts the file over. A larger ``--rollout.n_samples_per_prompt`` or more prompts
+extend it. An existing non-empty output without that record was not written by this tool and is refused (never
+repaired).
 The output is locked (``flock``) for the job's life: a second job on the same file is refused.
-Every prompt must fit the model's context with ``--max-new-tokens`` to spare (``--skip-long-prompts`` skips
-and counts the others). A local Ray instance the job starts is shut down on exit, and by a watchdog process
+Every prompt must fit the model's context with ``--rollout.max_new_tokens`` to spare (``--skip-long-prompts``
+skips and counts the others). A local Ray instance the job starts is shut down on exit, and by a watchdog process
 if the job is killed.
 
 Exit codes: 0 success, 2 bad arguments or bad data (message on stderr), 1 unreadable/unwritable file.
@@ -33,7 +34,7 @@ import time
 from collections import Counter
 from typing import Dict, List, Optional, Set, Tuple
 
-from openrlhf_irl.cli.common import (UsageError, check_lora, check_model, check_output_file, cli_main,
+from openrlhf_irl.cli.common import (UsageError, add_flag, check_lora, check_model, check_output_file, cli_main,
                                      load_checked_config, load_checked_tokenizer, model_context_length, positive_int,
                                      resolve_outputs, temperature, top_p)
 from openrlhf_irl.generation.params import SamplingParams, format_prompt, plan_requests
@@ -52,16 +53,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="local model path (Hugging Face format)")
     p.add_argument("--lora", help="PEFT LoRA adapter to merge into --model")
     p.add_argument("--prompts", required=True, help="prompts JSONL")
-    p.add_argument("--input-key", default="prompt", help="prompt field of the prompts file (default: %(default)s)")
+    add_flag(p, "--data.input_key", "--input-key", default="prompt",
+             help="prompt field of the prompts file (default: %(default)s)")
     fmt = p.add_mutually_exclusive_group()
-    fmt.add_argument("--apply-chat-template", action="store_true",
-                     help="render each prompt as one user message with the tokenizer's chat template")
-    fmt.add_argument("--input-template", help="format string with a {} slot for the prompt, e.g. 'User: {}\\nAssistant: '")
-    p.add_argument("--n-samples", type=positive_int, default=1, help="samples per prompt (default: %(default)s)")
-    p.add_argument("--temperature", type=temperature, default=1.0,
-                   help="0 = greedy, else in [0.001, 100] (default: %(default)s)")
-    p.add_argument("--top-p", type=top_p, default=0.95, help="in (0, 1] (default: %(default)s)")
-    p.add_argument("--max-new-tokens", type=positive_int, default=128, help="default: %(default)s")
+    add_flag(fmt, "--data.apply_chat_template", "--apply-chat-template", action="store_true",
+             help="render each prompt as one user message with the tokenizer's chat template")
+    add_flag(fmt, "--data.input_template", "--input-template",
+             help="format string with a {} slot for the prompt, e.g. 'User: {}\\nAssistant: '")
+    add_flag(p, "--rollout.n_samples_per_prompt", "--n-samples", type=positive_int, default=1,
+             help="samples per prompt (default: %(default)s)")
+    add_flag(p, "--rollout.temperature", "--temperature", type=temperature, default=1.0,
+             help="0 = greedy, else in [0.001, 100] (default: %(default)s)")
+    add_flag(p, "--rollout.top_p", "--top-p", type=top_p, default=0.95, help="in (0, 1] (default: %(default)s)")
+    add_flag(p, "--rollout.max_new_tokens", "--max-new-tokens", type=positive_int, default=128,
+             help="default: %(default)s")
     p.add_argument("--num-actors", type=positive_int, default=2,
                    help="Ray actors (hf) or vLLM engines (vllm) (default: %(default)s)")
     p.add_argument("--backend", choices=("auto", "hf", "vllm"), default="auto",
@@ -75,8 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true",
                    help="start --output over (its records and provenance are replaced) instead of resuming it")
     p.add_argument("--skip-long-prompts", action="store_true",
-                   help="skip (and count) prompts that leave less than --max-new-tokens of the model's context, "
-                   "instead of stopping")
+                   help="skip (and count) prompts that leave less than --rollout.max_new_tokens of the model's "
+                   "context, instead of stopping")
     return p
 
 
@@ -137,7 +142,8 @@ def load_done(path: str, policy: str, skipped: Optional[Counter] = None) -> Set[
 
 
 def provenance(args, tokenizer) -> dict:
-    """What determines the samples' distribution (not how many there are: --n-samples and --max-prompts may grow)."""
+    """What determines the samples' distribution (not how many there are: --rollout.n_samples_per_prompt and
+    --max-prompts may grow)."""
     import hashlib
 
     from openrlhf_irl import __version__
@@ -225,26 +231,26 @@ def prepare_output(args, tokenizer, skipped: Counter) -> Set[Tuple[str, int]]:
 
 def check_prompt_lengths(args, tokenizer, prompts: List[str], formatted: List[str], lines: Dict[str, int],
                          context: Optional[int]) -> List[int]:
-    """Indices of prompts whose tokens plus ``--max-new-tokens`` exceed the model's context; an error for the
+    """Indices of prompts whose tokens plus ``--rollout.max_new_tokens`` exceed the model's context; an error for the
     first one unless ``--skip-long-prompts``."""
     if context is None:
         return []
     budget = context - args.max_new_tokens
     if budget < 1:
-        raise UsageError(f"--max-new-tokens {args.max_new_tokens}: leaves no room for a prompt in the model's "
+        raise UsageError(f"--rollout.max_new_tokens {args.max_new_tokens}: leaves no room for a prompt in the model's "
                          f"context of {context} tokens")
     too_long = []
     for i, text in enumerate(formatted):
         n = len(tokenizer(text, add_special_tokens=False)["input_ids"])
         if n > budget:
             if not args.skip_long_prompts:
-                raise data_error(args.prompts, lines[prompts[i]], f"{n} prompt tokens + --max-new-tokens "
+                raise data_error(args.prompts, lines[prompts[i]], f"{n} prompt tokens + --rollout.max_new_tokens "
                                  f"{args.max_new_tokens} exceed the model's context of {context} tokens; shorten "
-                                 "it, lower --max-new-tokens, or pass --skip-long-prompts", field=args.input_key,
-                                 reason="too_long")
+                                 "it, lower --rollout.max_new_tokens, or pass --skip-long-prompts",
+                                 field=args.input_key, reason="too_long")
             too_long.append(i)
     if too_long and len(too_long) == len(formatted):
-        raise UsageError(f"--prompts {args.prompts}: every prompt leaves less than --max-new-tokens "
+        raise UsageError(f"--prompts {args.prompts}: every prompt leaves less than --rollout.max_new_tokens "
                          f"{args.max_new_tokens} of the model's context of {context} tokens; nothing to sample")
     return too_long
 
@@ -259,7 +265,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     except ValueError as e:
         parser.error(str(e))
     if args.input_template is not None and "{}" not in args.input_template:
-        parser.error("--input-template must contain a {} slot for the prompt")
+        parser.error("--data.input_template must contain a {} slot for the prompt")
 
     skipped: Counter = Counter()
     lock = None

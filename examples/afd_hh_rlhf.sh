@@ -21,10 +21,10 @@ for POLICY in init sft; do
    python -m openrlhf_irl.cli.sample \
       --model "$MODEL" \
       --prompts "$WORK/data/prompts.jsonl" \
-      --n-samples 2 \
-      --temperature 1.0 \
-      --top-p 0.95 \
-      --max-new-tokens 256 \
+      --rollout.n_samples_per_prompt 2 \
+      --rollout.temperature 1.0 \
+      --rollout.top_p 0.95 \
+      --rollout.max_new_tokens 256 \
       --num-actors "$ENGINES" \
       --backend auto \
       --policy-name "$POLICY" \
@@ -85,8 +85,8 @@ python -m openrlhf_irl.cli.best_of_n \
    --reward-model "$WORK/rm_afd" \
    --log-ratio-init "$INIT" \
    --golden "$GOLDEN" \
-   --temperature 1.0 \
-   --top-p 0.95 \
-   --max-new-tokens 256 \
+   --rollout.temperature 1.0 \
+   --rollout.top_p 0.95 \
+   --rollout.max_new_tokens 256 \
    --num-actors "$ENGINES" \
    --output-dir "$WORK/best_of_n"

@@ -44,8 +44,8 @@ deepspeed --num_gpus "$NUM_GPUS" --module openrlhf_irl.cli.train_sft \
 python -m openrlhf_irl.cli.extract_reward \
    --model "$OUT" \
    --data "$DATA" \
-   --input-key "$INPUT_KEY" \
-   --output-key "$OUTPUT_KEY" \
-   --apply-chat-template \
+   --data.input_key "$INPUT_KEY" \
+   --data.output_key "$OUTPUT_KEY" \
+   --data.apply_chat_template \
    --output "$OUT/token_rewards.jsonl" \
    --report "$OUT/token_rewards_report.json"

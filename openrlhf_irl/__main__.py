@@ -24,15 +24,13 @@ def _offline_env(output_dir: str) -> None:
     ``.cache``, DeepSpeed's JIT-built ops and triton's in the package's cache (``utils.cache_dir``: shared by runs, as
     the PPO launcher keeps them); a user's own settings win."""
     cache = os.path.join(os.path.abspath(output_dir), ".cache")
-    from openrlhf_irl.utils.cache_dir import cache_dir
+    from openrlhf_irl.utils.cache_dir import apply_cache_defaults
 
-    shared = str(cache_dir())
     for key, value in {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "disabled",
                        "TOKENIZERS_PARALLELISM": "false", "HF_DATASETS_CACHE": os.path.join(cache, "hf_datasets"),
-                       "MPLCONFIGDIR": os.path.join(cache, "matplotlib"),
-                       "TORCH_EXTENSIONS_DIR": os.path.join(shared, "torch_extensions"),
-                       "TRITON_HOME": os.path.join(shared, "triton")}.items():
+                       "MPLCONFIGDIR": os.path.join(cache, "matplotlib")}.items():
         os.environ.setdefault(key, value)
+    apply_cache_defaults()
 
 
 def _check_output_dir(path: str, overwrite: bool, subdirs: list | None = None, mark: bool = True) -> None:

@@ -46,3 +46,25 @@ def test_the_environment_wins(tmp_path, monkeypatch):
     monkeypatch.delenv("TORCH_EXTENSIONS_DIR", raising=False)  # a value already set would win over the cache
     assert cache_dir() == tmp_path / "mine"
     assert ray_ppo.worker_env()["TORCH_EXTENSIONS_DIR"] == str(tmp_path / "mine" / "torch_extensions")
+
+
+def test_commands_leave_nothing_in_tmpdir_or_home(tmp_path):
+    """``import deepspeed`` creates ``$TMPDIR/torchinductor_<user>``; a command of the package points it (and the
+    other build caches) into the package's cache first."""
+    import os
+    import subprocess
+    import sys
+
+    from openrlhf_irl.utils.cache_dir import build_cache_env
+
+    tmp, home, cache = tmp_path / "tmp", tmp_path / "home", tmp_path / "cache"
+    tmp.mkdir()
+    home.mkdir()
+    env = {k: v for k, v in os.environ.items() if k not in build_cache_env(cache)}
+    env.update(TMPDIR=str(tmp), HOME=str(home), OPENRLHF_IRL_CACHE=str(cache))
+    out = subprocess.run([sys.executable, "-c", "import openrlhf_irl.cli, deepspeed, os; "
+                          "print(os.environ['TORCHINDUCTOR_CACHE_DIR'])"], capture_output=True, text=True, env=env,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == str(cache / "torchinductor")
+    assert list(tmp.iterdir()) == [] and list(home.iterdir()) == []

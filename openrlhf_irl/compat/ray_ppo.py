@@ -31,7 +31,7 @@ import torch
 
 from openrlhf_irl import compat
 from openrlhf_irl.utils.reaper import RUN_TAG_ENV  # the job's tag (its processes' clean-up is in utils.reaper)
-from openrlhf_irl.utils.cache_dir import CACHE_ENV
+from openrlhf_irl.utils.cache_dir import CACHE_ENV, build_cache_env
 from openrlhf_irl.utils.cache_dir import cache_dir as package_cache_dir
 
 SETUP_HOOK = "openrlhf_irl.compat.ray_ppo.setup_worker"
@@ -199,9 +199,7 @@ def worker_env(cache_dir: str | os.PathLike | None = None, run_tag: str | None =
     cache = Path(os.environ.get(CACHE_ENV) or cache_dir or package_cache_dir())
     env = {
         "DS_ACCELERATOR": "cpu",
-        "TORCH_EXTENSIONS_DIR": str(cache / "torch_extensions"),
-        "TRITON_HOME": str(cache / "triton"),
-        "TRITON_CACHE_DIR": str(cache / "triton" / "cache"),
+        **build_cache_env(cache),
         # what train_ppo_ray passes when it starts Ray itself
         "TOKENIZERS_PARALLELISM": "true",
         "NCCL_DEBUG": "WARN",

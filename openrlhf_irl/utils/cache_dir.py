@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-__all__ = ["cache_dir", "CACHE_ENV"]
+__all__ = ["cache_dir", "CACHE_ENV", "build_cache_env", "apply_cache_defaults"]
 
 CACHE_ENV = "OPENRLHF_IRL_CACHE"
 
@@ -25,3 +25,21 @@ def cache_dir() -> Path:
         return checkout / "outputs" / ".cache"
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "openrlhf-irl"
+
+
+def build_cache_env(cache: os.PathLike | str | None = None) -> dict[str, str]:
+    """The variables that point what torch, DeepSpeed and triton build at run time into ``cache`` (default
+    :func:`cache_dir`) instead of ``~/.cache`` or ``$TMPDIR`` (``import deepspeed`` alone creates
+    ``$TMPDIR/torchinductor_<user>``)."""
+    cache = Path(cache or cache_dir())
+    return {"TORCH_EXTENSIONS_DIR": str(cache / "torch_extensions"), "TRITON_HOME": str(cache / "triton"),
+            "TRITON_CACHE_DIR": str(cache / "triton" / "cache"),
+            "TORCHINDUCTOR_CACHE_DIR": str(cache / "torchinductor")}
+
+
+def apply_cache_defaults() -> None:
+    """:func:`build_cache_env` into this process's environment where the user has not set a value (the package's
+    commands call it before torch or DeepSpeed import; their child processes inherit it)."""
+    for key, value in build_cache_env().items():
+        if not os.environ.get(key):
+            os.environ[key] = value

@@ -329,3 +329,40 @@ def test_demo_second_run_into_the_same_folder_is_refused(tmp_path, monkeypatch, 
         one_error_line(capsys.readouterr().err, "another job is writing")
     finally:
         stop(holder)
+
+
+def test_experiment_rerun_that_stops_never_leaves_the_old_top_level_report(tmp_path, monkeypatch):
+    """The experiment's own report (beside its seed_<s>/ folders) goes out of sight before the first seed runs."""
+    from openrlhf_irl.demo import experiment, pipeline
+    from openrlhf_irl.utils.output_guard import mark_dir
+
+    root = tmp_path / "exp"
+    mark_dir(str(root), "openrlhf-irl experiment")
+    for name in pipeline.RESULT_FILES:
+        (root / name).write_text("seeds 0-2")
+
+    def stopped():
+        raise RuntimeError("stopped")
+
+    monkeypatch.setattr(pipeline.Demo, "stages", lambda self: [pipeline.Stage("stopped", stopped)])
+    with pytest.raises(RuntimeError, match="stopped"):
+        experiment.run_experiment(str(root), [5], scale="quick", verbose=True)
+    assert [name for name in pipeline.RESULT_FILES if (root / name).exists()] == []
+    assert not (root / STAGING).exists()
+
+
+def test_experiment_second_run_into_the_same_folder_is_refused(tmp_path, monkeypatch):
+    from openrlhf_irl.demo import experiment, pipeline
+    from openrlhf_irl.utils.output_guard import OutputConflict
+
+    root = tmp_path / "exp"
+    root.mkdir()
+    (root / "report.md").write_text("the running job's")
+    monkeypatch.setattr(pipeline.Demo, "run_stages", lambda self: pytest.fail("the second experiment ran"))
+    holder = hold_lock(root)
+    try:
+        with pytest.raises(OutputConflict, match="another job is writing"):
+            experiment.run_experiment(str(root), [1], scale="quick", verbose=True)
+        assert (root / "report.md").read_text() == "the running job's"
+    finally:
+        stop(holder)

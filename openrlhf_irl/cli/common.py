@@ -41,8 +41,9 @@ def user_error_line(err: BaseException) -> Optional[str]:
     :class:`~openrlhf_irl.utils.jsonl.DataError`, an OSError such as a full disk naming its file); None for anything
     else, which is a bug and keeps its traceback."""
     from openrlhf_irl.utils.jsonl import DataError
+    from openrlhf_irl.utils.output_guard import OutputConflict
 
-    if isinstance(err, (UsageError, DataError)):
+    if isinstance(err, (UsageError, DataError, OutputConflict)):
         text = " ".join(str(err).split("\n")).strip()
         return text or type(err).__name__
     if isinstance(err, OSError) and err.errno in USER_OS_ERRORS:

@@ -26,7 +26,8 @@ import sys
 import time
 from dataclasses import asdict, replace
 
-from openrlhf_irl.demo.pipeline import Demo, DemoConfig
+from openrlhf_irl.demo.pipeline import RESULT_FILES, Demo, DemoConfig
+from openrlhf_irl.utils.output_guard import OutputUnit
 
 # Wall time per seed on this project's 2-core CPU machine shared with other jobs (measured 2026-11-27), stated
 # before a run starts; an idle machine is faster.
@@ -129,6 +130,11 @@ def run_experiment(output_dir: str, seeds: list[int], quick: bool = False, backe
     start = time.time()
     results, seed_times = [], {}
     progress = StageProgress(stage_names * len(seeds))
+    os.makedirs(root, exist_ok=True)
+    # locked against a second experiment; the previous run's top-level report out of sight before any seed runs,
+    # so a rerun with other seeds that stops never shows the old report beside the new seeds' data
+    unit = OutputUnit(root, RESULT_FILES)
+    unit.set_aside()
     with stage_output(os.path.join(root, "logs", "run.log"), verbose):
         try:
             for s in seeds:
@@ -160,6 +166,7 @@ def run_experiment(output_dir: str, seeds: list[int], quick: bool = False, backe
                     extra_md=settings_md(base, [r["seed"] for r in results], command, time.time() - start, seed_times),
                     timings={f"{k} (mean per seed)": v for k, v in stage_means.items()})
         finally:
+            unit.close()
             if ray.is_initialized():
                 ray.shutdown()
     print(f"experiment: {len(results)} seed(s) in {(time.time() - start) / 60:.1f} min; report: "

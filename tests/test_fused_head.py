@@ -17,7 +17,8 @@ from transformers import (
     PhiConfig,
 )
 
-from openrlhf_irl.losses import HeadTransform, IQTermWeights, iq_learn_loss, linear_iq_objective
+from helpers.loss_api import iq_learn_loss
+from openrlhf_irl.losses import HeadTransform, IQTermWeights, linear_iq_objective
 from openrlhf_irl.losses.fused_head import FusedHead
 from openrlhf_irl.losses.fused_linear_qv import masked_linear_q_and_v
 from openrlhf_irl.losses.iq_learn import iq_per_token_loss

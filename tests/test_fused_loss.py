@@ -11,7 +11,8 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from openrlhf_irl.losses import HeadTransform, IQTermWeights, fused_iq_learn_loss, linear_iq_objective, linear_q_and_v
+from helpers.loss_api import fused_iq_learn_loss
+from openrlhf_irl.losses import HeadTransform, IQTermWeights, linear_iq_objective, linear_q_and_v
 from openrlhf_irl.losses.fused_linear_qv import masked_linear_q_and_v
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))

@@ -15,10 +15,10 @@ compat.activate()
 from openrlhf.models import Actor, SFTLoss  # noqa: E402
 from transformers import AutoTokenizer  # noqa: E402
 
-from openrlhf_irl.losses import iq_learn_loss  # noqa: E402
 from openrlhf_irl.losses.iq_sft import IQConfig  # noqa: E402
 from openrlhf_irl.trainers.iq_learn import IQLearnTrainer  # noqa: E402
 from helpers.iq_batches import bare_trainer, sft_batch  # noqa: E402
+from helpers.loss_api import iq_learn_loss  # noqa: E402
 
 
 def loss_and_grads(actor, fn):

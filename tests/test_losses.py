@@ -7,14 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from openrlhf_irl.losses import (
-    fused_iq_learn_loss,
-    iq_learn_loss,
-    iq_stats,
-    iq_token_terms,
-    linear_q_and_v,
-    token_rewards,
-)
+from helpers.loss_api import fused_iq_learn_loss, iq_learn_loss
+from openrlhf_irl.losses import iq_stats, iq_token_terms, linear_q_and_v, token_rewards
 
 V = 32  # vocab
 H = 8  # hidden size

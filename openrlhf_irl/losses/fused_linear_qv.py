@@ -8,7 +8,7 @@ through two fp32 scalars per token, q_t = l_t[a_t] and v_t = logsumexp(l_t). ``l
     backward: p = exp(l - v);  g = (dq * onehot(a) + dv * p) * T'(z);  dh_c = g W;  dW += g^T h_c   (dW in fp32)
 
 Only hidden, weight, labels and v (O(N H + V H + N)) are saved for backward. Four lm_head-sized matmuls per chunk
-(logits twice, dh, dW); ``fused_iq_learn_loss`` uses the three-matmul single-pass op unless ``single_pass=False``.
+(logits twice, dh, dW); ``linear_iq_objective`` needs three.
 """
 
 from __future__ import annotations
@@ -16,10 +16,9 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
-from .fused_iq_objective import HeadTransform, IQTermWeights, linear_iq_objective
-from .iq_learn import iq_per_token_loss, iq_stats
+from .fused_iq_objective import HeadTransform
 
-__all__ = ["linear_q_and_v", "fused_iq_learn_loss", "LinearQV"]
+__all__ = ["linear_q_and_v", "masked_linear_q_and_v", "LinearQV"]
 
 
 def _chunk_logits(h: torch.Tensor, weight: torch.Tensor, head: HeadTransform = HeadTransform()) -> torch.Tensor:
@@ -128,42 +127,3 @@ def masked_linear_q_and_v(hidden, weight, labels, mask, chunk_size: int = 1024, 
     outs = linear_q_and_v(hidden[resp], weight, labels[resp], chunk_size=chunk_size, return_entropy=return_entropy,
                           head=head)
     return tuple(x.new_zeros(resp.shape).masked_scatter(resp, x) for x in outs)
-
-
-def fused_iq_learn_loss(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    labels: torch.Tensor,
-    loss_mask: torch.Tensor,
-    terminal_mask: torch.Tensor,
-    *,
-    td_weight: float,
-    gamma: float = 1.0,
-    mle_weight: float = 1.0,
-    chunk_size: int = 1024,
-    single_pass: bool = True,
-    head: HeadTransform = HeadTransform(),
-) -> tuple[torch.Tensor, dict[str, float]]:
-    """Same loss, stats and gradients as ``iq_learn_loss(T(hidden @ weight.T), ...)``:
-    L = sum_t[-mle_weight * log pi_t + td_weight * (q_t - gamma V_{t+1})^2] / #response tokens.
-
-    hidden [B, T, H], weight [V, H] (lm_head, no bias). Only response rows go through the lm_head: prompt and
-    padding positions never enter the loss, so their logits are not computed at all. ``single_pass`` (default): the
-    gradients are computed in the forward pass (``linear_iq_objective``); False: the two-pass ``linear_q_and_v``.
-    """
-    resp = loss_mask.bool()
-    if single_pass:
-        w = resp.float() / resp.sum().clamp(min=1)
-        weights = IQTermWeights(log_probs=-mle_weight * w, rewards_sq=td_weight * w if td_weight else None)
-        loss, terms, entropy, *_ = linear_iq_objective(
-            hidden, weight, labels, resp, terminal_mask, weights, gamma=gamma, head=head, chunk_size=chunk_size,
-            entropy_mask=resp,
-        )
-        entropy = entropy.new_zeros(resp.shape).masked_scatter(resp, entropy)
-        return loss, iq_stats(terms, resp, entropy=entropy)
-    q, v, entropy = masked_linear_q_and_v(hidden, weight, labels, resp, chunk_size, return_entropy=True, head=head)
-    per_token, terms = iq_per_token_loss(
-        q, v, resp, terminal_mask, td_weight=td_weight, gamma=gamma, mle_weight=mle_weight
-    )
-    loss = per_token.sum() / resp.sum().clamp(min=1)
-    return loss, iq_stats(terms, resp, entropy=entropy)

@@ -20,8 +20,8 @@ The online term (``iq_online_term``) is documented there. Conventions: ``labels[
 which the episode ends. Labels outside the response may hold anything (e.g. -100): they are never used as indices.
 Prompt and padding positions never enter V, log pi or the means.
 
-``iq_learn_loss`` (full logits) and ``fused_iq_learn_loss`` (chunked lm_head, see ``fused_linear_qv``) only differ
-in how (q, v) are obtained; both share ``iq_per_token_loss``.
+The loss over (q, v) is ``iq_per_token_loss``: from full logits (``logits_q_and_v``) or a chunked lm_head
+(``fused_linear_qv``); ``fused_iq_objective`` fuses it with the lm_head in one pass.
 """
 
 from __future__ import annotations
@@ -38,7 +38,6 @@ __all__ = [
     "iq_online_term",
     "iq_per_token_loss",
     "iq_stats",
-    "iq_learn_loss",
     "token_rewards",
     "logits_q_and_v",
     "entropy_from_logits",
@@ -250,30 +249,6 @@ def entropy_from_logits(logits: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     logits = logits.detach().float()
     p = torch.exp(logits - v.detach().unsqueeze(-1))
     return v.detach() - (p * logits).sum(-1)
-
-
-def iq_learn_loss(
-    logits: torch.Tensor,
-    labels: torch.Tensor,
-    loss_mask: torch.Tensor,
-    terminal_mask: torch.Tensor,
-    *,
-    td_weight: float,
-    gamma: float = 1.0,
-    mle_weight: float = 1.0,
-) -> tuple[torch.Tensor, dict[str, float]]:
-    """L = sum_t[-mle_weight * log pi_t + td_weight * r_t^2] / #response tokens, from full logits [B, T, V].
-
-    With td_weight=0, mle_weight=1 this is cross-entropy averaged over the response tokens. Returns (loss, stats),
-    stats as in ``iq_stats`` plus 'entropy' (mean entropy of softmax(logits) over response tokens).
-    """
-    q, v = logits_q_and_v(logits, labels, loss_mask)
-    per_token, terms = iq_per_token_loss(
-        q, v, loss_mask, terminal_mask, td_weight=td_weight, gamma=gamma, mle_weight=mle_weight
-    )
-    loss = per_token.sum() / loss_mask.sum().clamp(min=1)
-    stats = iq_stats(terms, loss_mask, entropy=entropy_from_logits(logits, v))
-    return loss, stats
 
 
 @torch.no_grad()

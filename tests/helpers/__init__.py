@@ -6,6 +6,8 @@ does for ``conftest.py``). ``conftest.py`` keeps only fixtures and hooks; no tes
 - :mod:`helpers.records`: ``counting_records``, ``write_jsonl``, ``corpus_prompts``, ``mean_response_nll``
 - :mod:`helpers.iq_batches`: batches, a bare trainer and a fixed policy sampler for the IQ-Learn loss tests
 - :mod:`helpers.iq_reference`: the per-token loop references of the IQ-Learn loss
+- :mod:`helpers.loss_api`: ``iq_learn_loss`` / ``fused_iq_learn_loss``, the offline loss as one call (full logits,
+  or fused with the lm_head), composed from ``openrlhf_irl.losses``
 - :mod:`helpers.openrlhf_checkout`: a copy of the installed OpenRLHF with ``patches/`` applied
 - scripts and hooks the tests' subprocesses load (``PYTHONPATH`` = ``tests/``, names ``helpers.<module>``):
   :mod:`helpers.engine_probe`, :mod:`helpers.golden_digits`, :mod:`helpers.record_rewards`,

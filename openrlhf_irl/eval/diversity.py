@@ -12,6 +12,7 @@ from typing import Any, Sequence
 
 import torch
 
+from openrlhf_irl.generation.scoring import response_logits
 from openrlhf_irl.utils.metrics import distinct_n, self_bleu
 
 __all__ = ["entropy_sums", "prompt_text_diversity"]
@@ -25,24 +26,13 @@ def entropy_sums(model: Any, prompt_ids: Sequence[Sequence[int]], response_ids: 
         raise ValueError(f"temperature must be > 0, got {temperature}")
     if len(prompt_ids) != len(response_ids):
         raise ValueError(f"{len(prompt_ids)} prompts but {len(response_ids)} responses")
-    device = next(model.parameters()).device
     out: list[tuple[float, int]] = [(0.0, 0)] * len(prompt_ids)
-    rows_all = [i for i in range(len(prompt_ids)) if len(response_ids[i]) > 0]
-    for start in range(0, len(rows_all), batch_size):
-        rows = rows_all[start : start + batch_size]
-        seqs = [list(prompt_ids[i]) + list(response_ids[i]) for i in rows]
-        width = max(len(s) for s in seqs)
-        ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for r, s in enumerate(seqs):
-            ids[r, : len(s)] = torch.tensor(s, dtype=torch.long)
-            mask[r, : len(s)] = 1
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
-        for r, i in enumerate(rows):
-            p, n = len(prompt_ids[i]), len(response_ids[i])
-            logp = torch.log_softmax(logits[r, p - 1 : p + n - 1] / temperature, dim=-1)
-            h = -(logp.exp() * logp).sum(-1)
-            out[i] = (float(h.double().sum()), n)
+    rows = [i for i in range(len(prompt_ids)) if len(response_ids[i]) > 0]
+    for i, logits in response_logits(model, prompt_ids, response_ids, rows, batch_size=batch_size,
+                                     pad_token_id=pad_token_id):
+        logp = torch.log_softmax(logits.float() / temperature, dim=-1)
+        h = -(logp.exp() * logp).sum(-1)
+        out[i] = (float(h.double().sum()), len(response_ids[i]))
     return out
 
 

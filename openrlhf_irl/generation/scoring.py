@@ -11,11 +11,11 @@ The closed-form optimum of AfD's Init-SFT discriminator gives the reward
 
 from __future__ import annotations
 
-from typing import Any, List, Optional, Sequence, Union
+from typing import Any, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 
-__all__ = ["token_logprob_sums", "sequence_logprobs", "LogRatioScorer", "encode_prompt"]
+__all__ = ["token_logprob_sums", "response_logits", "sequence_logprobs", "LogRatioScorer", "encode_prompt"]
 
 
 def encode_prompt(tokenizer: Any, prompt: str) -> List[int]:
@@ -49,31 +49,47 @@ def token_logprob_sums(
         raise ValueError(f"{len(prompt_ids)} prompts but {len(response_ids)} responses")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    device = next(model.parameters()).device
     out = [0.0] * len(prompt_ids)
     order = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]) + len(response_ids[i]))
     order = [i for i in order if len(response_ids[i]) > 0]
-    for start in range(0, len(order), batch_size):
-        rows = order[start : start + batch_size]
-        for i in rows:
-            if len(prompt_ids[i]) == 0:
-                raise ValueError(f"row {i}: empty prompt ids (nothing to condition the first response token on)")
-        seqs = [list(prompt_ids[i]) + list(response_ids[i]) for i in rows]
+    for i in order:
+        if len(prompt_ids[i]) == 0:
+            raise ValueError(f"row {i}: empty prompt ids (nothing to condition the first response token on)")
+    for i, logits in response_logits(model, prompt_ids, response_ids, order, batch_size=batch_size,
+                                     pad_token_id=pad_token_id):
+        step_logits = logits.float()
+        targets = torch.tensor(list(response_ids[i]), dtype=torch.long, device=step_logits.device)
+        lp = torch.log_softmax(step_logits, dim=-1).gather(-1, targets[:, None]).squeeze(-1)
+        out[i] = float(lp.double().sum())
+    return out
+
+
+def response_logits(
+    model: Any,
+    prompt_ids: Sequence[Sequence[int]],
+    response_ids: Sequence[Sequence[int]],
+    rows: Sequence[int],
+    *,
+    batch_size: int,
+    pad_token_id: int,
+) -> Iterator[Tuple[int, torch.Tensor]]:
+    """Teacher forced, ``rows`` in order in right-padded batches of ``batch_size``: yields ``(i, logits)`` per row
+    i, ``logits`` [n, V] (the model's dtype) at the positions that predict its n response tokens. Logits at position
+    t predict token t+1: after a prompt of p tokens, the response tokens p..p+n-1 are predicted at p-1..p+n-2."""
+    device = next(model.parameters()).device
+    for start in range(0, len(rows), batch_size):
+        batch = rows[start : start + batch_size]
+        seqs = [list(prompt_ids[i]) + list(response_ids[i]) for i in batch]
         width = max(len(s) for s in seqs)
-        input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+        input_ids = torch.full((len(batch), width), pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
         for r, s in enumerate(seqs):
             input_ids[r, : len(s)] = torch.tensor(s, dtype=torch.long)
             attention_mask[r, : len(s)] = 1
         logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)).logits
-        for r, i in enumerate(rows):
+        for r, i in enumerate(batch):
             p, n = len(prompt_ids[i]), len(response_ids[i])
-            # logits at position t predict token t+1: the response tokens p..p+n-1 are predicted at p-1..p+n-2
-            step_logits = logits[r, p - 1 : p + n - 1].float()
-            targets = torch.tensor(list(response_ids[i]), dtype=torch.long, device=step_logits.device)
-            lp = torch.log_softmax(step_logits, dim=-1).gather(-1, targets[:, None]).squeeze(-1)
-            out[i] = float(lp.double().sum())
-    return out
+            yield i, logits[r, p - 1 : p + n - 1]
 
 
 def sequence_logprobs(

@@ -84,54 +84,45 @@ def patch_distributed_util(module) -> None:
 
 
 # ------------------------------------------------------------------------------------------- the engine's receiver
+def _update_weight_cpu(update_weight, self, name, dtype, shape, empty_cache=False):
+    """On a CPU worker: receive on its device, apply all tensors of a push at once (on the last one)."""
+    if self.device.type != "cpu":
+        return update_weight(self, name, dtype, shape, empty_cache)
+    if getattr(self, "_model_update_with_ray", False):
+        raise RuntimeError("weight sync through Ray collectives (--vllm.sync_with_ray) cannot reach a CPU vLLM "
+                           "worker (a subprocess, not a Ray actor); use the broadcast group (the default)")
+    weight = torch.empty(shape, dtype=dtype, device=self.device)
+    try:
+        self._model_update_group.broadcast(weight, src=0, stream=None)
+    except BaseException:
+        self.__dict__.pop(WEIGHT_BUFFER_ATTR, None)  # a broken push must not leak into the next one
+        raise
+    if dtype != self.model_config.dtype:  # refused after the broadcast, so the sender is not left waiting
+        self.__dict__.pop(WEIGHT_BUFFER_ATTR, None)
+        raise ValueError(f"update_weight {name}: dtype {dtype} differs from the engine's {self.model_config.dtype}")
+    pending = self.__dict__.setdefault(WEIGHT_BUFFER_ATTR, {})
+    pending[name] = weight  # by name: a tensor sent twice is applied once, the last copy
+    if empty_cache:  # the sender's mark for the last tensor of a push
+        del self.__dict__[WEIGHT_BUFFER_ATTR]
+        self.model_runner.reload_weights(weights_iterator=iter(pending.items()), is_checkpoint_format=True)
+
+
+def _update_weight_cuda_ipc_cpu(update_weight_cuda_ipc, self, *args, **kwargs):
+    if self.device.type == "cpu":
+        raise RuntimeError("CUDA IPC weight sync needs GPUs; CPU vLLM engines take the broadcast group "
+                           "(--vllm.sync_backend gloo, or --irl.vllm_weight_sync nccl)")
+    return update_weight_cuda_ipc(self, *args, **kwargs)
+
+
+def _init_process_group_fresh(init_process_group, self, *args, **kwargs):
+    self.__dict__.pop(WEIGHT_BUFFER_ATTR, None)  # a new sender starts with an empty buffer
+    return init_process_group(self, *args, **kwargs)
+
+
 def patch_worker_wrap(module) -> None:
     """``WorkerWrap.update_weight`` on a CPU worker: receive on its device, apply all tensors of a push at once."""
-    cls = module.WorkerWrap
-    if getattr(cls, "_openrlhf_irl_cpu", False):
-        return
-    update_weight = cls.update_weight
-    update_weight_cuda_ipc = cls.update_weight_cuda_ipc
-
-    @wraps(update_weight)
-    def update_weight_cpu(self, name, dtype, shape, empty_cache=False):
-        if self.device.type != "cpu":
-            return update_weight(self, name, dtype, shape, empty_cache)
-        if getattr(self, "_model_update_with_ray", False):
-            raise RuntimeError("weight sync through Ray collectives (--vllm.sync_with_ray) cannot reach a CPU vLLM "
-                               "worker (a subprocess, not a Ray actor); use the broadcast group (the default)")
-        weight = torch.empty(shape, dtype=dtype, device=self.device)
-        try:
-            self._model_update_group.broadcast(weight, src=0, stream=None)
-        except BaseException:
-            self.__dict__.pop(WEIGHT_BUFFER_ATTR, None)  # a broken push must not leak into the next one
-            raise
-        if dtype != self.model_config.dtype:  # refused after the broadcast, so the sender is not left waiting
-            self.__dict__.pop(WEIGHT_BUFFER_ATTR, None)
-            raise ValueError(f"update_weight {name}: dtype {dtype} differs from the engine's {self.model_config.dtype}")
-        pending = self.__dict__.setdefault(WEIGHT_BUFFER_ATTR, {})
-        pending[name] = weight  # by name: a tensor sent twice is applied once, the last copy
-        if empty_cache:  # the sender's mark for the last tensor of a push
-            del self.__dict__[WEIGHT_BUFFER_ATTR]
-            self.model_runner.reload_weights(weights_iterator=iter(pending.items()), is_checkpoint_format=True)
-
-    @wraps(update_weight_cuda_ipc)
-    def update_weight_cuda_ipc_cpu(self, *args, **kwargs):
-        if self.device.type == "cpu":
-            raise RuntimeError("CUDA IPC weight sync needs GPUs; CPU vLLM engines take the broadcast group "
-                               "(--vllm.sync_backend gloo, or --irl.vllm_weight_sync nccl)")
-        return update_weight_cuda_ipc(self, *args, **kwargs)
-
-    init_process_group = cls.init_process_group
-
-    @wraps(init_process_group)
-    def init_process_group_fresh(self, *args, **kwargs):
-        self.__dict__.pop(WEIGHT_BUFFER_ATTR, None)  # a new sender starts with an empty buffer
-        return init_process_group(self, *args, **kwargs)
-
-    cls.update_weight = update_weight_cpu
-    cls.update_weight_cuda_ipc = update_weight_cuda_ipc_cpu
-    cls.init_process_group = init_process_group_fresh
-    cls._openrlhf_irl_cpu = True
+    patch_methods(module.WorkerWrap, "_openrlhf_irl_cpu", update_weight=_update_weight_cpu,
+                  update_weight_cuda_ipc=_update_weight_cuda_ipc_cpu, init_process_group=_init_process_group_fresh)
 
 
 # ------------------------------------------------------------------------------------------ engines on a CPU cluster
@@ -268,6 +259,25 @@ class _PatchingLoader(importlib.abc.Loader):
 
     def __getattr__(self, name):  # get_code, get_source, is_package, ... of the real loader
         return getattr(self.loader, name)
+
+
+def patch_methods(cls, marker: str, **wrappers: Callable) -> None:
+    """Replace methods of ``cls`` once: with ``name=wrapper``, ``cls.name(self, ...)`` becomes
+    ``wrapper(original, self, ...)`` (under the original's name and docstring); then ``cls`` carries ``marker``.
+    A no-op where it already does (a patch applied twice, or by the hook and by hand), so nothing is wrapped twice."""
+    if getattr(cls, marker, False):
+        return
+    for name, wrapper in wrappers.items():
+        setattr(cls, name, _calling_with(getattr(cls, name), wrapper))
+    setattr(cls, marker, True)
+
+
+def _calling_with(original: Callable, wrapper: Callable) -> Callable:
+    @wraps(original)
+    def method(*args, **kwargs):
+        return wrapper(original, *args, **kwargs)
+
+    return method
 
 
 def install_import_hooks(patches: dict[str, Callable]) -> None:

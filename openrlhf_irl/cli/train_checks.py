@@ -181,6 +181,23 @@ def _records(path: str):
             yield f"record {index}", record
 
 
+_READS = {"afd_rm": "labels", "rm": "pairs"}  # the record format each reward trainer reads
+_TRAINER = {fmt: trainer for trainer, fmt in _READS.items()}  # and the trainer that reads each
+
+
+def _missing(at: str, field: str, key_flag: str, record: dict, trainer: str, fields: Dict[str, tuple]) -> ValueError:
+    """``field`` (``--data.<key_flag>``) is missing from ``record``; where the record has the other format's fields
+    (``fields``: format -> its two keys), the message says so and how to train or rebuild it."""
+    reads = _READS[trainer]
+    other = "pairs" if reads == "labels" else "labels"
+    if all(key in record for key in fields[other]):
+        shown = {"labels": "({!r}, {!r})".format(*fields["labels"]), "pairs": "({!r}/{!r})".format(*fields["pairs"])}
+        return ValueError(f"{at}, field {field!r}: missing; this is a {other} record {shown[other]} and --trainer "
+                          f"{trainer} reads {reads} {shown[reads]}: train {other} with --trainer {_TRAINER[other]}, or "
+                          f"build the dataset with build_afd_dataset --format {reads}")
+    return ValueError(f"{at}, field {field!r}: missing (--data.{key_flag})")
+
+
 def check_reward_data(values: Dict[str, Any]) -> None:
     """For ``train_rm``: every record of a local JSON/JSONL ``--data.dataset`` / ``--eval.dataset`` has the shape
     the chosen trainer reads, before the model loads. ``--trainer afd_rm`` reads labels files (``prompt``,
@@ -194,6 +211,7 @@ def check_reward_data(values: Dict[str, Any]) -> None:
     rejected = values.get("data.rejected_key") or "rejected"
     label = values.get("data.label_key") or "label"
     response = values.get("data.response_key") or "response"
+    fields = {"labels": (response, label), "pairs": (chosen, rejected)}
     for flag in ("data.dataset", "eval.dataset"):
         path = values.get(flag)
         if not isinstance(path, str) or "," in path or not path.endswith((".jsonl", ".json")):
@@ -205,12 +223,7 @@ def check_reward_data(values: Dict[str, Any]) -> None:
                 raise ValueError(f"--{flag} {path}, {where}: expected a JSON object, got {type(record).__name__}")
             if trainer == "afd_rm":
                 if label not in record:
-                    if chosen in record and rejected in record:
-                        raise ValueError(f"--{flag} {path}, {where}, field {label!r}: missing; this is a pairs "
-                                         f"record ({chosen!r}/{rejected!r}) and --trainer afd_rm reads labels "
-                                         f"({response!r}, {label!r}): train pairs with --trainer rm, or build the "
-                                         "dataset with build_afd_dataset --format labels")
-                    raise ValueError(f"--{flag} {path}, {where}, field {label!r}: missing (--data.label_key)")
+                    raise _missing(f"--{flag} {path}, {where}", label, "label_key", record, trainer, fields)
                 value = record[label]
                 if isinstance(value, bool) or (isinstance(value, (int, float)) and value in (0, 1)):
                     pass
@@ -222,14 +235,8 @@ def check_reward_data(values: Dict[str, Any]) -> None:
                     raise ValueError(f"--{flag} {path}, {where}, field {response!r}: missing (--data.response_key)")
             else:
                 for key_flag, key in (("chosen_key", chosen), ("rejected_key", rejected)):
-                    if key in record:
-                        continue
-                    if label in record and response in record:
-                        raise ValueError(f"--{flag} {path}, {where}, field {key!r}: missing; this is a labels "
-                                         f"record ({response!r}, {label!r}) and --trainer rm reads pairs "
-                                         f"({chosen!r}/{rejected!r}): train labels with --trainer afd_rm, or build "
-                                         "the dataset with build_afd_dataset --format pairs")
-                    raise ValueError(f"--{flag} {path}, {where}, field {key!r}: missing (--data.{key_flag})")
+                    if key not in record:
+                        raise _missing(f"--{flag} {path}, {where}", key, key_flag, record, trainer, fields)
 
 
 def check_training_args(ns, defaults: Optional[Dict[str, Any]] = None) -> None:

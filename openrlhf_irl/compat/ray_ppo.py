@@ -34,6 +34,8 @@ from openrlhf_irl.utils.reaper import RUN_TAG_ENV  # the job's tag (its processe
 from openrlhf_irl.utils.cache_dir import CACHE_ENV, build_cache_env
 from openrlhf_irl.utils.cache_dir import cache_dir as package_cache_dir
 
+from .vllm_cpu import install_import_hooks, patch_methods
+
 SETUP_HOOK = "openrlhf_irl.compat.ray_ppo.setup_worker"
 EXTRA_HOOK_ENV = "OPENRLHF_IRL_WORKER_HOOK"  # "module.function": a user's own worker setup hook, run after ours
 
@@ -57,8 +59,6 @@ def setup_worker() -> None:
 
 def install() -> None:
     """The PPO-specific CPU patches (on top of :func:`openrlhf_irl.compat.activate`)."""
-    from .vllm_cpu import install_import_hooks
-
     if not getattr(torch.cuda.current_stream, "_openrlhf_irl", False):
         def current_stream(device=None):  # the gloo broadcast group takes (and ignores) a stream
             return None
@@ -68,40 +68,28 @@ def install() -> None:
     install_import_hooks(PPO_PATCHES)
 
 
+def _replay_buffer_init_cpu(init, self, *args, **kwargs):
+    current_device = torch.cuda.current_device
+    torch.cuda.current_device = lambda: 0  # only formatted into the device string replaced below
+    try:
+        init(self, *args, **kwargs)
+    finally:
+        torch.cuda.current_device = current_device
+    self.target_device = torch.device("cpu")
+
+
 def patch_replay_buffer(module) -> None:
     """``NaiveReplayBuffer.__init__``: its target device is the CPU (it would build ``"cuda:cpu"``)."""
-    cls = module.NaiveReplayBuffer
-    if getattr(cls, "_openrlhf_irl_cpu", False):
-        return
-    init = cls.__init__
+    patch_methods(module.NaiveReplayBuffer, "_openrlhf_irl_cpu", __init__=_replay_buffer_init_cpu)
 
-    @wraps(init)
-    def __init__(self, *args, **kwargs):
-        current_device = torch.cuda.current_device
-        torch.cuda.current_device = lambda: 0  # only formatted into the device string replaced below
-        try:
-            init(self, *args, **kwargs)
-        finally:
-            torch.cuda.current_device = current_device
-        self.target_device = torch.device("cpu")
 
-    cls.__init__ = __init__
-    cls._openrlhf_irl_cpu = True
+def _moving_average_cpu(moving_average, self, model, model_ema, beta=0.992, device="cpu"):
+    return moving_average(self, model, model_ema, beta, "cpu" if str(device).startswith("cuda") else device)
 
 
 def patch_strategy_ema(module) -> None:
     """``DeepspeedStrategy.moving_average(..., device="cuda")`` from the PPO actor: the CPU."""
-    cls = module.DeepspeedStrategy
-    if getattr(cls, "_openrlhf_irl_cpu_ema", False):
-        return
-    moving_average = cls.moving_average
-
-    @wraps(moving_average)
-    def moving_average_cpu(self, model, model_ema, beta=0.992, device="cpu"):
-        return moving_average(self, model, model_ema, beta, "cpu" if str(device).startswith("cuda") else device)
-
-    cls.moving_average = moving_average_cpu
-    cls._openrlhf_irl_cpu_ema = True
+    patch_methods(module.DeepspeedStrategy, "_openrlhf_irl_cpu_ema", moving_average=_moving_average_cpu)
 
 
 PPO_PATCHES = {
@@ -185,8 +173,6 @@ def install_driver_placement() -> None:
     """The placement patches, in the driver: Ray's ``placement_group`` as ``train_ppo_ray`` imports it (it runs as
     ``__main__``, so only the function it imports can be reached) and ``RayActorGroup``."""
     import importlib
-
-    from .vllm_cpu import install_import_hooks
 
     pg_module = importlib.import_module("ray.util.placement_group")  # ``ray.util.placement_group`` is the function
     pg_module.placement_group = _placement_group_for_cluster(pg_module.placement_group)

@@ -57,6 +57,11 @@ def run_in_process(module: str, argv: list, env: dict, capsys, monkeypatch):
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     capsys.readouterr()
+    import logging
+
+    for handler in logging.getLogger("vllm").handlers:  # bound to the captured stream of the test that imported
+        if isinstance(handler, logging.StreamHandler) and getattr(handler.stream, "closed", False):  # vLLM, closed
+            handler.stream = sys.__stdout__  # since: each of its log lines would print "--- Logging error ---"
     try:
         if "PYTHONPATH" in env:  # a user module the CLI imports (a golden reward function)
             monkeypatch.syspath_prepend(env["PYTHONPATH"])
@@ -1122,9 +1127,9 @@ def test_best_of_n_run_reports_se_and_unfinished_and_refuses_stale_samples(model
 # ------------------------------------------------------------------------------------------- saves (issue 23)
 
 
-def _bare_strategy(monkeypatch):
+def _bare_strategy(monkeypatch, ppo_worker=False):
     """OpenRLHF's DeepspeedStrategy with only what ``save_model`` reads (one process, ZeRO-2), under the plug-in's
-    :func:`safe_save_model`."""
+    :func:`safe_save_model` (``ppo_worker``: under the class patch a PPO actor's process gets instead)."""
     from types import SimpleNamespace
 
     from openrlhf_irl import compat
@@ -1139,7 +1144,14 @@ def _bare_strategy(monkeypatch):
     strategy.args = SimpleNamespace(ds=SimpleNamespace(zero_stage=2, tensor_parallel_size=1))
     strategy.stage, strategy.ds_tensor_parallel_size = 2, 1
     strategy.is_rank_0 = lambda: True
-    safe_save_model(strategy)
+    if ppo_worker:
+        from openrlhf_irl.compat import ray_ppo
+
+        monkeypatch.setattr(ds_module.DeepspeedStrategy, "save_model", ds_module.DeepspeedStrategy.save_model)
+        monkeypatch.setattr(ds_module.DeepspeedStrategy, "_openrlhf_irl_safe_save", False, raising=False)
+        ray_ppo.patch_strategy_save(ds_module)
+    else:
+        safe_save_model(strategy)
     return strategy
 
 
@@ -1182,13 +1194,15 @@ def test_a_failed_final_save_leaves_the_earlier_model_whole(models, tmp_path, mo
     assert json.loads(after["config.json"])["irl_note"] == "second save"
 
 
-def test_nan_weights_are_never_saved(models, tmp_path, monkeypatch):
-    """The last optimizer step is never checked by the loss (it runs on the next forward): the save checks."""
+@pytest.mark.parametrize("where", ["train_sft", "ppo_actor"])
+def test_nan_weights_are_never_saved(models, tmp_path, monkeypatch, where):
+    """The last optimizer step is never checked by the loss (it runs on the next forward): the save checks, in the
+    training CLIs and in PPO's actors (a CPU PPO run's Ray workers get the class patch of compat.ray_ppo)."""
     import torch
 
     from openrlhf_irl.utils.checkpoint import NonFiniteWeightsError
 
-    strategy = _bare_strategy(monkeypatch)
+    strategy = _bare_strategy(monkeypatch, ppo_worker=where == "ppo_actor")
     out = tmp_path / "out"
     model, tokenizer = _model_and_tokenizer(models["llm"])
     strategy.save_model(model, tokenizer, str(out))

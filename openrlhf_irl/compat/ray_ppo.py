@@ -92,9 +92,27 @@ def patch_strategy_ema(module) -> None:
     patch_methods(module.DeepspeedStrategy, "_openrlhf_irl_cpu_ema", moving_average=_moving_average_cpu)
 
 
+def _save_model_safe(save_model, self, model, tokenizer, output_dir, **kwargs):
+    from openrlhf_irl.utils.checkpoint import guarded_save
+
+    return guarded_save(self, lambda *a, **k: save_model(self, *a, **k))(model, tokenizer, output_dir, **kwargs)
+
+
+def patch_strategy_save(module) -> None:
+    """``DeepspeedStrategy.save_model`` in the PPO actors (the final actor/critic save): weights checked finite, the
+    model written to a staging folder and moved in, so a failed save leaves the earlier model whole
+    (:func:`openrlhf_irl.utils.checkpoint.guarded_save`, what train_sft/train_rm get through the launcher)."""
+    patch_methods(module.DeepspeedStrategy, "_openrlhf_irl_safe_save", save_model=_save_model_safe)
+
+
+def patch_strategy(module) -> None:
+    patch_strategy_ema(module)
+    patch_strategy_save(module)
+
+
 PPO_PATCHES = {
     "openrlhf.trainer.ppo_utils.replay_buffer": patch_replay_buffer,
-    "openrlhf.utils.deepspeed.deepspeed": patch_strategy_ema,
+    "openrlhf.utils.deepspeed.deepspeed": patch_strategy,
 }
 
 

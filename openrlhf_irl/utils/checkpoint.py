@@ -132,6 +132,12 @@ def safe_save_model(strategy) -> None:
     original = getattr(strategy, "save_model", None)
     if original is None or getattr(original, "safe_save", False):
         return
+    strategy.save_model = guarded_save(strategy, original)
+
+
+def guarded_save(strategy, original):
+    """``original(model, tokenizer, output_dir, **kwargs)`` (a strategy's bound ``save_model``) made safe as
+    :func:`safe_save_model` describes; returns the wrapper."""
 
     def save_model(model, tokenizer, output_dir, **kwargs):
         check_finite_weights(strategy, model, output_dir)
@@ -149,4 +155,4 @@ def safe_save_model(strategy) -> None:
             raise
 
     save_model.safe_save = True
-    strategy.save_model = save_model
+    return save_model

@@ -192,7 +192,6 @@ def main(argv=None) -> int:
     if not args.reward_model and not args.log_ratio_init:
         print("error: give at least one scorer: --reward-model PATH and/or --log-ratio-init PATH", file=sys.stderr)
         return 2
-    unit = None
     try:
         resolve_outputs({"--output-dir": args.output_dir}, _path_inputs(args), overwrite=args.overwrite,
                         dirs=("--output-dir",))
@@ -201,10 +200,8 @@ def main(argv=None) -> int:
         check_golden_call(args, prompts[0])
         check_output_dir(args.output_dir)
         mark_dir(args.output_dir, "openrlhf_irl.cli.best_of_n")
-        unit = OutputUnit(args.output_dir, UNIT)  # locked: a second job is refused here
+        unit = OutputUnit(args.output_dir, UNIT)  # locked (a second job is refused here); last: nothing to release
     except (UsageError, DataError, OutputConflict) as err:
-        if unit is not None:
-            unit.close()
         print(f"error: {err}", file=sys.stderr)
         return 2
     samples_path = os.path.join(args.output_dir, "samples.jsonl")

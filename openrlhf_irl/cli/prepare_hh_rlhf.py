@@ -31,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
 @cli_main("prepare_hh_rlhf", resume_hint="the previous files, if any, are kept whole")
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    skipped, unit = Counter(), None
+    skipped = Counter()
     try:
         if not os.path.isfile(args.input):
             raise UsageError(f"--input {args.input}: no such file")
@@ -47,16 +47,12 @@ def main(argv=None) -> int:
                              "nothing written")
         check_output_dir(args.output_dir)
         mark_dir(args.output_dir, "openrlhf_irl.cli.prepare_hh_rlhf")
-        unit = OutputUnit(args.output_dir, UNIT)  # locked: a second job is refused here
+        unit = OutputUnit(args.output_dir, UNIT)  # locked (a second job is refused here); last: nothing to release
     except (DataError, UsageError, OutputConflict) as err:
-        if unit is not None:
-            unit.close()
         print(f"error: {err}", file=sys.stderr)
         return 2
     except OSError as err:
-        if unit is not None:
-            unit.close()
-        print(f"error: {args.input}: {err.strerror}", file=sys.stderr)
+        print(f"error: {err.filename or args.input}: {err.strerror}", file=sys.stderr)
         return 1
     records = records[: args.max_records] if args.max_records is not None else records
     seen, prompts = set(), []

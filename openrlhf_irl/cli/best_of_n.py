@@ -18,9 +18,9 @@ import sys
 from openrlhf_irl.afd.best_of_n import (ESTIMATORS, UNFINISHED, ScoreError, check_scores, load_golden, parse_ns,
                                         plot_curves, resolve_golden, score_and_select)
 from openrlhf_irl.cli import sample as sample_cli
-from openrlhf_irl.cli.common import (UsageError, add_flag, cli_main, check_lora, check_model, check_output_dir,
+from openrlhf_irl.cli.common import (UsageError, add_flag, check_lora, check_model, claim_output_unit, cli_main,
                                      load_checked_tokenizer, positive_int, resolve_outputs, temperature, top_p)
-from openrlhf_irl.utils.output_guard import OutputConflict, OutputUnit, mark_dir
+from openrlhf_irl.utils.output_guard import OutputConflict, OutputUnit
 from openrlhf_irl.utils.jsonl import DataError, atomic_write_json, atomic_write_jsonl, data_error, read_jsonl
 
 
@@ -198,9 +198,7 @@ def main(argv=None) -> int:
         check_scorer_paths(args)
         prompts = sample_cli.load_prompts(args.prompts, args.input_key)[0][: args.max_prompts]
         check_golden_call(args, prompts[0])
-        check_output_dir(args.output_dir)
-        mark_dir(args.output_dir, "openrlhf_irl.cli.best_of_n")
-        unit = OutputUnit(args.output_dir, UNIT)  # locked (a second job is refused here); last: nothing to release
+        unit = claim_output_unit(args.output_dir, UNIT, "openrlhf_irl.cli.best_of_n")  # last: nothing to release
     except (UsageError, DataError, OutputConflict) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -18,7 +18,8 @@ import tempfile
 from typing import Any, Callable, Optional
 
 __all__ = [
-    "UsageError", "positive_int", "nonnegative_int", "check_output_dir", "check_output_file", "check_model",
+    "UsageError", "positive_int", "nonnegative_int", "check_output_dir", "claim_output_unit", "check_output_file",
+    "check_model",
     "check_lora", "check_device", "check_not_same_file", "model_context_length", "load_checked_tokenizer",
     "resolve_outputs", "finite_float", "temperature", "top_p", "cli_main", "user_error_line", "check_weights",
     "check_vocab", "add_flag",
@@ -198,6 +199,17 @@ def check_output_dir(path: str, flag: str = "--output-dir", create: bool = True)
     if not _probe_writable(path):
         raise UsageError(f"{flag} {path}: directory is not writable")
     return path
+
+
+def claim_output_unit(path: str, names, tool: str, flag: str = "--output-dir"):
+    """The output folder of a multi-file result, made ready and held: created (writable), marked as ``tool``'s, and
+    locked as an :class:`~openrlhf_irl.utils.output_guard.OutputUnit` of ``names`` (a second job is refused with
+    ``OutputConflict``). Call it last among the up-front checks: the caller releases it from then on."""
+    from openrlhf_irl.utils.output_guard import OutputUnit, mark_dir
+
+    check_output_dir(path, flag)
+    mark_dir(path, tool)
+    return OutputUnit(path, names, flag)
 
 
 def check_output_file(path: str, flag: str = "--output") -> str:

@@ -7,8 +7,8 @@ import os
 import sys
 from collections import Counter
 
-from openrlhf_irl.cli.common import UsageError, cli_main, check_output_dir, positive_int, resolve_outputs
-from openrlhf_irl.utils.output_guard import OutputConflict, OutputUnit, mark_dir
+from openrlhf_irl.cli.common import UsageError, claim_output_unit, cli_main, positive_int, resolve_outputs
+from openrlhf_irl.utils.output_guard import OutputConflict
 from openrlhf_irl.datasets.hh_rlhf import load_hh_rlhf
 from openrlhf_irl.utils.jsonl import DataError, atomic_write_jsonl
 
@@ -45,9 +45,7 @@ def main(argv=None) -> int:
         if not records:
             raise UsageError(f"--input {args.input}: no usable records (skipped: {dict(skipped) or 'none'}); "
                              "nothing written")
-        check_output_dir(args.output_dir)
-        mark_dir(args.output_dir, "openrlhf_irl.cli.prepare_hh_rlhf")
-        unit = OutputUnit(args.output_dir, UNIT)  # locked (a second job is refused here); last: nothing to release
+        unit = claim_output_unit(args.output_dir, UNIT, "openrlhf_irl.cli.prepare_hh_rlhf")  # last: nothing to release
     except (DataError, UsageError, OutputConflict) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

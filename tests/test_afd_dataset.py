@@ -215,26 +215,21 @@ def test_init_demo_pairs_exact_with_custom_keys(files, tmp_path):
     assert report["sources"] == {"positive": "demo", "negative": "init"}
 
 
-def test_sft_demo_labels_exact(files):
-    records, report = build_afd_dataset("sft-demo", demos=files["demos"], sft_samples=files["sft"], fmt="labels")
-    assert records == [
-        {"prompt": "p1", "response": "d1", "label": 1},
-        {"prompt": "p1", "response": "s1a", "label": 0},
-        {"prompt": "p2", "response": "d2", "label": 1},
-        {"prompt": "p2", "response": "s2a", "label": 0},
-    ]
-    assert report["kept"] == {"positive": 2, "negative": 2} and report["records"] == 4
+# (variant, its two sources, the labelled records in order: prompt, response, label, ...)
+LABELS_EXACT = [
+    ("sft-demo", ("demos", "sft"), ["p1", "d1", 1, "p1", "s1a", 0, "p2", "d2", 1, "p2", "s2a", 0]),
+    ("init-sft", ("init", "sft"), ["p1", "s1a", 1, "p1", "i1a", 0, "p1", "i1b", 0, "p2", "s2a", 1, "p2", "i2a", 0]),
+]
 
 
-def test_init_sft_labels_exact(files):
-    records, _ = build_afd_dataset("init-sft", init_samples=files["init"], sft_samples=files["sft"], fmt="labels")
-    assert records == [
-        {"prompt": "p1", "response": "s1a", "label": 1},
-        {"prompt": "p1", "response": "i1a", "label": 0},
-        {"prompt": "p1", "response": "i1b", "label": 0},
-        {"prompt": "p2", "response": "s2a", "label": 1},
-        {"prompt": "p2", "response": "i2a", "label": 0},
-    ]
+@pytest.mark.parametrize("variant,sources,flat", LABELS_EXACT, ids=[v[0] for v in LABELS_EXACT])
+def test_labels_exact(files, variant, sources, flat):
+    flags = {"demos": "demos", "sft": "sft_samples", "init": "init_samples"}
+    records, report = build_afd_dataset(variant, fmt="labels", **{flags[s]: files[s] for s in sources})
+    assert records == [{"prompt": p, "response": r, "label": y} for p, r, y in zip(flat[::3], flat[1::3], flat[2::3])]
+    positives = sum(flat[2::3])
+    assert report["kept"] == {"positive": positives, "negative": len(records) - positives}
+    assert report["records"] == len(records)
 
 
 def test_missing_input_for_variant(files):

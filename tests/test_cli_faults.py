@@ -371,10 +371,6 @@ CASES = {
     "sample/max-prompts-0": Case("sample", s_flag("--max-prompts", "0"), "--max-prompts: must be >= 1, got 0"),
     "sample/n-samples-negative": Case("sample", s_flag("--rollout.n_samples_per_prompt", "-1"),
                                       "--rollout.n_samples_per_prompt: must be >= 1, got -1"),
-    "sample/temperature-nan": Case("sample", s_flag("--rollout.temperature", "nan"),
-                                   "--rollout.temperature: must be a finite number in [0, 100], got nan"),
-    "sample/top-p-0": Case("sample", s_flag("--rollout.top_p", "0"),
-                           "--rollout.top_p: must be a finite number in (0, 1], got 0"),
     "sample/max-new-tokens-beyond-context": Case("sample", s_flag("--rollout.max_new_tokens", "300"),
                                                  "leaves no room for a prompt"),
     "sample/lora-not-an-adapter": Case("sample", s_lora_not_adapter, "not a PEFT adapter"),
@@ -634,18 +630,6 @@ CASES_23 = {
     "experiment/seed-dir-it-did-not-write": Case("openrlhf_irl.__main__", d_case("experiment", "seed"),
                                                  "--output-dir's seed_0/"),
     # class 2
-    "sample/temperature-inf": Case("sample", s_flag("--rollout.temperature", "inf"),
-                                   "--rollout.temperature: must be a finite number in [0, 100], got inf"),
-    "sample/temperature-1e-45": Case("sample", s_flag("--rollout.temperature", "1e-45"),
-                                     "--rollout.temperature: must be 0 (greedy) or at least 0.001, got 1e-45"),
-    "sample/top-p-1.5": Case("sample", s_flag("--rollout.top_p", "1.5"),
-                             "--rollout.top_p: must be a finite number in (0, 1], got 1.5"),
-    "bon/temperature-inf": Case("best_of_n", n_setup("--rollout.temperature", "inf"),
-                                "--rollout.temperature: must be a finite number in [0, 100], got inf"),
-    "bon/temperature-1e-45": Case("best_of_n", n_setup("--rollout.temperature", "1e-45"),
-                                  "--rollout.temperature: must be 0 (greedy) or at least 0.001"),
-    "bon/top-p-1.5": Case("best_of_n", n_setup("--rollout.top_p", "1.5"),
-                          "--rollout.top_p: must be a finite number in (0, 1]"),
     "bon/golden-returns-nan": Case("best_of_n", n_golden_nan, "returned nan for record 0"),
     "extract/row-beyond-the-context": Case("extract_reward", e_case("beyond-context"),
                                            "data.jsonl, line 1, field 'response': 451 tokens, beyond the model's "
@@ -666,6 +650,19 @@ CASES_23 = {
                                         "--rollout.top_p: must be in (0, 1], got 1.5"),
 }
 CASES.update(CASES_23)
+
+# Sampling numbers out of range (class 2), in sample and best_of_n alike: (flag, value, the error after the flag)
+SAMPLING_RANGES = [
+    ("--rollout.temperature", "nan", "must be a finite number in [0, 100], got nan"),
+    ("--rollout.temperature", "inf", "must be a finite number in [0, 100], got inf"),
+    ("--rollout.temperature", "1e-45", "must be 0 (greedy) or at least 0.001, got 1e-45"),
+    ("--rollout.top_p", "0", "must be a finite number in (0, 1], got 0"),
+    ("--rollout.top_p", "1.5", "must be a finite number in (0, 1], got 1.5"),
+]
+for _flag, _value, _says in SAMPLING_RANGES:
+    _name = f"{_flag.rsplit('.', 1)[-1].replace('_', '-')}-{_value}"
+    CASES[f"sample/{_name}"] = Case("sample", s_flag(_flag, _value), f"{_flag}: {_says}")
+    CASES[f"bon/{_name}"] = Case("best_of_n", n_setup(_flag, _value), f"{_flag}: {_says}")
 
 
 # ------------------------------------------------------------------------------------------- issue 23, classes 4 and 6

@@ -1303,3 +1303,16 @@ def test_old_flag_spelling_works_with_one_deprecation_line(cli, old, new, value,
     help_text = parser.format_help()
     assert f"{new} " in help_text and f"(deprecated: {old})" in help_text
     assert f"{old} " not in help_text.replace(f"(deprecated: {old})", "")  # the old spelling is not a listed flag
+
+
+def test_train_ppo_in_process_leaves_no_run_tag_in_the_environment(models, tmp_path, capsys, monkeypatch):
+    """A PPO run tags its processes (``OPENRLHF_IRL_PPO_RUN``) and kills what carries the tag at its end: left in
+    the caller's environment, the tag would be inherited by the caller's next jobs, and a later run would reuse it."""
+    from openrlhf_irl.utils.reaper import RUN_TAG_ENV
+
+    monkeypatch.delenv(RUN_TAG_ENV, raising=False)
+    case = CASES["train_ppo/ctrl-c"]
+    case.patch(monkeypatch)
+    check_case(case, models, tmp_path, lambda module, argv, env: run_in_process(module, argv, env, capsys,
+                                                                                monkeypatch))
+    assert RUN_TAG_ENV not in os.environ

@@ -292,7 +292,10 @@ def run_cpu(argv: list[str]) -> int:
     compat.activate()
     ray_ppo.install()
     env = ray_ppo.worker_env(run_tag=ray_ppo.job_run_tag())  # in a submitted job: a tag of its own
-    os.environ.update(env)  # the driver's own DeepSpeed pieces (and a locally started Ray) see the same
+    # The driver's own DeepSpeed pieces (and a locally started Ray) see the same environment; it is put back at the
+    # end, so a caller in this process (the tests, a notebook) never hands this run's tag to its next jobs.
+    saved_env = {key: os.environ.get(key) for key in env}
+    os.environ.update(env)
     tag = env[cleanup.RUN_TAG_ENV]
     reaper = cleanup.start_reaper(tag)  # cleans up even if this process is killed
 
@@ -333,6 +336,11 @@ def run_cpu(argv: list[str]) -> int:
         cleanup.remove_stale_shm(owned_shm)  # the job's own vLLM buffers its killed processes left
         signal.signal(signal.SIGTERM, previous)
         signal.signal(signal.SIGINT, sigint)
+        for key, value in saved_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
     if message:  # last, after Ray stopped streaming its workers' output
         print(f"{'interrupted' if code == 130 else 'error'}: {message}", file=sys.stderr)  # as cli_main says it
     return code

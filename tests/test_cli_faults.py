@@ -1311,8 +1311,18 @@ def test_train_ppo_in_process_leaves_no_run_tag_in_the_environment(models, tmp_p
     from openrlhf_irl.utils.reaper import RUN_TAG_ENV
 
     monkeypatch.delenv(RUN_TAG_ENV, raising=False)
-    case = CASES["train_ppo/ctrl-c"]
-    case.patch(monkeypatch)
-    check_case(case, models, tmp_path, lambda module, argv, env: run_in_process(module, argv, env, capsys,
-                                                                                monkeypatch))
+    tagged = []
+
+    def interrupted_once_tagged(*args, **kwargs):  # after the run tagged its environment, before Ray starts
+        tagged.append(os.environ.get(RUN_TAG_ENV))
+        raise KeyboardInterrupt
+
+    for check in ("check_resources", "check_reward_func"):  # the defaults' sizes; the reward models' variables
+        monkeypatch.setattr(f"openrlhf_irl.cli.train_ppo.{check}", lambda *args: None)
+    monkeypatch.setattr("openrlhf_irl.compat.ray_ppo.ray_init_kwargs", interrupted_once_tagged)
+    tmp_path.joinpath("case").mkdir()
+    proc = run_in_process("train_ppo", p_case("ok", "--vllm.num_engines", "1")(tmp_path / "case", models), {},
+                          capsys, monkeypatch)
+    assert proc.returncode == 130 and "interrupted: train_ppo stopped" in proc.stderr, proc.stderr[-2000:]
+    assert tagged and tagged[0], "the run never tagged its environment: nothing was checked"
     assert RUN_TAG_ENV not in os.environ

@@ -21,7 +21,7 @@ from typing import Callable
 
 import pytest
 
-from helpers import REPO
+from helpers import REPO, interruptible
 from openrlhf_irl.utils.output_guard import mark_dir
 
 PROMPTS = [{"prompt": "count from 3"}, {"prompt": "count from 7"}]
@@ -978,7 +978,7 @@ def test_ctrl_c_subprocess(module, models, tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
     env.pop("RAY_ADDRESS", None)
     proc = subprocess.Popen([sys.executable, "-m", f"openrlhf_irl.cli.{module}", *argv], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env, cwd=str(REPO))
+                            stderr=subprocess.PIPE, text=True, env=env, cwd=str(REPO), preexec_fn=interruptible)
     writer: list = []
     opened = threading.Event()
 

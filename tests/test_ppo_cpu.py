@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import REPO, TESTS, corpus_prompts
+from helpers import REPO, TESTS, corpus_prompts, interruptible
 from openrlhf_irl.compat import ray_ppo
 from openrlhf_irl.utils import reaper
 from openrlhf_irl.utils.cache_dir import cache_dir
@@ -317,7 +317,7 @@ def _start_and_wait_for_actors(models, tmp_path):
     argv = ppo_argv(models[0], str(prompts), str(tmp_path / "run"),
                     reward_func=str(REPO / "openrlhf_irl/afd/ppo_reward_func.py"))
     proc = subprocess.Popen([sys.executable, "-m", "openrlhf_irl.cli.train_ppo", *argv], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, preexec_fn=interruptible)
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline and proc.poll() is None:
         names = {}

@@ -13,7 +13,7 @@ import uuid
 
 import psutil
 import pytest
-from helpers import REPO, write_jsonl
+from helpers import REPO, interruptible, write_jsonl
 
 from openrlhf_irl.utils.reaper import SHM_DIR, owned_shm_cleanup, remove_stale_shm, shm_mapped_by, shm_segments
 
@@ -169,6 +169,7 @@ def test_sample_cli_on_engines_leaves_no_shared_memory(tiny_model, tmp_path, vll
     seen, procs, interrupted = set(), {}, False
     with open(tmp_path / "log.txt", "w") as log:
         job = subprocess.Popen(cmd, cwd=str(REPO), env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=log,
+                               preexec_fn=interruptible,
                                stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.monotonic() + 600

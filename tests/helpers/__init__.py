@@ -15,7 +15,7 @@ does for ``conftest.py``). ``conftest.py`` keeps only fixtures and hooks; no tes
 """
 
 from .records import corpus_prompts, counting_records, mean_response_nll, write_jsonl
-from .runs import REPO, TESTS, assert_ok, run_python, sft_flags
+from .runs import REPO, TESTS, assert_ok, interruptible, run_python, sft_flags
 
-__all__ = ["REPO", "TESTS", "assert_ok", "corpus_prompts", "counting_records", "mean_response_nll", "run_python",
-           "sft_flags", "write_jsonl"]
+__all__ = ["REPO", "TESTS", "assert_ok", "corpus_prompts", "counting_records", "interruptible", "mean_response_nll",
+           "run_python", "sft_flags", "write_jsonl"]

@@ -55,3 +55,13 @@ def _kill_group(proc: subprocess.Popen) -> None:
 
 def assert_ok(proc) -> None:
     assert proc.returncode == 0, f"exit {proc.returncode}\nSTDOUT:\n{proc.stdout[-4000:]}\nSTDERR:\n{proc.stderr[-8000:]}"
+
+
+def interruptible() -> None:
+    """``preexec_fn`` for a child the test sends SIGINT: Ctrl-C's default disposition, as a terminal gives it. A
+    test run started in the background by a non-interactive shell (``make test &``) has SIGINT ignored, and an
+    ignored signal stays ignored across exec: the child would never see the Ctrl-C."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})

@@ -21,7 +21,7 @@ from typing import Callable
 
 import pytest
 
-from helpers import REPO, interruptible
+from helpers import REPO, interruptible, sft_flags
 from openrlhf_irl.utils.output_guard import mark_dir
 
 PROMPTS = [{"prompt": "count from 3"}, {"prompt": "count from 7"}]
@@ -1326,3 +1326,48 @@ def test_train_ppo_in_process_leaves_no_run_tag_in_the_environment(models, tmp_p
     assert proc.returncode == 130 and "interrupted: train_ppo stopped" in proc.stderr, proc.stderr[-2000:]
     assert tagged and tagged[0], "the run never tagged its environment: nothing was checked"
     assert RUN_TAG_ENV not in os.environ
+
+
+# ------------------------------------------------------------------------------------- class 5: nothing left behind
+# Each CLI run to the end (train_ppo: refused after its imports) as a subprocess with a TMPDIR and a HOME of its own:
+# both are empty afterwards. (/dev/shm after vLLM engines: tests/test_reaper.py.)
+def _leaves_nothing_argv(cli, t, m):
+    if cli == "sample":
+        return sample_args(m["llm"], _prompts(t), str(t / "out.jsonl"))
+    if cli == "build_afd_dataset":
+        init = write(t / "init.jsonl", [dict(REC, prompt=p["prompt"], response=" 9 9", policy="init", sample_index=0)
+                                        for p in PROMPTS])
+        return ["--init-samples", init, "--sft-samples", _samples(t, "sft.jsonl", "sft"), "--output",
+                str(t / "pairs.jsonl")]
+    if cli == "extract_reward":
+        return ["--model", m["llm"], "--data", _extract_data(t), "--output", str(t / "rewards.jsonl"), "--device", "cpu"]
+    if cli == "prepare_hh_rlhf":
+        return ["--input", write(t / "hh.jsonl", [HH]), "--output-dir", str(t / "hh")]
+    if cli == "best_of_n":
+        return n_args(t, m, "--log-ratio-init", m["llm"])
+    if cli == "train_sft":
+        data = write(t / "sft.jsonl", [{"prompt": f"count from {i}", "response": " 1 2"} for i in range(8)])
+        return sft_flags(m["llm"], data, str(t / "sft"), "--trainer", "irl_iq", "--train.max_epochs", "1")
+    return p_case("ok")(t, m)  # train_ppo: too many processes for the cores, refused once everything is imported
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("cli", ["sample", "build_afd_dataset", "extract_reward", "prepare_hh_rlhf", "best_of_n",
+                                 "train_sft", "train_ppo"])
+def test_cli_leaves_nothing_behind(cli, models, tmp_path):
+    import tempfile
+
+    case = tmp_path / "case"
+    case.mkdir()
+    root = Path(tempfile.mkdtemp(prefix="c5_", dir="/tmp"))  # short: Ray's socket paths live under TMPDIR
+    tmp, home = root / "tmp", root / "home"
+    tmp.mkdir()
+    home.mkdir()
+    try:
+        argv = _leaves_nothing_argv(cli, case, models)
+        proc = run_cli(cli, argv, env={"TMPDIR": str(tmp), "HOME": str(home)}, timeout=600)
+        assert proc.returncode == (2 if cli == "train_ppo" else 0), proc.stderr[-3000:]
+        left = sorted(str(p.relative_to(root)) for d in (tmp, home) for p in d.rglob("*"))
+        assert left == [], f"{cli} left {left}"
+    finally:
+        shutil.rmtree(root, ignore_errors=True)

@@ -19,10 +19,9 @@ from typing import Any, Callable, Optional
 
 __all__ = [
     "UsageError", "positive_int", "nonnegative_int", "check_output_dir", "claim_output_unit", "check_output_file",
-    "check_model",
-    "check_lora", "check_device", "check_not_same_file", "model_context_length", "load_checked_tokenizer",
-    "resolve_outputs", "finite_float", "temperature", "top_p", "cli_main", "user_error_line", "check_weights",
-    "check_vocab", "add_flag",
+    "check_model", "check_lora", "check_device", "check_not_same_file", "model_context_length",
+    "load_checked_tokenizer", "resolve_outputs", "finite_float", "temperature", "top_p", "cli_main",
+    "user_error_line", "check_weights", "check_vocab", "add_flag",
 ]
 
 

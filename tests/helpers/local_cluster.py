@@ -205,8 +205,11 @@ def start_local_cluster(temp_dir: str, head_cpus: int = 2, workers: tuple[int, .
         node_ids = {"node_head": cluster.head_node.node_id}
         node_cpus = {"node_head": head_cpus}
         for i, cpus in enumerate(workers, start=1):
+            # a temp dir of its own, as a node on another machine has: sharing the head's session folder, each
+            # node's runtime-env agent re-extracts a job's working_dir into the same place (overwrite=True), and a
+            # job's driver on one node saw its package's modules vanish while the other node unpacked it
             node = cluster.add_node(num_cpus=cpus, resources={f"node_w{i}": 1}, object_store_memory=store,
-                                    dashboard_agent_listen_port=free_port())
+                                    dashboard_agent_listen_port=free_port(), temp_dir=os.path.join(temp_dir, f"w{i}"))
             node_ids[f"node_w{i}"] = node.node_id
             node_cpus[f"node_w{i}"] = cpus
         cluster.wait_for_nodes()

@@ -88,18 +88,27 @@ def test_a_live_owners_lock_is_respected_however_old(tmp_path, mode):
         owner.wait()
 
 
-def test_a_fresh_unheld_lock_is_not_taken(tmp_path):
-    """Between torch's O_EXCL create and the flock the file is unheld for an instant: a young file is waited for."""
-    from openrlhf_irl.compat.extension_lock import FlockBaton
+def test_an_unheld_lock_is_taken_only_when_it_cannot_be_a_live_owners(tmp_path):
+    """Between torch's O_EXCL create and the flock the file is unheld for an instant: a young file is waited for.
+    An unmarked file may be a live torch process without this module building the op: waited for much longer."""
+    from openrlhf_irl.compat.extension_lock import MARK, UNMARKED_STALE_AFTER_S, FlockBaton
 
     lock = tmp_path / "lock"
-    lock.write_text("")
-    assert not FlockBaton(str(lock)).try_acquire()
+    lock.write_bytes(MARK)
+    assert not FlockBaton(str(lock)).try_acquire()  # young
     _age(str(lock))
+    baton = FlockBaton(str(lock))
+    assert baton.try_acquire()  # marked, old, unheld: a dead owner of ours
+    baton.release()
+    assert not lock.exists()
+
+    lock.write_bytes(b"")  # torch's own baton: an empty file, no flock
+    _age(str(lock))
+    assert not FlockBaton(str(lock)).try_acquire()  # 30 s old: perhaps still building
+    _age(str(lock), UNMARKED_STALE_AFTER_S + 60)
     baton = FlockBaton(str(lock))
     assert baton.try_acquire()
     baton.release()
-    assert not lock.exists()
 
 
 def test_release_then_acquire_round_trip(tmp_path):

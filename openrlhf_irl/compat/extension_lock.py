@@ -6,12 +6,13 @@ and the no-op ninja check alike) by creating the file with ``O_EXCL``; a waiter 
 process killed inside that window (Ctrl-C or SIGKILL while a job starts, an OOM kill) leaves the file, and every
 later job of the machine that loads the op then waits forever without a word.
 
-:class:`FlockBaton` keeps torch's protocol (the same file, created the same way, removed on release) and also holds
-an ``flock`` on it while it owns it, which the kernel drops when the owner dies. A lock file that nobody holds an
-``flock`` on and that is older than :data:`STALE_AFTER_S` (the gap between torch's create and our ``flock``) is a
-dead owner's: a waiter removes it and goes on, and ``try_acquire`` takes it over. :func:`install` swaps it into
-``torch.utils.cpp_extension`` (the only user of ``FileBaton`` in torch). A torch process without this module still
-follows the file protocol: it only cannot recover a dead owner's lock.
+:class:`FlockBaton` keeps torch's protocol (the same file, created the same way, removed on release), and while it
+owns the lock it holds an ``flock`` on the file (the kernel drops it when the owner dies) and writes :data:`MARK`
+into it. A lock file that nobody holds an ``flock`` on is a dead owner's when it carries the mark and is older than
+:data:`STALE_AFTER_S` (the gap between torch's create and our ``flock``); an unmarked one may be a live torch
+process without this module (``OPENRLHF_IRL_COMPAT=0``) building the op, and counts as dead only after
+:data:`UNMARKED_STALE_AFTER_S`. A waiter removes a dead owner's file and goes on; ``try_acquire`` takes it over.
+:func:`install` swaps the class into ``torch.utils.cpp_extension`` (the only user of ``FileBaton`` in torch).
 """
 
 from __future__ import annotations
@@ -20,9 +21,11 @@ import fcntl
 import os
 import time
 
-__all__ = ["FlockBaton", "install", "STALE_AFTER_S"]
+__all__ = ["FlockBaton", "install", "STALE_AFTER_S", "UNMARKED_STALE_AFTER_S", "MARK"]
 
 STALE_AFTER_S = 2.0
+UNMARKED_STALE_AFTER_S = 900.0  # longer than any op build seen here (a few minutes on 2 cores)
+MARK = b"openrlhf-irl flock baton\n"
 _MARK = "_openrlhf_irl_flock_baton"
 
 
@@ -38,6 +41,8 @@ class FlockBaton(_base()):
     def try_acquire(self) -> bool:
         if super().try_acquire():
             fcntl.flock(self.fd, fcntl.LOCK_EX)  # ours: nobody else can flock a file we just created
+            with open(self.lock_file_path, "wb") as f:  # torch opened it read-only
+                f.write(MARK)
             return True
         fd = self._take_over_stale()
         if fd is None:
@@ -79,7 +84,8 @@ class FlockBaton(_base()):
         try:
             st_file, st_fd = os.stat(self.lock_file_path), os.fstat(fd)
             same = (st_file.st_ino, st_file.st_dev) == (st_fd.st_ino, st_fd.st_dev)
-            stale = time.time() - st_fd.st_mtime > STALE_AFTER_S
+            marked = os.pread(fd, len(MARK), 0) == MARK
+            stale = time.time() - st_fd.st_mtime > (STALE_AFTER_S if marked else UNMARKED_STALE_AFTER_S)
         except OSError:  # released meanwhile
             same = stale = False
         if same and stale:

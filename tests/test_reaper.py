@@ -166,26 +166,33 @@ def test_sample_cli_on_engines_leaves_no_shared_memory(tiny_model, tmp_path, vll
            "--num-actors", "1",
            "--policy-name", "sft", "--output", str(tmp_path / "samples.jsonl")]
     before = shm_segments()
-    seen, procs, interrupted = set(), {}, False
-    with open(tmp_path / "log.txt", "w") as log:
-        job = subprocess.Popen(cmd, cwd=str(REPO), env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=log,
-                               preexec_fn=interruptible,
-                               stderr=subprocess.STDOUT, start_new_session=True)
+    seen, procs, interrupted, job = set(), {}, False, None
     try:
-        deadline = time.monotonic() + 600
-        while job.poll() is None and time.monotonic() < deadline:
-            with contextlib.suppress(psutil.Error):
-                tree = [psutil.Process(job.pid), *psutil.Process(job.pid).children(recursive=True)]
-                procs.update((p.pid, p) for p in tree)
-                seen |= shm_mapped_by([p.pid for p in tree])
-                if ending == "ctrl-c" and not interrupted and seen and any(
-                        p.name().startswith("VLLM::Worker") for p in tree):
-                    os.killpg(job.pid, signal.SIGINT)
-                    interrupted = True
-            time.sleep(0.5)
-        log = (tmp_path / "log.txt").read_text()
-        deaths = [line for line in log.splitlines() if "died unexpectedly" in line or "exit code" in line]
-        log_tail = "\n".join(deaths[-5:]) + "\n...\n" + log[-4000:]  # how an engine worker ended, if one did
+        # Known open problem (README, Tests): an engine now and then dies mid-job in a full suite run; the job then
+        # exits 1 with "rerun to resume". Its segments must be gone all the same; a normal ending reruns it once, as
+        # a user would, and requires that run to succeed.
+        for attempt in range(2 if ending == "normal" else 1):
+            with open(tmp_path / "log.txt", "w") as log:
+                job = subprocess.Popen(cmd, cwd=str(REPO), env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=log,
+                                       preexec_fn=interruptible, stderr=subprocess.STDOUT, start_new_session=True)
+            deadline = time.monotonic() + 600
+            while job.poll() is None and time.monotonic() < deadline:
+                with contextlib.suppress(psutil.Error):
+                    tree = [psutil.Process(job.pid), *psutil.Process(job.pid).children(recursive=True)]
+                    procs.update((p.pid, p) for p in tree)
+                    seen |= shm_mapped_by([p.pid for p in tree])
+                    if ending == "ctrl-c" and not interrupted and seen and any(
+                            p.name().startswith("VLLM::Worker") for p in tree):
+                        os.killpg(job.pid, signal.SIGINT)
+                        interrupted = True
+                time.sleep(0.5)
+            log = (tmp_path / "log.txt").read_text()
+            deaths = [line for line in log.splitlines() if "died unexpectedly" in line or "exit code" in line]
+            log_tail = "\n".join(deaths[-5:]) + "\n...\n" + log[-4000:]  # how an engine worker ended, if one did
+            if ending == "normal" and attempt == 0 and job.poll() == 1 and "rerun to resume" in log:
+                print(f"engine died mid-job, rerunning as the job says:\n{log_tail}")
+                continue
+            break
         if ending == "ctrl-c":
             assert interrupted and job.poll() not in (None, 0), log_tail
         else:
@@ -198,7 +205,7 @@ def test_sample_cli_on_engines_leaves_no_shared_memory(tiny_model, tmp_path, vll
             f"segments the job's processes mapped are left in {SHM_DIR}: {sorted(left)} "
             f"(new since the start: {sorted(shm_segments() - before)})")
     finally:
-        if job.poll() is None:
+        if job is not None and job.poll() is None:
             os.killpg(job.pid, signal.SIGKILL)
             job.wait()
         remove_stale_shm(seen)  # what a failed run left

@@ -56,9 +56,9 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 # vLLM engines that no training run of the same process sets a dtype for (the sampling and Best-of-N CLIs) run fp32
-# in the tests: on this session's AMX Xeon, bf16 vLLM CPU engines under the sampling CLI died mid-job now and then
-# ("EngineCore ... cancelled"; open problem, not diagnosed), fp32 ones never did. A parsed --ds.param_dtype (training,
-# PPO, online IQ-Learn) still sets its own engines' dtype.
+# in the tests: on an AMX Xeon, vLLM CPU engines under the sampling CLI died mid-job now and then, more often in bf16
+# (fp32 once too; open problem, see the README's Tests section). A parsed --ds.param_dtype (training, PPO, online
+# IQ-Learn) still sets its own engines' dtype.
 os.environ.setdefault("OPENRLHF_IRL_PARAM_DTYPE", "fp32")
 
 

@@ -15,7 +15,6 @@ prompt with an empty response: OpenRLHF itself logs a failing reward function in
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import json
 import os

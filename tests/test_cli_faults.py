@@ -679,17 +679,23 @@ def _truncated_model(t, m, name="model"):
     return str(path)
 
 
-def _small_vocab_model(t, m, name="model"):
-    """A model with 100 embedding rows beside the tiny model's 300-token tokenizer (they do not belong together)."""
+def _variant_model(t, m, name, **config_changes):
+    """A fresh model of the tiny model's config with ``config_changes``, saved with the tiny model's tokenizer."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(m["llm"])
-    config.vocab_size = 100
+    for key, value in config_changes.items():
+        setattr(config, key, value)
     AutoModelForCausalLM.from_config(config).save_pretrained(t / name)
     for f in os.listdir(m["llm"]):
         if f.startswith(("tokenizer", "special_tokens", "chat_template")):
             shutil.copy(os.path.join(m["llm"], f), t / name / f)
     return str(t / name)
+
+
+def _small_vocab_model(t, m, name="model"):
+    """A model with 100 embedding rows beside the tiny model's 300-token tokenizer (they do not belong together)."""
+    return _variant_model(t, m, name, vocab_size=100)
 
 
 def _model_without_config(t, m, name="model"):
@@ -699,17 +705,11 @@ def _model_without_config(t, m, name="model"):
 
 
 def _head_dim_16_model(t, m, name="model"):
-    """A whole model with 4 heads of 16 dimensions: transformers runs it, vLLM's CPU attention cannot (>= 32)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    """A whole model with heads of 16 dimensions: transformers runs it, vLLM's CPU attention cannot (>= 32)."""
+    from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(m["llm"])
-    config.num_attention_heads = config.num_key_value_heads = config.hidden_size // 16
-    config.head_dim = 16
-    AutoModelForCausalLM.from_config(config).save_pretrained(t / name)
-    for f in os.listdir(m["llm"]):
-        if f.startswith(("tokenizer", "special_tokens", "chat_template")):
-            shutil.copy(os.path.join(m["llm"], f), t / name / f)
-    return str(t / name)
+    heads = AutoConfig.from_pretrained(m["llm"]).hidden_size // 16
+    return _variant_model(t, m, name, num_attention_heads=heads, num_key_value_heads=heads, head_dim=16)
 
 
 MODEL_KINDS = {"truncated": _truncated_model, "small-vocab": _small_vocab_model, "no-config": _model_without_config,

@@ -21,16 +21,13 @@ COMMANDS = {
 
 def _offline_env(output_dir: str) -> None:
     """No downloads, and no caches in the home directory: datasets' and matplotlib's under the output directory's
-    ``.cache``, DeepSpeed's JIT-built ops and triton's in the package's cache (``utils.cache_dir``: shared by runs, as
-    the PPO launcher keeps them); a user's own settings win."""
+    ``.cache``; a user's own settings win. (DeepSpeed's, triton's and torch's build caches were pointed into the
+    package's cache when this module imported ``openrlhf_irl.cli``: ``utils.cache_dir``.)"""
     cache = os.path.join(os.path.abspath(output_dir), ".cache")
-    from openrlhf_irl.utils.cache_dir import apply_cache_defaults
-
     for key, value in {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "disabled",
                        "TOKENIZERS_PARALLELISM": "false", "HF_DATASETS_CACHE": os.path.join(cache, "hf_datasets"),
                        "MPLCONFIGDIR": os.path.join(cache, "matplotlib")}.items():
         os.environ.setdefault(key, value)
-    apply_cache_defaults()
 
 
 def _check_output_dir(path: str, overwrite: bool, subdirs: list | None = None, mark: bool = True) -> None:

@@ -75,6 +75,26 @@ def test_local_cluster_has_two_nodes_with_their_own_resources(local_ray_cluster)
     assert "GPU" not in local_ray_cluster.total()
 
 
+@pytest.mark.slow
+def test_a_submitted_job_joins_this_cluster_while_another_ray_runs_beside_it(local_ray_cluster):
+    """A job's supervisor hands its driver the cluster named by ``ray_current_cluster`` in its node's temp folder;
+    without that file it took whichever GCS process it found on the machine (3 of 4 jobs went to the other Ray)."""
+    other = subprocess.Popen(
+        [sys.executable, "-c", "import ray, sys; ray.init(address='local', num_cpus=1, include_dashboard=False); "
+         "print(ray.get_runtime_context().gcs_address, flush=True); sys.stdin.read(); ray.shutdown()"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        other_address = other.stdout.readline().strip()
+        assert other_address and other_address != local_ray_cluster.address
+        for _ in range(4):
+            _, status, logs = submit(local_ray_cluster, ["python", "-c",
+                                                         "import os; print('joins', os.environ['RAY_ADDRESS'])"], {})
+            assert status == "SUCCEEDED", logs[-3000:]
+            assert f"joins {local_ray_cluster.address}" in logs, logs[-3000:]
+    finally:
+        other.communicate(timeout=60)
+
+
 # --------------------------------------------------------------------------------------------------------- PPO
 def _ppo_entrypoint(models, out: Path, n_prompts: int = 8, extra=()) -> list[str]:
     from openrlhf_irl.afd.ppo import ppo_argv

@@ -302,7 +302,10 @@ def test_ppo_over_a_reward_model_logs_the_models_own_scores(models, tmp_path):
 
 # ------------------------------------------------------------------------------------------------ interrupted
 def _start_and_wait_for_actors(models, tmp_path):
-    """Start a CPU PPO job; return (process, tag, {name: pid}) once its policy actor and vLLM engine exist."""
+    """Start a CPU PPO job; return (process, tag, {name: pid}) once its policy and reference actors have been
+    created and while the vLLM engine actor is still starting (the job's longest phase, ~20 s here; the training
+    steps after it take about 2 s in all). Ray titles a worker ``ray::<Class>.__init__`` while it builds the actor
+    and ``ray::<Class>`` or ``ray::<Class>.<method>`` after."""
     import subprocess
     import sys
     import time
@@ -319,20 +322,34 @@ def _start_and_wait_for_actors(models, tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "openrlhf_irl.cli.train_ppo", *argv], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, preexec_fn=interruptible)
     deadline = time.monotonic() + 600
+    created_at = None
     while time.monotonic() < deadline and proc.poll() is None:
-        names = {}
-        for pid in reaper.tagged_processes(tag, exclude=(proc.pid,)):
-            try:
-                names[Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")] = pid
-            except OSError:
-                pass
+        titles = _actor_titles(tag, proc.pid)
         actors = {key: pid for key in ("PolicyModelActor", "ReferenceModelActor", "RolloutRayActor")
-                  for name, pid in names.items() if key in name}
-        if len(actors) == 3:
+                  for pid, title in titles.items() if title.split(".")[0] == f"ray::{key}"}
+        created = len(actors) == 3 and all(titles[actors[key]] != f"ray::{key}.__init__"
+                                           for key in ("PolicyModelActor", "ReferenceModelActor"))
+        if created and created_at is None:
+            created_at = time.monotonic()
+        # a second more: the creation's reply reaches Ray after the worker's title changes
+        if created and time.monotonic() - created_at > 1.0:
+            engine = titles[actors["RolloutRayActor"]]
+            assert engine == "ray::RolloutRayActor.__init__", f"the engine had started already ({engine}): too late"
             return proc, tag, actors
-        time.sleep(1)
+        time.sleep(0.3)
     proc.kill()
     raise AssertionError(f"the PPO job did not start its actors: {proc.stderr.read()[-2000:]}")
+
+
+def _actor_titles(tag, driver_pid) -> dict[int, str]:
+    """pid -> process title of the job's processes (Ray pads a worker's title with spaces)."""
+    titles = {}
+    for pid in reaper.tagged_processes(tag, exclude=(driver_pid,)):
+        try:
+            titles[pid] = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").strip("\0 ")
+        except OSError:
+            pass
+    return titles
 
 
 @pytest.mark.slow
@@ -346,6 +363,7 @@ def test_interrupt_or_dead_actor_ends_the_job_with_one_line_and_no_orphans(model
         if fault == "ctrl_c":
             proc.send_signal(signal.SIGINT)
         else:
+            # the reference actor, alive and idle: its first use comes after the engine has started
             os.kill(actors["ReferenceModelActor"], signal.SIGKILL)
         _, err = proc.communicate(timeout=180)
     finally:
@@ -357,7 +375,7 @@ def test_interrupt_or_dead_actor_ends_the_job_with_one_line_and_no_orphans(model
     if fault == "ctrl_c":
         assert proc.returncode == 130 and last.startswith("interrupted: train_ppo stopped by Ctrl-C")
     else:
-        assert proc.returncode == 1 and last.startswith("error: PPO failed:") and "Actor" in last, last
+        assert proc.returncode == 1 and last.startswith("error: PPO failed:") and "Actor" in last, err[-3000:]
     assert leftovers == []
 
 

@@ -13,7 +13,8 @@ also writes the head's address to ``<RAY_TMPDIR or TMPDIR or /tmp>/ray/ray_curre
 folder is missing. The folder is created here when missing (and removed at shutdown, only if created here; a
 folder that existed before is never removed), and the address file is deleted as soon as the head is up: while it
 exists, any ``ray.init()`` without an address on this machine (another test's, another agent's) would join this
-cluster instead of starting its own Ray.
+cluster instead of starting its own Ray. The same file is written into each node's own temp folder instead, as
+``ray start --temp-dir`` does: a submitted job's supervisor reads it there to tell its driver which cluster to join.
 """
 
 from __future__ import annotations
@@ -182,6 +183,7 @@ def start_local_cluster(temp_dir: str, head_cpus: int = 2, workers: tuple[int, .
     """A head with ``head_cpus`` logical CPUs and the dashboard on a free port, plus one worker node per entry of
     ``workers`` (its logical CPUs); node ``i`` carries the custom resource ``node_w<i>`` (the head ``node_head``)."""
     from ray._common.utils import get_default_ray_temp_dir, reset_ray_address
+    from ray._private.utils import write_ray_address
     from ray.cluster_utils import Cluster
 
     created = []
@@ -214,6 +216,11 @@ def start_local_cluster(temp_dir: str, head_cpus: int = 2, workers: tuple[int, .
             node_cpus[f"node_w{i}"] = cpus
         cluster.wait_for_nodes()
         os.environ["PATH"] = path
+        for node in cluster.list_all_nodes():
+            # where a job's supervisor looks up the cluster to hand its driver (RAY_ADDRESS): without this file it
+            # takes any GCS process it finds on the machine, and with another test's Ray running beside this
+            # cluster a submitted job's driver joined that Ray and died with it ("Owner's node has crashed")
+            write_ray_address(cluster.gcs_address, node.get_temp_dir_path())
     except BaseException:
         os.environ["PATH"] = path
         if cluster is not None:

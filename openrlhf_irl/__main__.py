@@ -81,10 +81,17 @@ def main(argv=None) -> int:
                       help="write into an existing non-empty --output-dir that this tool did not write")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--quick", action="store_true", help="a one-minute smoke version")
+    demo.add_argument("--task", choices=("sum", "sort", "bigram"), default="sum",
+                      help="sum: the new-target stress test (held-out targets never trained on); sort and bigram: "
+                           "held-out prompts from the training distribution; bigram: a hidden bigram reward the "
+                           "expert samples from exactly (default: %(default)s)")
+    demo.add_argument("--expert-habit", action="store_true",
+                      help="bigram only: the expert also prefers to end on a word the reward ignores")
     demo.add_argument("--backend", choices=("auto", "hf", "vllm"), default="auto",
                       help="sampling backend of the GenerationPool (default: %(default)s)")
     demo.add_argument("--ppo-rewards", default=None, metavar="LIST",
-                      help="comma-separated rewards of the PPO stage, from 'BCE init-sft', 'BT init-sft', 'log-ratio' "
+                      help="comma-separated rewards of the PPO stage, from 'BCE init-sft', 'BT init-sft', "
+                           "'BT golden-pref' (the comparator on golden-ordered SFT samples), 'log-ratio' "
                            "(default: BCE init-sft,log-ratio); 'none' skips PPO")
     demo.add_argument("--verbose", action="store_true", help="every stage's output on the terminal (OpenRLHF, "
                       "DeepSpeed, vLLM, Ray) instead of a line per stage and logs in OUTPUT_DIR/logs/")
@@ -103,15 +110,19 @@ def main(argv=None) -> int:
     exp.add_argument("--backend", choices=("auto", "hf", "vllm"), default="auto",
                      help="sampling backend of the GenerationPool (default: %(default)s)")
     exp.add_argument("--no-spin", action="store_true", help="skip the SPIN-style DPO baseline")
+    exp.add_argument("--task", choices=("sum", "sort", "bigram"), default="sum", help="the task (see demo --help)")
+    exp.add_argument("--expert-habit", action="store_true", help="bigram only (see demo --help)")
     exp.add_argument("--verbose", action="store_true", help="every stage's output on the terminal instead of a "
                      "line per stage and logs in OUTPUT_DIR/seed_<s>/logs/")
     args = parser.parse_args(argv)
+    if args.expert_habit and args.task != "bigram":
+        parser.error(f"--expert-habit: only the bigram task has an expert habit, not --task {args.task}")
     _check_output_dir(args.output_dir, args.overwrite, mark=False)  # before _offline_env points caches into it
     _offline_env(args.output_dir)
     if args.command == "demo":
         from openrlhf_irl.demo.pipeline import run_demo
 
-        overrides = {}
+        overrides = {"task": args.task, "expert_habit": args.expert_habit}
         if args.ppo_rewards is not None:
             text = args.ppo_rewards.strip()
             overrides["ppo_rewards"] = () if text == "none" else tuple(r.strip() for r in text.split(",") if r.strip())
@@ -137,7 +148,8 @@ def main(argv=None) -> int:
         from openrlhf_irl.demo.experiment import run_experiment
 
         run_experiment(args.output_dir, seeds, backend=args.backend, spin=not args.no_spin,
-                       scale="quick" if args.quick else args.scale, verbose=args.verbose)
+                       scale="quick" if args.quick else args.scale, verbose=args.verbose, task=args.task,
+                       expert_habit=args.expert_habit)
     return 0
 
 

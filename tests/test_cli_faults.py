@@ -630,6 +630,9 @@ CASES_23 = {
     "experiment/seed-dir-it-did-not-write": Case("openrlhf_irl.__main__", d_case("experiment", "seed"),
                                                  "--output-dir's seed_0/"),
     # class 2
+    "demo/expert-habit-on-sort": Case("openrlhf_irl.__main__", lambda t, m: [
+        "demo", "--quick", "--task", "sort", "--expert-habit", "--output-dir", str(t / "out")],
+        "--expert-habit: only the bigram task has an expert habit, not --task sort"),
     "bon/golden-returns-nan": Case("best_of_n", n_golden_nan, "returned nan for record 0"),
     "extract/row-beyond-the-context": Case("extract_reward", e_case("beyond-context"),
                                            "data.jsonl, line 1, field 'response': 451 tokens, beyond the model's "

@@ -29,6 +29,17 @@ def test_quick_demo_end_to_end(tmp_path):
         check = report["reward_models"][name]
         assert 0.0 <= check["heldout_accuracy"]["mean"] <= 1.0 and check["accuracy_sources"] == "sft over init"
         assert -1.0 <= check["spearman_golden"]["mean"] <= 1.0
+    # the comparator: a BT model on golden-ordered MLE-SFT sample pairs, checked on held-out pairs of that kind
+    check = report["reward_models"]["BT golden-pref"]
+    assert 0.0 <= check["heldout_accuracy"]["mean"] <= 1.0
+    assert check["accuracy_sources"] == "golden order of sft samples"
+    assert -1.0 <= check["spearman_golden"]["mean"] <= 1.0
+    from openrlhf_irl.demo.task import golden_reward
+
+    pairs = [json.loads(line) for line in (out / "data" / "golden-pref_bt.jsonl").read_text().splitlines()]
+    sft_texts = {(s["prompt"], s["response"].rstrip()) for s in map(json.loads, (out / "samples" / "sft.jsonl").open())}
+    assert pairs and all(golden_reward(r["prompt"], r["chosen"]) > golden_reward(r["prompt"], r["rejected"])
+                         and {(r["prompt"], r["chosen"]), (r["prompt"], r["rejected"])} <= sft_texts for r in pairs)
     assert "## Reward models, checked on held-out prompts" in (out / "report.md").read_text()
     assert f"in **{report['param_dtype']['dtype']}** (auto: this CPU" in (out / "report.md").read_text()
     results = json.loads((out / "results.json").read_text())
@@ -38,7 +49,7 @@ def test_quick_demo_end_to_end(tmp_path):
     lines = proc.stdout.splitlines()
     assert len(stages) == 7 and len(lines) == 3 * len(stages) + 2, proc.stdout
     assert len(proc.stderr.splitlines()) <= 5, proc.stderr
-    assert lines[0].startswith("openrlhf-irl demo (quick, seed 1): 7 stages") and lines[-1].endswith("report.md")
+    assert lines[0].startswith("openrlhf-irl demo (quick, seed 1, task sum): 7 stages") and lines[-1].endswith("report.md")
     logs = re.findall(r"^\[(\d)/7\] (.+) \(log: (.+)\)$", proc.stdout, re.M)
     assert [(int(i), name) for i, name, _ in logs] == list(enumerate(stages, 1))
     for (i, name, log), done, bar in zip(logs, lines[2::3], lines[3::3]):
@@ -59,14 +70,15 @@ def test_quick_demo_end_to_end(tmp_path):
     # evaluation on held-out prompts only: none of them in any training data of the run
     held = {json.loads(line)["prompt"] for line in (out / "data" / "eval_prompts.jsonl").read_text().splitlines()}
     assert held and held == set(results["prompts"]["held_out"]) == set(results["rows"]["policy:sft_mle"]["golden"])
-    for name in ("demos.jsonl", "train_prompts.jsonl", "afd_init-sft_bt.jsonl", "afd_init-sft_bce.jsonl"):
+    for name in ("demos.jsonl", "train_prompts.jsonl", "afd_init-sft_bt.jsonl", "afd_init-sft_bce.jsonl",
+                 "golden-pref_bt.jsonl"):
         seen = {json.loads(line)["prompt"] for line in (out / "data" / name).read_text().splitlines()}
         assert seen and seen.isdisjoint(held), name
     for name in ("init.jsonl", "sft.jsonl"):
         seen = {json.loads(line)["prompt"] for line in (out / "samples" / name).read_text().splitlines()}
         assert seen and seen.isdisjoint(held), name
     ns = report["config"]["bon_ns"]
-    scorers = ("BT init-sft", "BCE init-sft", "log-ratio")
+    scorers = ("BT init-sft", "BCE init-sft", "BT golden-pref", "log-ratio")
     for scorer in scorers:
         for n in ns:
             assert f"bon:{scorer}:{n}" in report["rows"]

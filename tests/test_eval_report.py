@@ -182,3 +182,31 @@ def test_demo_config_refuses_a_ppo_reward_it_does_not_train():
     with pytest.raises(ValueError, match="ppo_steps"):
         DemoConfig(ppo_steps=0)
     assert not DemoConfig(ppo_rewards=()).ppo_rewards
+
+
+def test_subset_runs_get_the_full_runs_optimizer_steps():
+    from openrlhf_irl.demo.pipeline import matched_epochs, optimizer_steps
+
+    # 1000 demonstrations, batch 32 = micro-batch 32: 31 steps an epoch (the last 8 dropped), 16 epochs = 496 steps
+    assert optimizer_steps(16, 1000, 32, 32) == 496
+    assert optimizer_steps(1, 1000, 32, 8) == 31  # 125 micro-batches, 4 per step: 31 steps
+    # 10%: 100 demonstrations, 3 steps an epoch -> 165 epochs (495 steps); 30%: 300, 9 an epoch -> 55 (495)
+    assert matched_epochs(16, 1000, 100, 32, 32) == 165 and matched_epochs(16, 1000, 300, 32, 32) == 55
+    assert matched_epochs(16, 1000, 1000, 32, 32) == 16  # the full set: unchanged
+    with pytest.raises(ValueError, match="less than one optimizer step"):
+        matched_epochs(16, 1000, 20, 32, 32)
+
+
+def test_task_choice_reaches_the_config():
+    sort = DemoConfig.make("out", quick=True, task="sort")
+    assert (sort.task, sort.vocab_size, sort.expert_noise) == ("sort", 259, 0.32)  # the sort task's defaults
+    plain = DemoConfig.make("out", quick=True)
+    assert (plain.task, plain.vocab_size, plain.expert_noise) == ("sum", 300, 0.4)
+    assert DemoConfig.make("out", task="sort", expert_noise=0.1).expert_noise == 0.1  # an explicit choice wins
+    bigram = DemoConfig.make("out", quick=True, task="bigram", expert_habit=True)
+    assert (bigram.vocab_size, bigram.expert_noise, bigram.expert_habit) == (400, 0.7, True)
+    with pytest.raises(ValueError, match="only the bigram task has an expert habit"):
+        DemoConfig.make("out", task="sort", expert_habit=True)
+    with pytest.raises(ValueError, match="not one of sum, sort, bigram"):
+        DemoConfig.make("out", task="unknown")
+    assert E.experiment_config("out", quick=True, task="sort").task == "sort"

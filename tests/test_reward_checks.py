@@ -8,7 +8,8 @@ import math
 import pytest
 
 from openrlhf_irl.demo.report import reward_model_checks
-from openrlhf_irl.eval.reward_checks import heldout_accuracy, mean_within_prompt_spearman, pairwise_accuracy
+from openrlhf_irl.eval.reward_checks import (golden_order_accuracy, heldout_accuracy, mean_within_prompt_spearman,
+                                             pairwise_accuracy)
 
 
 def test_pairwise_accuracy_by_hand():
@@ -23,6 +24,19 @@ def test_heldout_accuracy_is_a_mean_over_prompts_with_both_sides():
     acc, n = heldout_accuracy({"a": [2.0], "b": [0.0, 0.0], "c": [5.0]}, {"a": [1.0], "b": [1.0], "d": [0.0]})
     assert (acc, n) == (pytest.approx((1.0 + 0.0) / 2), 2)
     assert math.isnan(heldout_accuracy({"a": [1.0]}, {"b": [0.0]})[0])
+
+
+def test_golden_order_accuracy_by_hand():
+    # prompt a: golden 0.1 < 0.5 < 0.9; scores order (0,1) right, (0,2) right, (1,2) wrong -> 2/3
+    # prompt b: one pair of unequal golden, the scores tie -> 1/2; prompt c: every golden equal -> left out
+    acc, n = golden_order_accuracy({"a": [1.0, 3.0, 2.0], "b": [5.0, 5.0, 0.0], "c": [1.0, 2.0]},
+                                   {"a": [0.1, 0.5, 0.9], "b": [0.2, 0.7, 0.2], "c": [0.4, 0.4]})
+    # b: pairs (0,1) tie in score -> 1/2; (1,2) 5 > 0 and 0.7 > 0.2 -> 1; (0,2) equal golden: not a pair
+    assert (acc, n) == (pytest.approx((2 / 3 + 1.5 / 2) / 2), 2)
+    assert golden_order_accuracy({"a": [0.0, 1.0]}, {"a": [1.0, 0.0]}) == (0.0, 1)  # reversed order: 0, not 1
+    assert math.isnan(golden_order_accuracy({"c": [1.0, 2.0]}, {"c": [0.4, 0.4]})[0])
+    with pytest.raises(ValueError):
+        golden_order_accuracy({"a": [1.0]}, {"a": [1.0, 2.0]})
 
 
 def test_within_prompt_spearman_skips_constant_prompts():

@@ -38,7 +38,7 @@ SCALES = ("quick", "small", "full")
 
 
 def experiment_config(output_dir: str, quick: bool = False, backend: str = "auto", spin: bool = True,
-                      scale: str | None = None) -> DemoConfig:
+                      scale: str | None = None, task: str = "sum", expert_habit: bool = False) -> DemoConfig:
     """The experiment's sweeps at a scale: ``full`` = the demo's task, model and data (SFT epochs halved);
     ``small`` = every sweep on a smaller model and data set (for a busy 2-core machine); ``quick`` (or
     ``quick=True``) = tiny models, data and sweeps for CI."""
@@ -46,14 +46,15 @@ def experiment_config(output_dir: str, quick: bool = False, backend: str = "auto
     if scale not in SCALES:
         raise ValueError(f"scale must be one of {SCALES}, got {scale!r}")
     sweeps = dict(td_weights=(0.01, 0.05, 0.1, 0.3), temperatures=(0.7, 1.0, 1.3), demo_subsets=(0.1, 0.3),
-                  afd_variants=("init-sft", "init-demo", "sft-demo"), spin=spin, bon_ns=(1, 2, 4, 8, 16, 32, 64))
+                  afd_variants=("init-sft", "init-demo", "sft-demo"), spin=spin, bon_ns=(1, 2, 4, 8, 16, 32, 64),
+                  task=task, expert_habit=expert_habit)
     if scale == "small":
         return DemoConfig.make(output_dir, backend=backend, hidden_size=64, num_layers=2, n_train_prompts=400,
                                n_pretrain=1500, sft_epochs=6, rm_epochs=1, afd_samples_per_prompt=8, **sweeps)
     if scale == "quick":
         return DemoConfig.make(output_dir, quick=True, backend=backend, td_weights=(0.05,), temperatures=(0.7, 1.0),
                                demo_subsets=(0.3,), afd_variants=("init-sft", "sft-demo"), spin=spin,
-                               bon_ns=(1, 2, 4), n_boot=500)
+                               bon_ns=(1, 2, 4), n_boot=500, task=task, expert_habit=expert_habit)
     # The demo's task, model and data; SFT epochs halved (16 -> 8) so that several seeds fit in an hour on a
     # shared 2-core machine (chosen for time before any result was seen).
     return DemoConfig.make(output_dir, backend=backend, sft_epochs=8, **sweeps)
@@ -82,20 +83,23 @@ def settings_md(cfg: DemoConfig, seeds: list[int], command: str, wall_s: float, 
         f"Wall time of this invocation: {wall_s / 60:.1f} min; per seed (s): "
         + ", ".join(f"seed {s}: {t:.0f}" for s, t in seed_times.items()) + ".", "",
         "Settings (every setting tried is listed; none was tuned toward a result):", "",
-        f"- task: {cfg.n_train_prompts} demonstrations (expert noise {cfg.expert_noise}) on the training prompts; "
-        f"a seeded {cfg.held_out_fraction:.0%} of each k's targets held out for evaluation",
-        f"- model: Llama, hidden {cfg.hidden_size}, {cfg.num_layers} layers, {cfg.vocab_size}-token BPE; "
+        f"- task: {cfg.task}; {cfg.n_train_prompts} demonstrations (expert noise {cfg.expert_noise}) on the training "
+        "prompts; " + (f"a seeded {cfg.held_out_fraction:.0%} of each k's targets held out for evaluation"
+                       if cfg.task == "sum" else f"{cfg.n_eval_prompts} fresh held-out prompts for evaluation"),
+        f"- model: Llama, hidden {cfg.hidden_size}, {cfg.num_layers} layers, {cfg.vocab_size}-token byte-level BPE; "
         f"pre-training {cfg.pretrain_epochs} epoch on {cfg.n_pretrain} lines",
         f"- SFT: {cfg.sft_epochs} epochs, lr {cfg.sft_lr}, batch {cfg.batch_size}; IQ-Learn td_weight in "
         f"{{0 (= MLE, --trainer sft), {', '.join(f'{t:g}' for t in cfg.td_weights)}}}, gamma 1, offline",
         f"- sampling temperatures for the SFT policies: {', '.join(f'{t:g}' for t in cfg.temperatures)} "
         f"(top-p 1, {cfg.max_new_tokens} new tokens, {cfg.eval_samples_per_prompt} samples per held-out prompt)",
-        f"- demonstration subsets: {', '.join(f'{f:.0%}' for f in cfg.demo_subsets) or 'none'} (same epochs, so "
-        "fewer steps), MLE and IQ-Learn at td_weight " + f"{cfg.td_weight:g}",
+        f"- demonstration subsets: {', '.join(f'{f:.0%}' for f in cfg.demo_subsets) or 'none'} (more epochs, so "
+        "as many optimizer steps as the full runs), MLE and IQ-Learn at td_weight " + f"{cfg.td_weight:g}",
         f"- AfD: {cfg.afd_samples_per_prompt} samples per training prompt from init and MLE SFT; variants "
         f"{', '.join(cfg.afd_variants)}, each as Bradley-Terry pairs (--trainer rm) and BCE classifier "
         f"(--trainer afd_rm), {cfg.rm_epochs} epochs, lr 1e-3, started from {cfg.rm_backbone}; log-ratio "
         "log pi_SFT - log pi_init",
+        ("- comparator golden-pref: Bradley-Terry on disjoint pairs of the same MLE-SFT samples ordered by the golden "
+         "reward (ties left out), trained like the AfD ones" if cfg.golden_pref else "- golden-pref: skipped"),
         f"- Best-of-N from MLE SFT, N in {', '.join(map(str, cfg.bon_ns))}",
         (f"- SPIN-style baseline: OpenRLHF train_dpo from MLE SFT (reference MLE SFT), sft-demo pairs "
          f"(demonstration chosen, SFT sample rejected), beta {cfg.dpo_beta}, lr {cfg.dpo_lr}, {cfg.dpo_epochs} epoch"
@@ -107,7 +111,7 @@ def settings_md(cfg: DemoConfig, seeds: list[int], command: str, wall_s: float, 
 
 def run_experiment(output_dir: str, seeds: list[int], quick: bool = False, backend: str = "auto",
                    spin: bool = True, command: str | None = None, scale: str | None = None,
-                   verbose: bool = False) -> dict:
+                   verbose: bool = False, task: str = "sum", expert_habit: bool = False) -> dict:
     """The seeds in turn; the terminal gets a line per stage and a bar over every seed's stages, each stage's output
     goes to ``seed_<s>/logs/NN-<stage>.log`` and the rest to ``<output_dir>/logs/run.log`` (``verbose``: all of it
     on the terminal)."""
@@ -118,7 +122,7 @@ def run_experiment(output_dir: str, seeds: list[int], quick: bool = False, backe
 
     root = os.path.abspath(output_dir)
     scale = scale or ("quick" if quick else "full")
-    base = experiment_config(root, backend=backend, spin=spin, scale=scale)
+    base = experiment_config(root, backend=backend, spin=spin, scale=scale, task=task, expert_habit=expert_habit)
     command = command or "openrlhf-irl " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     stage_names = [st.name for st in Demo(base).stages()]
     n_stages = len(stage_names)

@@ -42,6 +42,7 @@ from openrlhf_irl.utils.stage_log import StageProgress, fmt_duration, log_name, 
 INPUT_TEMPLATE = "{}\n"
 
 RM_KIND = {"rm": "BT", "afd_rm": "BCE"}  # --trainer -> short label of the reward model's objective
+GOLDEN_PREF = "BT golden-pref"  # the scorer name of the golden-labelled comparator (DemoConfig.golden_pref)
 
 # What a run shows as its result (results.json, then the report): a rerun takes the previous run's out of the folder
 # before its first stage writes new data, so a rerun that stops never leaves an old report beside new data.
@@ -55,26 +56,34 @@ class DemoConfig:
     seed: int = 0
     quick: bool = False
     backend: str = "auto"  # GenerationPool backend: auto (vLLM when it runs here, else transformers), hf, vllm
-    # task
+    # task (openrlhf_irl.demo.tasks): "sum", the new-target stress test, "sort" or "bigram"
+    task: str = "sum"
     n_train_prompts: int = 1000
-    held_out_fraction: float = 0.25  # of each k's targets; evaluation uses only these prompts
+    held_out_fraction: float = 0.25  # sum: of each k's targets; sort: > 0 keeps held-out prompts out of training
+    n_eval_prompts: int = 64  # sort: held-out prompts drawn (sum holds out a fixed share of its 55 prompts)
     n_pretrain: int = 4000
-    expert_noise: float = 0.4
+    expert_noise: float | None = None  # None: the task's DEFAULT_NOISE
+    expert_habit: bool = False  # bigram only: the expert prefers to end on a word the reward ignores
     # model
     hidden_size: int = 128
     num_layers: int = 4
-    vocab_size: int = 300
+    vocab_size: int | None = None  # None: the task's VOCAB_SIZE (sort: 259, a tokenizer with no merges)
     # training
     pretrain_epochs: int = 1
     sft_epochs: int = 16
     sft_lr: float = 3e-3
     td_weight: float = 0.05  # the IQ-Learn policy of the main rows (and of the demonstration-subset rows)
     td_weights: tuple = (0.05,)  # IQ-Learn runs (0 = MLE, trained with --trainer sft)
-    demo_subsets: tuple = ()  # fractions of the demonstrations for extra MLE / IQ-Learn runs, e.g. (0.1, 0.3)
+    # fractions of the demonstrations for extra MLE / IQ-Learn runs, e.g. (0.1, 0.3), each trained for the optimizer
+    # steps of the full runs (more epochs: matched_epochs), so data is compared at equal compute
+    demo_subsets: tuple = ()
     rm_epochs: int = 2
     rm_backbone: str = "sft_mle"  # the reward models start from this policy (value head added)
     afd_variants: tuple = ("init-sft",)
     rm_trainers: tuple = ("rm", "afd_rm")
+    # the comparator beside the AfD reward models: a Bradley-Terry model of the same backbone on pairs of MLE-SFT
+    # samples (the AfD samples) ordered by the golden reward (datasets/golden_pref.py), scorer "BT golden-pref"
+    golden_pref: bool = True
     spin: bool = False  # SPIN-style DPO baseline on sft-demo pairs
     dpo_epochs: int = 1
     dpo_lr: float = 3e-4
@@ -104,15 +113,26 @@ class DemoConfig:
     def make(cls, output_dir: str, seed: int = 0, quick: bool = False, **overrides) -> "DemoConfig":
         if not quick:
             return cls(output_dir=output_dir, seed=seed, **overrides)
-        settings = dict(n_train_prompts=160, n_pretrain=600, hidden_size=64, num_layers=2, sft_epochs=2, rm_epochs=1,
-                        micro_batch_size=16, batch_size=16, afd_prompts=32, afd_samples_per_prompt=2,
+        settings = dict(n_train_prompts=160, n_eval_prompts=16, n_pretrain=600, hidden_size=64, num_layers=2,
+                        sft_epochs=2, rm_epochs=1, micro_batch_size=16, batch_size=16, afd_prompts=32,
+                        afd_samples_per_prompt=2,
                         eval_samples_per_prompt=2, bon_ns=(1, 2, 4), max_new_tokens=20, n_boot=500, ppo_steps=2,
                         ppo_prompts_per_step=4, ppo_samples_per_prompt=2)
         settings.update(overrides)
         return cls(output_dir=output_dir, seed=seed, quick=True, **settings)
 
     def __post_init__(self):
-        known = {"log-ratio", *(f"{RM_KIND[t]} {v}" for t in self.rm_trainers for v in self.afd_variants)}
+        from openrlhf_irl.demo.tasks import load_task
+
+        task = load_task(self.task)  # ValueError naming the tasks
+        if self.expert_noise is None:
+            self.expert_noise = task.DEFAULT_NOISE
+        if self.vocab_size is None:
+            self.vocab_size = task.VOCAB_SIZE
+        if self.expert_habit and self.task != "bigram":
+            raise ValueError(f"expert_habit: only the bigram task has an expert habit, not {self.task!r}")
+        known = {"log-ratio", *(f"{RM_KIND[t]} {v}" for t in self.rm_trainers for v in self.afd_variants),
+                 *((GOLDEN_PREF,) if self.golden_pref else ())}
         for reward in self.ppo_rewards:
             if reward not in known:
                 raise ValueError(f"ppo_rewards: {reward!r} is not one of this run's rewards ({', '.join(sorted(known))})")
@@ -145,6 +165,21 @@ def param_dtype_used() -> dict:
     return {"dtype": resolved.dtype, "reason": resolved.reason}
 
 
+def optimizer_steps(epochs: int, n_examples: int, batch_size: int, micro_batch_size: int) -> int:
+    """OpenRLHF's optimizer steps for ``epochs`` over ``n_examples`` on one process: its data loader drops the last
+    partial micro-batch, and ``batch_size / micro_batch_size`` micro-batches make a step."""
+    return epochs * ((n_examples // micro_batch_size) // max(1, batch_size // micro_batch_size))
+
+
+def matched_epochs(epochs: int, n_full: int, n_subset: int, batch_size: int, micro_batch_size: int) -> int:
+    """Epochs over ``n_subset`` examples whose optimizer steps come nearest those of ``epochs`` over ``n_full``."""
+    per_epoch = optimizer_steps(1, n_subset, batch_size, micro_batch_size)
+    if per_epoch < 1:
+        raise ValueError(f"a subset of {n_subset} demonstrations is less than one optimizer step "
+                         f"(batch {batch_size}); use a larger fraction")
+    return max(1, round(optimizer_steps(epochs, n_full, batch_size, micro_batch_size) / per_epoch))
+
+
 def iq_name(td: float) -> str:
     return "sft_mle" if td == 0 else f"sft_iq_td{td:g}"
 
@@ -168,6 +203,13 @@ class Demo:
         self.label_prefix = label_prefix
         self.log_dir = os.path.join(self.root, "logs")
         self._unit = None
+
+    @property
+    def task(self):
+        """The task's module (:mod:`openrlhf_irl.demo.tasks`)."""
+        from openrlhf_irl.demo.tasks import load_task
+
+        return load_task(self.cfg.task)
 
     # ------------------------------------------------------------------ helpers
     def path(self, *parts: str) -> str:
@@ -288,19 +330,21 @@ class Demo:
 
     # ------------------------------------------------------------------ stages
     def make_task(self):
-        from openrlhf_irl.demo.task import TaskConfig, build_task, expert_response, pretrain_corpus
         from openrlhf_irl.utils.jsonl import atomic_write_jsonl
 
         cfg = self.cfg
-        tcfg = TaskConfig(seed=cfg.seed, n_train_prompts=cfg.n_train_prompts, n_pretrain=cfg.n_pretrain,
-                          expert_noise=cfg.expert_noise, held_out_fraction=cfg.held_out_fraction)
-        task = build_task(tcfg)
+        habit = {"expert_habit": True} if cfg.expert_habit else {}
+        tcfg = self.task.TaskConfig(seed=cfg.seed, n_train_prompts=cfg.n_train_prompts, n_pretrain=cfg.n_pretrain,
+                                    n_eval_prompts=cfg.n_eval_prompts, expert_noise=cfg.expert_noise,
+                                    held_out_fraction=cfg.held_out_fraction, **habit)
+        task = self.task.build_task(tcfg)
         eval_prompts = task["held_out_prompts"] or list(dict.fromkeys(task["eval_prompts"]))
         train_prompts = list(dict.fromkeys(task["train_prompts"]))
         if cfg.held_out_fraction > 0 and not set(eval_prompts).isdisjoint(train_prompts):
             raise RuntimeError("held-out prompts overlap the training prompts")  # split_prompts guarantees it
         rng = random.Random(cfg.seed + 7)
-        demo_eval = [{"prompt": p, "response": expert_response(p, rng, noise=cfg.expert_noise), "sample_index": i}
+        demo_eval = [{"prompt": p, "response": self.task.expert_response(p, rng, noise=cfg.expert_noise, **{
+                          "habit": True} if cfg.expert_habit else {}), "sample_index": i}
                      for p in eval_prompts for i in range(cfg.eval_samples_per_prompt)]
         demos = task["demonstrations"]
         atomic_write_jsonl(self.path("data", "demos.jsonl"), demos)
@@ -310,8 +354,9 @@ class Demo:
         atomic_write_jsonl(self.path("data", "eval_prompts.jsonl"), [{"prompt": p} for p in eval_prompts])
         atomic_write_jsonl(self.path("data", "demos_eval.jsonl"), demo_eval)
         self.train_prompts, self.eval_prompts = train_prompts, eval_prompts
-        self.corpus = pretrain_corpus(tcfg, sep="\n")
+        self.corpus = self.task.pretrain_corpus(tcfg, sep="\n")
         self.results["prompts"] = {"train": train_prompts, "held_out": eval_prompts}
+        self.results["task"] = {"name": cfg.task, "title": self.task.TITLE}
         print(f"{len(demos)} demonstrations on {len(train_prompts)} training prompts; {len(eval_prompts)} held-out "
               f"evaluation prompts; {len(self.corpus)} pre-training lines")
 
@@ -332,16 +377,17 @@ class Demo:
         self.add_policy("init", Policy(self.path("models", "init"), "initial policy"))
 
     def make_sft_policies(self):
+        from openrlhf_irl.utils.jsonl import read_jsonl
+
         cfg = self.cfg
         common = ("--data.input_key", "prompt", "--data.output_key", "response",
                   "--data.input_template", INPUT_TEMPLATE)
         init = self.path("models", "init")
 
-        def sft(td: float, data: str, name: str):
+        def sft(td: float, data: str, name: str, epochs: int = cfg.sft_epochs):
             if td == 0:
-                return self.train("sft", "sft", init, data, self.path("models", name), cfg.sft_epochs, cfg.sft_lr,
-                                  *common)
-            return self.train("sft", "irl_iq", init, data, self.path("models", name), cfg.sft_epochs, cfg.sft_lr,
+                return self.train("sft", "sft", init, data, self.path("models", name), epochs, cfg.sft_lr, *common)
+            return self.train("sft", "irl_iq", init, data, self.path("models", name), epochs, cfg.sft_lr,
                               *common, "--irl.td_weight", str(td), "--irl.td_warmup_steps", "10")
 
         demos = self.path("data", "demos.jsonl")
@@ -351,12 +397,17 @@ class Demo:
             group = "policy" if td in (0.0, cfg.td_weight) else "td_sweep"
             self.add_policy(name, Policy(self.path("models", name), iq_label(td), group, sweep_temperatures=True,
                                          info={"td_weight": td, "demo_fraction": 1.0}))
+        n_full = sum(1 for _ in read_jsonl(demos))
         for frac in cfg.demo_subsets:
+            subset = self.path("data", f"demos_{frac:g}.jsonl")
+            epochs = matched_epochs(cfg.sft_epochs, n_full, sum(1 for _ in read_jsonl(subset)), cfg.batch_size,
+                                    cfg.micro_batch_size)
             for td in (0.0, cfg.td_weight):
                 name = f"{iq_name(td)}_{frac:g}"
-                sft(td, self.path("data", f"demos_{frac:g}.jsonl"), name)
+                sft(td, subset, name, epochs)
                 self.add_policy(name, Policy(self.path("models", name), f"{iq_label(td)}, {frac:.0%} of demos",
-                                             "subset", info={"td_weight": td, "demo_fraction": frac}))
+                                             "subset", info={"td_weight": td, "demo_fraction": frac,
+                                                             "sft_epochs": epochs}))
 
     def make_reward_models(self):
         from openrlhf_irl.datasets.afd import build_afd_dataset, format_report
@@ -386,6 +437,25 @@ class Demo:
                 atomic_write_jsonl(data, records)
                 self.train("rm", trainer, backbone, data, self.path("models", f"rm_{tag}"), cfg.rm_epochs, 1e-3,
                            *rm_flags, "--eval.dataset", data)
+        if cfg.golden_pref:
+            self.make_golden_pref(sources["sft_samples"], backbone, rm_flags)
+
+    def make_golden_pref(self, sft_samples: str, backbone: str, rm_flags: tuple) -> None:
+        """The comparator: pairs of the same MLE-SFT samples the AfD models saw, ordered by the golden reward,
+        trained like the AfD Bradley-Terry model (same backbone, epochs and learning rate)."""
+        from openrlhf_irl.datasets.golden_pref import golden_preference_pairs
+        from openrlhf_irl.utils.jsonl import atomic_write_jsonl, read_jsonl
+
+        records, counts = golden_preference_pairs((r for _, r in read_jsonl(sft_samples)), self.task.golden_reward,
+                                                  seed=self.cfg.seed)
+        print(f"golden-pref: {counts['pairs']} pairs from {counts['samples']} MLE-SFT samples of {counts['prompts']} "
+              f"prompts ({counts['ties']} pairs of equal golden reward left out)")
+        if not records:
+            raise RuntimeError(f"golden-pref: every pair of {sft_samples} has equal golden reward; nothing to train on")
+        data = self.path("data", "golden-pref_bt.jsonl")
+        atomic_write_jsonl(data, records)
+        self.train("rm", "rm", backbone, data, self.reward_model_dir(GOLDEN_PREF), self.cfg.rm_epochs, 1e-3,
+                   *rm_flags, "--eval.dataset", data)
 
     def load_scorers(self) -> dict[str, Callable]:
         """Best-of-N scorers: every trained reward model (its logit / BT score) and the log-ratio."""
@@ -399,6 +469,10 @@ class Demo:
                                   input_template=INPUT_TEMPLATE, batch_size=64)
                 scorers[f"{RM_KIND[trainer]} {variant}"] = \
                     lambda recs, rm=rm: rm.score([r["prompt"] for r in recs], [r["response"] for r in recs])
+        if self.cfg.golden_pref:
+            rm = RewardScorer(self.reward_model_dir(GOLDEN_PREF), input_template=INPUT_TEMPLATE, batch_size=64)
+            scorers[GOLDEN_PREF] = lambda recs, rm=rm: rm.score([r["prompt"] for r in recs],
+                                                                [r["response"] for r in recs])
         ratio = LogRatioScorer(self.path("models", "sft_mle"), self.path("models", "init"),
                                input_template=INPUT_TEMPLATE)
         scorers["log-ratio"] = lambda recs: ratio.score([r["prompt"] for r in recs], [r["response"] for r in recs],
@@ -469,7 +543,6 @@ class Demo:
 
     def best_of_n(self):
         from openrlhf_irl.afd.best_of_n import best_of_n_rows, score_and_select
-        from openrlhf_irl.demo.task import golden_reward_batch
         from openrlhf_irl.utils.jsonl import atomic_write_jsonl
 
         cfg = self.cfg
@@ -477,17 +550,17 @@ class Demo:
                                     cfg.seed * 1000 + 21)
         records = [{"prompt": self.eval_prompts[c.prompt_index], "response": c.text, "sample_index": c.sample_index,
                     "finished": c.finished} for c in completions]
-        result = score_and_select(records, self.load_scorers(), cfg.bon_ns, golden_reward_batch)
+        result = score_and_select(records, self.load_scorers(), cfg.bon_ns, self.task.golden_reward_batch)
         atomic_write_jsonl(self.path("samples", "bon_scored.jsonl"), records)
         self.results["rows"].update(best_of_n_rows(result, cfg.bon_ns))
 
     def evaluate_policies(self):
         """Every registered policy on the held-out prompts (SFT policies at every temperature), and the
         demonstrator; the MLE SFT samples at temperature 1 and the demonstrations are the win-rate references."""
-        from openrlhf_irl.demo.task import golden_reward
         from openrlhf_irl.utils.jsonl import read_jsonl
 
         cfg = self.cfg
+        golden_reward = self.task.golden_reward
         rows = self.results["rows"]
         for name, pol in self.policies.items():
             temps = cfg.temperatures if pol.sweep_temperatures else (1.0,)
@@ -524,7 +597,7 @@ class Demo:
         Best-of-N candidates (MLE SFT samples) (:mod:`openrlhf_irl.eval.reward_checks`)."""
         from openrlhf_irl.afd.best_of_n import group_by_prompt
         from openrlhf_irl.datasets.afd import VARIANTS
-        from openrlhf_irl.eval.reward_checks import heldout_accuracy, mean_within_prompt_spearman
+        from openrlhf_irl.eval.reward_checks import golden_order_accuracy, heldout_accuracy, mean_within_prompt_spearman
         from openrlhf_irl.models.reward import RewardScorer
         from openrlhf_irl.utils.jsonl import read_jsonl
 
@@ -547,6 +620,13 @@ class Demo:
                 acc, n = heldout_accuracy(score["pos"], score["neg"])
                 checks.setdefault(name, {}).update(heldout_accuracy=acc, accuracy_prompts=n,
                                                    accuracy_sources=f"{VARIANTS[variant][1]} over {VARIANTS[variant][0]}")
+        if self.cfg.golden_pref:  # trained on golden-ordered SFT pairs: held out, the same kind of pairs
+            sft = rows["policy:sft_mle"]
+            rm = RewardScorer(self.reward_model_dir(GOLDEN_PREF), input_template=INPUT_TEMPLATE, batch_size=64)
+            score = {p: rm.score([p] * len(v), v) for p, v in sft["responses"].items()}
+            acc, n = golden_order_accuracy(score, sft["golden"])
+            checks.setdefault(GOLDEN_PREF, {}).update(heldout_accuracy=acc, accuracy_prompts=n,
+                                                      accuracy_sources="golden order of sft samples")
         self.results["reward_checks"] = {k: {m: (None if isinstance(v, float) and math.isnan(v) else v)
                                              for m, v in c.items()} for k, c in checks.items()}
 
@@ -571,7 +651,8 @@ class Demo:
             start = time.time()
             with stage_output(os.path.join(self.log_dir, "report.log"), self.verbose):
                 report = build_report(self.root, self.cfg, [results], title=f"openrlhf-irl demo "
-                                      f"({'quick' if self.cfg.quick else 'full'}, seed {self.cfg.seed})")
+                                      f"({'quick' if self.cfg.quick else 'full'}, seed {self.cfg.seed}, "
+                                      f"task {self.cfg.task})")
         self.timings["report"] = round(time.time() - start, 1)
         return report
 
@@ -598,7 +679,8 @@ def run_demo(output_dir: str = "outputs/demo", seed: int = 0, quick: bool = Fals
             print(f"error: {err}", file=sys.stderr)
             raise SystemExit(2) from None
         if not verbose:
-            write_terminal(f"openrlhf-irl demo ({kind}, seed {seed}): {len(demo.stages())} stages into {demo.root}; "
+            write_terminal(f"openrlhf-irl demo ({kind}, seed {seed}, task {cfg.task}): {len(demo.stages())} stages "
+                           f"into {demo.root}; "
                            f"each stage's output in {demo.log_dir}/ (--verbose shows it here)\n")
         start = time.time()
         with stage_output(os.path.join(demo.log_dir, "run.log"), verbose):

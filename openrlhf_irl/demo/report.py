@@ -237,7 +237,10 @@ def build_report(root: str, cfg, seed_results: list[dict], title: str, extra_md:
     groups = {}
     for r in rows.values():
         groups.setdefault(r["group"], []).append(r)
+    from openrlhf_irl.demo.tasks import load_task
+
     md = [f"# {title}", "",
+          f"Task: **{cfg.task}**, {load_task(cfg.task).TITLE}.", "",
           f"Seeds: {', '.join(map(str, seeds))}. Sampling backend: **{backend}** (GenerationPool). Training, reward "
           f"models and vLLM engines in **{param_dtype['dtype']}** ({param_dtype['reason'] or 'no reason recorded'}). "
           "Evaluation on "

@@ -61,7 +61,12 @@ import re
 from dataclasses import dataclass
 from typing import Any, Optional, Union
 
+from openrlhf_irl.demo.tasks import TaskConfig as BaseTaskConfig
+
 __all__ = [
+    "DEFAULT_NOISE",
+    "VOCAB_SIZE",
+    "TITLE",
     "TaskConfig",
     "K_RANGE",
     "MAX_TARGET",
@@ -81,6 +86,10 @@ __all__ = [
     "build_task",
     "pretrain_corpus",
 ]
+
+DEFAULT_NOISE = 0.4  # the expert's P(sum slip) (TaskConfig.expert_noise)
+VOCAB_SIZE = 300  # the demo's byte-level BPE for this task
+TITLE = "new-target stress test (sum: every held-out prompt asks for a target never trained on)"
 
 K_RANGE = (2, 5)  # how many numbers a prompt asks for (inclusive)
 MAX_TARGET = 30  # largest target in any prompt
@@ -104,17 +113,9 @@ def _rng(rng: RngLike) -> random.Random:
 
 
 @dataclass
-class TaskConfig:
-    seed: int = 0
-    n_train_prompts: int = 1000
-    n_eval_prompts: int = 100
-    demos_per_prompt: int = 1
-    expert_noise: float = 0.4  # P(sum slip); P(count slip) = expert_noise / 2
+class TaskConfig(BaseTaskConfig):
+    expert_noise: float = DEFAULT_NOISE  # P(sum slip); P(count slip) = expert_noise / 2
     expert_sort_prob: float = 0.5  # the expert's "mediocre style": sorts half of the time
-    n_pretrain: int = 4000  # lines of pre-training text
-    # share of each k's targets held out of every training stage (pre-training, SFT, AfD sampling, reward
-    # models): evaluation prompts come only from these; 0 draws evaluation prompts from the training prompts
-    held_out_fraction: float = 0.25
 
 
 # --------------------------------------------------------------------------- prompts

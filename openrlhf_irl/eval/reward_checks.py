@@ -3,7 +3,9 @@
 * ``heldout_accuracy``: on held-out prompts' responses of the two sources the model was trained to tell apart
   (e.g. SFT samples against initial-policy samples for ``init-sft``), the share of (positive, negative) pairs of the
   same prompt that it scores in the right order, ties counted half; per prompt, then the mean over prompts.
-  0.5 is chance.
+  0.5 is chance. For a model trained on golden-ordered pairs (``golden-pref``) the held-out pairs are of that kind
+  too: :func:`golden_order_accuracy`, same-prompt samples of unequal golden reward, right when the score orders them
+  as the golden reward does.
 * ``spearman_golden``: on held-out samples of one policy (the Best-of-N candidates), the Spearman correlation of its
   score with the golden reward within each prompt, averaged over the prompts where neither is constant. What
   Best-of-N needs: a model can separate its training sources well (high accuracy) and still not rank one policy's
@@ -17,7 +19,7 @@ from typing import Mapping, Sequence
 
 from openrlhf_irl.utils.metrics import spearman
 
-__all__ = ["pairwise_accuracy", "heldout_accuracy", "mean_within_prompt_spearman"]
+__all__ = ["pairwise_accuracy", "heldout_accuracy", "golden_order_accuracy", "mean_within_prompt_spearman"]
 
 
 def pairwise_accuracy(pos: Sequence[float], neg: Sequence[float]) -> float:
@@ -34,6 +36,25 @@ def heldout_accuracy(pos: Mapping[str, Sequence[float]], neg: Mapping[str, Seque
     if not prompts:
         return float("nan"), 0
     return sum(pairwise_accuracy(pos[p], neg[p]) for p in prompts) / len(prompts), len(prompts)
+
+
+def golden_order_accuracy(scores: Mapping[str, Sequence[float]], golden: Mapping[str, Sequence[float]]
+                          ) -> tuple[float, int]:
+    """``(mean over prompts of the share of pairs ordered right, number of prompts)``: per prompt, every pair of
+    responses with unequal golden reward counts 1 when the scores order it the same way, 1/2 when they tie, else 0;
+    prompts without such a pair are left out."""
+    shares = []
+    for prompt, s in scores.items():
+        g = golden[prompt]
+        if len(g) != len(s):
+            raise ValueError(f"golden_order_accuracy: {len(s)} scores but {len(g)} golden values for {prompt!r}")
+        pairs = [(i, j) for i in range(len(g)) for j in range(i + 1, len(g)) if g[i] != g[j]]
+        if pairs:
+            right = sum(0.5 if s[i] == s[j] else float((s[i] > s[j]) == (g[i] > g[j])) for i, j in pairs)
+            shares.append(right / len(pairs))
+    if not shares:
+        return float("nan"), 0
+    return sum(shares) / len(shares), len(shares)
 
 
 def mean_within_prompt_spearman(scores: Mapping[str, Sequence[float]], golden: Mapping[str, Sequence[float]]

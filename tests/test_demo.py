@@ -34,6 +34,11 @@ def test_quick_demo_end_to_end(tmp_path):
     assert 0.0 <= check["heldout_accuracy"]["mean"] <= 1.0
     assert check["accuracy_sources"] == "golden order of sft samples"
     assert -1.0 <= check["spearman_golden"]["mean"] <= 1.0
+    # IQ-Learn's implicit reward (extract_reward) on the same held-out candidates, against the golden reward
+    recovery = report["reward_models"]["IQ-Learn reward (td 0.05)"]
+    assert -1.0 <= recovery["spearman_golden"]["mean"] <= 1.0 and recovery["heldout_accuracy"] is None
+    iq_rewards = [json.loads(line) for line in (out / "samples" / "iq_reward.jsonl").read_text().splitlines()]
+    assert len(iq_rewards) == len((out / "samples" / "bon_scored.jsonl").read_text().splitlines())
     from openrlhf_irl.demo.task import golden_reward
 
     pairs = [json.loads(line) for line in (out / "data" / "golden-pref_bt.jsonl").read_text().splitlines()]

@@ -17,8 +17,9 @@ of the prompt's two named words that appears, and a closing term::
 a uniformly random valid one (closed form), so a random response scores about 0 and the best 1.
 
 The expert samples exactly ``y ~ exp(r(y) / beta)`` over the valid responses (backward messages over the states
-(position, last word, which named words were used), then forward sampling; :func:`sequence_log_prob` is the same
-distribution, checked against brute-force enumeration in the tests). At :data:`DEFAULT_NOISE` (= beta) its mean
+(position, last word, which named words were used), then forward sampling:
+docs/tasks.md#bigram-the-reward-and-the-experts-exact-sampler; :func:`sequence_log_prob` is the same distribution,
+checked against brute-force enumeration in the tests). At :data:`DEFAULT_NOISE` (= beta) its mean
 golden reward is about 0.6. ``habit=True`` adds a systematic habit the reward ignores: the expert then prefers to
 end on :data:`HABIT_WORD` (an extra ``HABIT_BONUS`` in its sampling score only). A reward model trained on such
 demonstrations may learn the habit instead of the reward.

@@ -627,8 +627,34 @@ class Demo:
             acc, n = golden_order_accuracy(score, sft["golden"])
             checks.setdefault(GOLDEN_PREF, {}).update(heldout_accuracy=acc, accuracy_prompts=n,
                                                       accuracy_sources="golden order of sft samples")
+        if self.cfg.td_weight:
+            checks[f"IQ-Learn reward (td {self.cfg.td_weight:g})"] = self.iq_reward_recovery(groups)
         self.results["reward_checks"] = {k: {m: (None if isinstance(v, float) and math.isnan(v) else v)
                                              for m, v in c.items()} for k, c in checks.items()}
+
+    def iq_reward_recovery(self, groups: list) -> dict:
+        """IQ-Learn's implicit reward (``extract_reward``: the per-token ``Q - gamma V(s')`` summed over a response, at
+        the training gamma 1) of the main IQ-Learn policy on the held-out Best-of-N candidates, and its
+        within-prompt Spearman correlation with the golden reward (at gamma 1 the sum is ``log pi(y|x) + V(s_0)``,
+        so within a prompt it ranks as the policy's likelihood does)."""
+        from openrlhf_irl.cli import extract_reward
+        from openrlhf_irl.eval.reward_checks import mean_within_prompt_spearman
+        from openrlhf_irl.utils.jsonl import atomic_write_jsonl, read_jsonl
+
+        data = self.path("samples", "iq_reward_in.jsonl")
+        atomic_write_jsonl(data, [{k: c[k] for k in ("prompt", "response", "finished", "golden")}
+                                  for g in groups for c in g])
+        out = self.path("samples", "iq_reward.jsonl")
+        argv = ["--model", self.path("models", iq_name(self.cfg.td_weight)), "--data", data, "--output", out,
+                "--data.input_template", INPUT_TEMPLATE, "--data.max_len", "64", "--gamma", "1", "--device", "cpu"]
+        if extract_reward.main(argv) != 0:
+            raise RuntimeError(f"extract_reward failed on {data}")
+        rewards, golden = {}, {}
+        for _, r in read_jsonl(out):
+            rewards.setdefault(r["prompt"], []).append(r["reward"])
+            golden.setdefault(r["prompt"], []).append(r["golden"])
+        rho, n = mean_within_prompt_spearman(rewards, golden)
+        return {"spearman_golden": rho, "spearman_prompts": n}
 
     def _entropies(self, model_path: str, completions: list, temperature: float) -> list[tuple[float, int]]:
         from openrlhf_irl.eval.diversity import entropy_sums

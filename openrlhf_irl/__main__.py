@@ -68,6 +68,29 @@ def _seeds(text: str) -> list[int]:
     return seeds
 
 
+def _parse_seeds(parser, text: str) -> list[int]:
+    """``--seeds``: a count K (seeds 0..K-1), a list or a range; a parser error otherwise."""
+    text = text.strip()
+    try:
+        seeds = list(range(int(text))) if text.isdigit() else _seeds(text)
+    except argparse.ArgumentTypeError as e:
+        parser.error(f"--seeds: {e}")
+    if not seeds:
+        parser.error("--seeds: need at least one seed")
+    return seeds
+
+
+def _counts(text: str) -> list[int]:
+    """A comma-separated list of positive whole numbers."""
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated whole numbers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive whole numbers, got {text!r}")
+    return values
+
+
 @cli_main("openrlhf-irl", resume_hint="rerun the same command; a stopped run never leaves its old report beside new data")
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="openrlhf-irl", description="Inverse RL for OpenRLHF.",
@@ -114,8 +137,21 @@ def main(argv=None) -> int:
     exp.add_argument("--expert-habit", action="store_true", help="bigram only (see demo --help)")
     exp.add_argument("--verbose", action="store_true", help="every stage's output on the terminal instead of a "
                      "line per stage and logs in OUTPUT_DIR/seed_<s>/logs/")
+    size = sub.add_parser("size-task", help="MLE SFT's golden reward on validation prompts for task sizes: the "
+                                            "gate to pass before comparing methods (docs/experiment.md)")
+    size.add_argument("--task", choices=("sort", "bigram"), required=True)
+    size.add_argument("--n-train", type=_counts, default=[1000], metavar="LIST",
+                      help="training prompts (= demonstrations), comma-separated (default: 1000)")
+    size.add_argument("--epochs", type=_counts, default=[16], metavar="LIST",
+                      help="MLE SFT epochs, comma-separated (default: 16)")
+    size.add_argument("--seeds", default="1", help="as experiment --seeds (default: %(default)s)")
+    size.add_argument("--quick", action="store_true", help="the quick demo's model and pre-training")
+    size.add_argument("--backend", choices=("auto", "hf", "vllm"), default="auto")
+    size.add_argument("--output-dir", default="outputs/sizing")
+    size.add_argument("--overwrite", action="store_true",
+                      help="write into an existing non-empty --output-dir that this tool did not write")
     args = parser.parse_args(argv)
-    if args.expert_habit and args.task != "bigram":
+    if getattr(args, "expert_habit", False) and args.task != "bigram":
         parser.error(f"--expert-habit: only the bigram task has an expert habit, not --task {args.task}")
     _check_output_dir(args.output_dir, args.overwrite, mark=False)  # before _offline_env points caches into it
     _offline_env(args.output_dir)
@@ -136,13 +172,7 @@ def main(argv=None) -> int:
         run_demo(args.output_dir, seed=args.seed, quick=args.quick, backend=args.backend, verbose=args.verbose,
                  **overrides)
     elif args.command == "experiment":
-        text = args.seeds.strip()
-        try:
-            seeds = list(range(int(text))) if text.isdigit() else _seeds(text)
-        except argparse.ArgumentTypeError as e:
-            parser.error(f"--seeds: {e}")
-        if not seeds:
-            parser.error("--seeds: need at least one seed")
+        seeds = _parse_seeds(parser, args.seeds)
         _check_output_dir(args.output_dir, args.overwrite,
                           [os.path.join(args.output_dir, f"seed_{s}") for s in seeds])
         from openrlhf_irl.demo.experiment import run_experiment
@@ -150,6 +180,13 @@ def main(argv=None) -> int:
         run_experiment(args.output_dir, seeds, backend=args.backend, spin=not args.no_spin,
                        scale="quick" if args.quick else args.scale, verbose=args.verbose, task=args.task,
                        expert_habit=args.expert_habit)
+    elif args.command == "size-task":
+        seeds = _parse_seeds(parser, args.seeds)
+        _check_output_dir(args.output_dir, args.overwrite)
+        from openrlhf_irl.demo.sizing import run_sizing
+
+        run_sizing(args.task, args.n_train, args.epochs, seeds, args.output_dir, quick=args.quick,
+                   backend=args.backend)
     return 0
 
 

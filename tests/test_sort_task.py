@@ -65,3 +65,13 @@ def test_tokenizer_of_the_task_is_character_level():
     text = "sort: cbdacfbc\nabcdf."
     ids = tok(text, add_special_tokens=False)["input_ids"]
     assert len(ids) == len(text) and tok.decode(ids) == text
+
+
+def test_sizing_validates_on_prompts_that_are_neither_training_nor_held_out():
+    from openrlhf_irl.demo.sizing import validation_prompts
+
+    built = task.build_task(task.TaskConfig(seed=2, n_train_prompts=200, n_eval_prompts=32))
+    used = set(built["train_prompts"]) | set(built["held_out_prompts"])
+    val = validation_prompts(task, used, 50, seed=2)
+    assert len(set(val)) == 50 and used.isdisjoint(val) and all(task.parse_prompt(p) for p in val)
+    assert validation_prompts(task, used, 50, seed=2) == val and validation_prompts(task, used, 50, seed=3) != val

@@ -627,6 +627,8 @@ CASES_23 = {
     "demo/output-dir-foreign": Case("openrlhf_irl.__main__", d_case("demo", "foreign"), NOT_OURS),
     "demo/output-dir-empty": Case("openrlhf_irl.__main__", d_case("demo", "empty"), "--output-dir: empty path"),
     "experiment/output-dir-foreign": Case("openrlhf_irl.__main__", d_case("experiment", "foreign"), NOT_OURS),
+    "size-task/output-dir-foreign": Case("openrlhf_irl.__main__", lambda t, m: [
+        "size-task", "--task", "sort", "--quick", "--output-dir", _foreign_dir(t, "outputs")], NOT_OURS),
     "experiment/seed-dir-it-did-not-write": Case("openrlhf_irl.__main__", d_case("experiment", "seed"),
                                                  "--output-dir's seed_0/"),
     # class 2

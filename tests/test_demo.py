@@ -38,7 +38,10 @@ def test_quick_demo_end_to_end(tmp_path):
     recovery = report["reward_models"]["IQ-Learn reward (td 0.05)"]
     assert -1.0 <= recovery["spearman_golden"]["mean"] <= 1.0 and recovery["heldout_accuracy"] is None
     iq_rewards = [json.loads(line) for line in (out / "samples" / "iq_reward.jsonl").read_text().splitlines()]
-    assert len(iq_rewards) == len((out / "samples" / "bon_scored.jsonl").read_text().splitlines())
+    candidates = [json.loads(line) for line in (out / "samples" / "bon_scored.jsonl").read_text().splitlines()]
+    assert [(r["prompt"], r["response"]) for r in iq_rewards] == [(c["prompt"], c["response"]) for c in candidates
+                                                                   if c["response"]]
+    assert all(r["golden"] == c["golden"] for r, c in zip(iq_rewards, [c for c in candidates if c["response"]]))
     from openrlhf_irl.demo.task import golden_reward
 
     pairs = [json.loads(line) for line in (out / "data" / "golden-pref_bt.jsonl").read_text().splitlines()]
@@ -161,3 +164,38 @@ def test_demo_refuses_a_ppo_reward_it_does_not_train(capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert "--ppo-rewards" in err and "'BT sft-demo'" in err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("task", ["sort", "bigram"])
+def test_quick_demo_on_the_tasks_with_held_out_prompts_of_the_training_distribution(tmp_path, task):
+    """`demo --quick --task sort|bigram` (no PPO: its stage is the same for every task and is run above): every
+    reward model, golden-pref and the IQ-Learn reward checked on held-out prompts, the task named in the report."""
+    from openrlhf_irl.demo.tasks import load_task
+
+    out = tmp_path / "demo"
+    proc = run_python(["-m", "openrlhf_irl", "demo", "--quick", "--task", task, "--output-dir", str(out), "--seed", "2",
+                       "--backend", "hf", "--ppo-rewards", "none"], timeout=900)
+    assert_ok(proc)
+    report = json.loads((out / "report.json").read_text())
+    results = json.loads((out / "results.json").read_text())
+    mod = load_task(task)
+    assert report["config"]["task"] == task and results["task"] == {"name": task, "title": mod.TITLE}
+    assert f"Task: **{task}**" in (out / "report.md").read_text()
+    checks = report["reward_models"]
+    assert {"BT init-sft", "BCE init-sft", "BT golden-pref", "log-ratio", "IQ-Learn reward (td 0.05)"} <= set(checks)
+    for name in ("BT init-sft", "BCE init-sft", "BT golden-pref"):
+        assert 0.0 <= checks[name]["heldout_accuracy"]["mean"] <= 1.0, name
+    for name, check in checks.items():
+        assert -1.0 <= check["spearman_golden"]["mean"] <= 1.0, name
+    # held-out prompts: the task's own prompts, none in any training data of the run
+    held = set(results["prompts"]["held_out"])
+    assert len(held) == 16 and all(mod.parse_prompt(p) for p in held)
+    for name in ("demos.jsonl", "train_prompts.jsonl", "afd_init-sft_bt.jsonl", "golden-pref_bt.jsonl"):
+        assert {json.loads(line)["prompt"] for line in (out / "data" / name).open()}.isdisjoint(held), name
+    corpus = [json.loads(line)["text"] for line in (out / "data" / "pretrain.jsonl").open()]
+    assert not any(line.startswith(p + "\n") for line in corpus for p in held)
+    # the golden reward in the rows is the task's own
+    row = results["rows"]["policy:sft_mle"]
+    for p in list(held)[:4]:
+        assert row["golden"][p] == [mod.golden_reward(p, r) for r in row["responses"][p]]

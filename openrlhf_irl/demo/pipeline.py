@@ -636,17 +636,20 @@ class Demo:
         """IQ-Learn's implicit reward (``extract_reward``: the per-token ``Q - gamma V(s')`` summed over a response, at
         the training gamma 1) of the main IQ-Learn policy on the held-out Best-of-N candidates, and its
         within-prompt Spearman correlation with the golden reward (at gamma 1 the sum is ``log pi(y|x) + V(s_0)``,
-        so within a prompt it ranks as the policy's likelihood does)."""
+        so within a prompt it ranks as the policy's likelihood does). Empty responses are left out: OpenRLHF's SFT
+        dataset, which ``extract_reward`` tokenises with, drops them."""
         from openrlhf_irl.cli import extract_reward
         from openrlhf_irl.eval.reward_checks import mean_within_prompt_spearman
         from openrlhf_irl.utils.jsonl import atomic_write_jsonl, read_jsonl
 
         data = self.path("samples", "iq_reward_in.jsonl")
-        atomic_write_jsonl(data, [{k: c[k] for k in ("prompt", "response", "finished", "golden")}
-                                  for g in groups for c in g])
+        candidates = [c for g in groups for c in g]
+        kept = [{k: c[k] for k in ("prompt", "response", "finished", "golden")} for c in candidates if c["response"]]
+        atomic_write_jsonl(data, kept)
         out = self.path("samples", "iq_reward.jsonl")
         argv = ["--model", self.path("models", iq_name(self.cfg.td_weight)), "--data", data, "--output", out,
-                "--data.input_template", INPUT_TEMPLATE, "--data.max_len", "64", "--gamma", "1", "--device", "cpu"]
+                "--data.input_template", INPUT_TEMPLATE, "--data.max_len", "64", "--gamma", "1", "--device", "cpu",
+                "--reference-key", "golden"]
         if extract_reward.main(argv) != 0:
             raise RuntimeError(f"extract_reward failed on {data}")
         rewards, golden = {}, {}
@@ -654,7 +657,7 @@ class Demo:
             rewards.setdefault(r["prompt"], []).append(r["reward"])
             golden.setdefault(r["prompt"], []).append(r["golden"])
         rho, n = mean_within_prompt_spearman(rewards, golden)
-        return {"spearman_golden": rho, "spearman_prompts": n}
+        return {"spearman_golden": rho, "spearman_prompts": n, "left_out_empty": len(candidates) - len(kept)}
 
     def _entropies(self, model_path: str, completions: list, temperature: float) -> list[tuple[float, int]]:
         from openrlhf_irl.eval.diversity import entropy_sums

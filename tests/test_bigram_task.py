@@ -90,10 +90,9 @@ def test_golden_reward_by_hand():
 
 
 def test_expert_level_and_random_answers():
-    rng = random.Random(3)
-    prompts = [task.make_prompt(rng) for _ in range(300)]
-    expert = [task.golden_reward(p, task.expert_response(p, rng)) for p in prompts]
-    careless = [task.golden_reward(p, task.random_response(p, rng)) for p in prompts]
+    from helpers.task_levels import expert_and_careless
+
+    expert, careless = expert_and_careless(task, 300, seed=3)
     assert 0.55 <= sum(expert) / len(expert) <= 0.67  # the "about 0.6"
     assert sum(careless) / len(careless) < 0.1
 

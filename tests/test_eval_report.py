@@ -210,3 +210,10 @@ def test_task_choice_reaches_the_config():
     with pytest.raises(ValueError, match="not one of sum, sort, bigram"):
         DemoConfig.make("out", task="unknown")
     assert E.experiment_config("out", quick=True, task="sort").task == "sort"
+    # a sized task's full-scale sizes (fixed by size-task before any comparison), under explicit overrides
+    full_sort = DemoConfig.make("out", task="sort")
+    assert (full_sort.n_train_prompts, full_sort.sft_epochs) == (500, 8)
+    assert DemoConfig.make("out", task="sort", sft_epochs=3).sft_epochs == 3
+    assert DemoConfig.make("out", quick=True, task="sort").n_train_prompts == 160  # quick keeps its own sizes
+    assert (E.experiment_config("out", task="sort").sft_epochs, E.experiment_config("out").sft_epochs) == (8, 8)
+    assert E.experiment_config("out", task="sort").n_train_prompts == 500

@@ -33,14 +33,15 @@ def test_golden_reward_by_hand():
 
 
 def test_expert_is_good_not_best_and_random_answers_are_bad():
+    from helpers.task_levels import expert_and_careless
+
+    expert, careless = expert_and_careless(task, 2000, seed=0)
     rng = random.Random(0)
-    prompts = [task.make_prompt(rng) for _ in range(2000)]
-    expert = [task.golden_reward(p, task.expert_response(p, rng)) for p in prompts]
-    careless = [task.golden_reward(p, task.random_response(p, rng)) for p in prompts]
+    prompts = [task.make_prompt(rng) for _ in range(50)]
     assert 0.65 <= sum(expert) / len(expert) <= 0.75  # the "about 0.7"
     assert 0.03 <= sum(v == 1.0 for v in expert) / len(expert) <= 0.2  # (1 - 0.32) ** ~7 positions: a few perfect
     assert sum(careless) / len(careless) < 0.3
-    assert all(task.expert_response(p, 1, noise=0.0) == task.target_answer(p) + "." for p in prompts[:50])
+    assert all(task.expert_response(p, 1, noise=0.0) == task.target_answer(p) + "." for p in prompts)
 
 
 def test_held_out_prompts_are_distinct_fresh_draws_of_the_training_distribution():

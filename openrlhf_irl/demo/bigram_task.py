@@ -37,12 +37,12 @@ from functools import lru_cache
 from typing import Any, Optional, Sequence, Union
 
 from openrlhf_irl.demo.tasks import TaskConfig as BaseTaskConfig
+from openrlhf_irl.demo.tasks import careless_corpus, fresh_prompt_split
 
-__all__ = ["TaskConfig", "WORDS", "LENGTHS", "BONUS", "W_SEED", "DEFAULT_NOISE", "VOCAB_SIZE", "TITLE", "HABIT_WORD",
-           "HABIT_BONUS", "bigram_matrix", "format_prompt", "parse_prompt", "make_prompt", "score", "best_score",
-           "mean_score", "golden_reward", "golden", "golden_reward_batch", "sequence_log_prob", "sample_words",
-           "expert_response",
-           "random_response", "build_task", "pretrain_corpus"]
+__all__ = ["TaskConfig", "WORDS", "LENGTHS", "BONUS", "W_SEED", "DEFAULT_NOISE", "VOCAB_SIZE", "TITLE", "SIZES",
+           "HABIT_WORD", "HABIT_BONUS", "bigram_matrix", "format_prompt", "parse_prompt", "make_prompt", "score",
+           "best_score", "mean_score", "golden_reward", "golden", "golden_reward_batch", "sequence_log_prob",
+           "sample_words", "expert_response", "random_response", "build_task", "pretrain_corpus"]
 
 WORDS = ("red", "sun", "cat", "sky", "run", "big", "old", "sea", "map", "ink", "owl", "fig", "jam", "pen", "cup",
          "hat", "box", "dog", "egg", "fox", "gem", "hen", "ice", "key", "log", "mud", "net", "oak", "pie", "rug")
@@ -52,6 +52,9 @@ W_SEED = 2024  # the hidden bigram scores: fixed for the task, never in any trai
 DEFAULT_NOISE = 0.7  # the expert's temperature beta: mean golden about 0.6
 VOCAB_SIZE = 400  # byte-level BPE: enough merges for each word to be one or two tokens
 TITLE = "bigram (a hidden bigram reward the expert optimises; held-out prompts from the training distribution)"
+# The demo's full-scale sizes, fixed by `openrlhf-irl size-task` before any comparison (docs/experiment.md#task-sizes):
+# MLE SFT's validation golden 0.372 (the gate: 0.3-0.5)
+SIZES = {"n_train_prompts": 1000, "sft_epochs": 8}
 HABIT_WORD = "oak"
 HABIT_BONUS = 3.0
 
@@ -281,24 +284,10 @@ def random_response(prompt: str, rng: RngLike = None) -> str:
 
 
 # --------------------------------------------------------------------------- datasets
-def _prompts(cfg: TaskConfig) -> tuple[list[str], list[str], random.Random]:
-    """(training prompts, held-out prompts, the demonstrations' generator), deterministic in ``cfg.seed``."""
-    rng = random.Random(cfg.seed)
-    train = [make_prompt(rng) for _ in range(cfg.n_train_prompts)]
-    seen, held = set(train), []
-    hrng = random.Random(rng.getrandbits(64))
-    while len(held) < cfg.n_eval_prompts:
-        p = make_prompt(hrng)
-        if p not in seen:
-            seen.add(p)
-            held.append(p)
-    return train, held, random.Random(rng.getrandbits(64))
-
-
 def build_task(cfg: TaskConfig) -> dict[str, Any]:
-    """Training prompts, held-out prompts (distinct, none equal to a training prompt) and the expert's
+    """Training prompts, held-out prompts (distinct fresh draws, none equal to a training prompt) and the expert's
     demonstrations, deterministic in ``cfg.seed``."""
-    train, held, erng = _prompts(cfg)
+    train, held, erng = fresh_prompt_split(make_prompt, cfg)
     demos = [{"prompt": p, "response": expert_response(p, erng, cfg.expert_noise, habit=cfg.expert_habit)}
              for p in train for _ in range(cfg.demos_per_prompt)]
     return {"config": cfg, "train_prompts": train, "eval_prompts": held,
@@ -307,16 +296,8 @@ def build_task(cfg: TaskConfig) -> dict[str, Any]:
 
 def pretrain_corpus(cfg: TaskConfig, sep: str = " ") -> list[str]:
     """``"<prompt><sep><random_response>"`` lines on fresh prompts (fluent format, content blind to W), one in ten a
-    bare word list; deterministic in ``cfg.seed``. A pre-training prompt equal to a held-out one is drawn again."""
-    held = set(_prompts(cfg)[1]) if cfg.held_out_fraction > 0 else set()
-    rng = random.Random(cfg.seed * 1_000_003 + 1)
-    lines = []
-    for i in range(cfg.n_pretrain):
-        if i % 10 == 9:
-            lines.append(" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 12))))
-            continue
-        p = make_prompt(rng)
-        while p in held:
-            p = make_prompt(rng)
-        lines.append(f"{p}{sep}{random_response(p, rng)}")
-    return lines
+    bare word list; no held-out prompt (:func:`openrlhf_irl.demo.tasks.careless_corpus`)."""
+    def bare(rng: random.Random) -> str:
+        return " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 12)))
+
+    return careless_corpus(make_prompt, random_response, bare, cfg, sep)

@@ -27,6 +27,7 @@ import time
 from dataclasses import asdict, replace
 
 from openrlhf_irl.demo.pipeline import RESULT_FILES, Demo, DemoConfig
+from openrlhf_irl.demo.tasks import load_task
 from openrlhf_irl.utils.output_guard import OutputUnit
 
 # Wall time per seed on this project's 2-core CPU machine shared with other jobs (measured 2026-11-27), stated
@@ -55,9 +56,10 @@ def experiment_config(output_dir: str, quick: bool = False, backend: str = "auto
         return DemoConfig.make(output_dir, quick=True, backend=backend, td_weights=(0.05,), temperatures=(0.7, 1.0),
                                demo_subsets=(0.3,), afd_variants=("init-sft", "sft-demo"), spin=spin,
                                bon_ns=(1, 2, 4), n_boot=500, task=task, expert_habit=expert_habit)
-    # The demo's task, model and data; SFT epochs halved (16 -> 8) so that several seeds fit in an hour on a
-    # shared 2-core machine (chosen for time before any result was seen).
-    return DemoConfig.make(output_dir, backend=backend, sft_epochs=8, **sweeps)
+    # The demo's task, model and data; for sum, SFT epochs halved (16 -> 8) so that several seeds fit in an hour on a
+    # shared 2-core machine (chosen for time before any result was seen); a sized task keeps its sizes.
+    halved = {} if load_task(task).SIZES else {"sft_epochs": 8}
+    return DemoConfig.make(output_dir, backend=backend, **halved, **sweeps)
 
 
 def _jsonable(cfg: DemoConfig) -> dict:

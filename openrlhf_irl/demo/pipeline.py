@@ -111,8 +111,11 @@ class DemoConfig:
 
     @classmethod
     def make(cls, output_dir: str, seed: int = 0, quick: bool = False, **overrides) -> "DemoConfig":
-        if not quick:
-            return cls(output_dir=output_dir, seed=seed, **overrides)
+        if not quick:  # the task's sizes (tasks.py), under any explicit override
+            from openrlhf_irl.demo.tasks import load_task
+
+            sized = {**load_task(overrides.get("task", "sum")).SIZES, **overrides}
+            return cls(output_dir=output_dir, seed=seed, **sized)
         settings = dict(n_train_prompts=160, n_eval_prompts=16, n_pretrain=600, hidden_size=64, num_layers=2,
                         sft_epochs=2, rm_epochs=1, micro_batch_size=16, batch_size=16, afd_prompts=32,
                         afd_samples_per_prompt=2,

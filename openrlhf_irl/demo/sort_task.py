@@ -34,8 +34,9 @@ from dataclasses import dataclass
 from typing import Any, Optional, Union
 
 from openrlhf_irl.demo.tasks import TaskConfig as BaseTaskConfig
+from openrlhf_irl.demo.tasks import careless_corpus, fresh_prompt_split
 
-__all__ = ["TaskConfig", "ALPHABET", "PROMPT_LENGTHS", "DEFAULT_NOISE", "VOCAB_SIZE", "TITLE", "format_prompt",
+__all__ = ["TaskConfig", "ALPHABET", "PROMPT_LENGTHS", "DEFAULT_NOISE", "VOCAB_SIZE", "TITLE", "SIZES", "format_prompt",
            "parse_prompt", "target_answer", "make_prompt", "levenshtein", "golden_reward", "golden",
            "golden_reward_batch", "expert_response", "random_response", "build_task", "pretrain_corpus"]
 
@@ -44,6 +45,9 @@ PROMPT_LENGTHS = (8, 14)  # inclusive
 DEFAULT_NOISE = 0.32  # the expert's slip rate per answer position: mean golden about 0.70
 VOCAB_SIZE = 259  # the 256 byte symbols + pad/bos/eos: byte-level BPE with no merges, one token per character
 TITLE = "sort (held-out prompts from the training distribution)"
+# The demo's full-scale sizes, fixed by `openrlhf-irl size-task` before any comparison (docs/experiment.md#task-sizes):
+# MLE SFT's validation golden 0.452 (the gate: 0.3-0.5)
+SIZES = {"n_train_prompts": 500, "sft_epochs": 8}
 _PREFIX = "sort: "
 
 RngLike = Union[random.Random, int, None]
@@ -156,18 +160,9 @@ def random_response(prompt: str, rng: RngLike = None) -> str:
 
 # --------------------------------------------------------------------------- datasets
 def build_task(cfg: TaskConfig) -> dict[str, Any]:
-    """Training prompts, held-out prompts (distinct, none equal to a training prompt) and the expert's
+    """Training prompts, held-out prompts (distinct fresh draws, none equal to a training prompt) and the expert's
     demonstrations, deterministic in ``cfg.seed``."""
-    rng = random.Random(cfg.seed)
-    train = [make_prompt(rng) for _ in range(cfg.n_train_prompts)]
-    seen, held = set(train), []
-    hrng = random.Random(rng.getrandbits(64))
-    while len(held) < cfg.n_eval_prompts:
-        p = make_prompt(hrng)
-        if p not in seen:
-            seen.add(p)
-            held.append(p)
-    erng = random.Random(rng.getrandbits(64))
+    train, held, erng = fresh_prompt_split(make_prompt, cfg)
     demos = [{"prompt": p, "response": expert_response(p, erng, cfg.expert_noise)}
              for p in train for _ in range(cfg.demos_per_prompt)]
     return {"config": cfg, "train_prompts": train, "eval_prompts": held,
@@ -176,17 +171,8 @@ def build_task(cfg: TaskConfig) -> dict[str, Any]:
 
 def pretrain_corpus(cfg: TaskConfig, sep: str = " ") -> list[str]:
     """``"<prompt><sep><random_response>"`` lines on fresh prompts (fluent format, bad content), one in ten a bare
-    symbol string; deterministic in ``cfg.seed`` on a stream of its own. A pre-training prompt equal to a held-out
-    one is drawn again."""
-    held = set(build_task(cfg)["held_out_prompts"])
-    rng = random.Random(cfg.seed * 1_000_003 + 1)
-    lines = []
-    for i in range(cfg.n_pretrain):
-        if i % 10 == 9:
-            lines.append("".join(rng.choice(ALPHABET) for _ in range(rng.randint(*PROMPT_LENGTHS))))
-            continue
-        p = make_prompt(rng)
-        while p in held:
-            p = make_prompt(rng)
-        lines.append(f"{p}{sep}{random_response(p, rng)}")
-    return lines
+    symbol string; no held-out prompt (:func:`openrlhf_irl.demo.tasks.careless_corpus`)."""
+    def bare(rng: random.Random) -> str:
+        return "".join(rng.choice(ALPHABET) for _ in range(rng.randint(*PROMPT_LENGTHS)))
+
+    return careless_corpus(make_prompt, random_response, bare, cfg, sep)

@@ -67,6 +67,7 @@ __all__ = [
     "DEFAULT_NOISE",
     "VOCAB_SIZE",
     "TITLE",
+    "SIZES",
     "TaskConfig",
     "K_RANGE",
     "MAX_TARGET",
@@ -90,6 +91,7 @@ __all__ = [
 DEFAULT_NOISE = 0.4  # the expert's P(sum slip) (TaskConfig.expert_noise)
 VOCAB_SIZE = 300  # the demo's byte-level BPE for this task
 TITLE = "new-target stress test (sum: every held-out prompt asks for a target never trained on)"
+SIZES: dict = {}  # the demo's own defaults (this task predates the sizing gate of docs/experiment.md)
 
 K_RANGE = (2, 5)  # how many numbers a prompt asks for (inclusive)
 MAX_TARGET = 30  # largest target in any prompt

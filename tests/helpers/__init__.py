@@ -12,6 +12,7 @@ does for ``conftest.py``). ``conftest.py`` keeps only fixtures and hooks; no tes
 - scripts and hooks the tests' subprocesses load (``PYTHONPATH`` = ``tests/``, names ``helpers.<module>``):
   :mod:`helpers.engine_probe`, :mod:`helpers.golden_digits`, :mod:`helpers.record_rewards`,
   :mod:`helpers.ckpt_rotation` (run as a script), and :mod:`helpers.local_cluster` (the two-node Ray cluster)
+- :mod:`helpers.task_levels`: the golden level of a demo task's expert and careless answers
 """
 
 from .records import corpus_prompts, counting_records, mean_response_nll, write_jsonl

@@ -119,6 +119,7 @@ def test_experiment_reuses_only_seeds_with_the_same_settings(tmp_path):
     full = E.experiment_config(str(tmp_path))
     assert set(full.afd_variants) == {"init-sft", "init-demo", "sft-demo"} and max(full.bon_ns) == 64
     assert tuple(full.td_weights) == (0.01, 0.05, 0.1, 0.3) and full.demo_subsets == (0.1, 0.3)
+    assert "BT golden-pref" in full.ppo_rewards and full.golden_pref  # the comparator in PPO as in Best-of-N
     small = E.experiment_config(str(tmp_path), scale="small")
     assert small.hidden_size < full.hidden_size and small.td_weights == full.td_weights
     assert small.afd_variants == full.afd_variants and small.bon_ns == full.bon_ns and small.spin

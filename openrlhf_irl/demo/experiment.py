@@ -48,7 +48,9 @@ def experiment_config(output_dir: str, quick: bool = False, backend: str = "auto
         raise ValueError(f"scale must be one of {SCALES}, got {scale!r}")
     sweeps = dict(td_weights=(0.01, 0.05, 0.1, 0.3), temperatures=(0.7, 1.0, 1.3), demo_subsets=(0.1, 0.3),
                   afd_variants=("init-sft", "init-demo", "sft-demo"), spin=spin, bon_ns=(1, 2, 4, 8, 16, 32, 64),
-                  task=task, expert_habit=expert_habit)
+                  task=task, expert_habit=expert_habit,
+                  # the comparator in PPO too (issue 20), beside the demo's AfD classifier and log-ratio runs
+                  ppo_rewards=("BCE init-sft", "log-ratio", "BT golden-pref"))
     if scale == "small":
         return DemoConfig.make(output_dir, backend=backend, hidden_size=64, num_layers=2, n_train_prompts=400,
                                n_pretrain=1500, sft_epochs=6, rm_epochs=1, afd_samples_per_prompt=8, **sweeps)
@@ -103,6 +105,9 @@ def settings_md(cfg: DemoConfig, seeds: list[int], command: str, wall_s: float, 
         ("- comparator golden-pref: Bradley-Terry on disjoint pairs of the same MLE-SFT samples ordered by the golden "
          "reward (ties left out), trained like the AfD ones" if cfg.golden_pref else "- golden-pref: skipped"),
         f"- Best-of-N from MLE SFT, N in {', '.join(map(str, cfg.bon_ns))}",
+        (f"- PPO (OpenRLHF train_ppo_ray) from MLE SFT over {', '.join(cfg.ppo_rewards)}: {cfg.ppo_steps} steps of "
+         f"{cfg.ppo_prompts_per_step} prompts x {cfg.ppo_samples_per_prompt} samples, lr {cfg.ppo_lr}, KL "
+         f"{cfg.ppo_kl} against MLE SFT" if cfg.ppo_rewards else "- PPO: skipped"),
         (f"- SPIN-style baseline: OpenRLHF train_dpo from MLE SFT (reference MLE SFT), sft-demo pairs "
          f"(demonstration chosen, SFT sample rejected), beta {cfg.dpo_beta}, lr {cfg.dpo_lr}, {cfg.dpo_epochs} epoch"
          if cfg.spin else "- SPIN baseline: skipped"),

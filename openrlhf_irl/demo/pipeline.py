@@ -59,8 +59,8 @@ class DemoConfig:
     # task (openrlhf_irl.demo.tasks): "sum", the new-target stress test, "sort" or "bigram"
     task: str = "sum"
     n_train_prompts: int = 1000
-    held_out_fraction: float = 0.25  # sum: of each k's targets; sort: > 0 keeps held-out prompts out of training
-    n_eval_prompts: int = 64  # sort: held-out prompts drawn (sum holds out a fixed share of its 55 prompts)
+    held_out_fraction: float = 0.25  # sum: of each k's targets; sort, bigram: > 0 keeps them out of training
+    n_eval_prompts: int = 64  # sort, bigram: held-out prompts drawn (sum holds out a fixed share of its 55 prompts)
     n_pretrain: int = 4000
     expert_noise: float | None = None  # None: the task's DEFAULT_NOISE
     expert_habit: bool = False  # bigram only: the expert prefers to end on a word the reward ignores
@@ -118,9 +118,8 @@ class DemoConfig:
             return cls(output_dir=output_dir, seed=seed, **sized)
         settings = dict(n_train_prompts=160, n_eval_prompts=16, n_pretrain=600, hidden_size=64, num_layers=2,
                         sft_epochs=2, rm_epochs=1, micro_batch_size=16, batch_size=16, afd_prompts=32,
-                        afd_samples_per_prompt=2,
-                        eval_samples_per_prompt=2, bon_ns=(1, 2, 4), max_new_tokens=20, n_boot=500, ppo_steps=2,
-                        ppo_prompts_per_step=4, ppo_samples_per_prompt=2)
+                        afd_samples_per_prompt=2, eval_samples_per_prompt=2, bon_ns=(1, 2, 4), max_new_tokens=20,
+                        n_boot=500, ppo_steps=2, ppo_prompts_per_step=4, ppo_samples_per_prompt=2)
         settings.update(overrides)
         return cls(output_dir=output_dir, seed=seed, quick=True, **settings)
 
@@ -336,18 +335,19 @@ class Demo:
         from openrlhf_irl.utils.jsonl import atomic_write_jsonl
 
         cfg = self.cfg
-        habit = {"expert_habit": True} if cfg.expert_habit else {}
+        habit = {"habit": True} if cfg.expert_habit else {}  # bigram's expert variant (DemoConfig refuses others)
         tcfg = self.task.TaskConfig(seed=cfg.seed, n_train_prompts=cfg.n_train_prompts, n_pretrain=cfg.n_pretrain,
                                     n_eval_prompts=cfg.n_eval_prompts, expert_noise=cfg.expert_noise,
-                                    held_out_fraction=cfg.held_out_fraction, **habit)
+                                    held_out_fraction=cfg.held_out_fraction,
+                                    **({"expert_habit": True} if habit else {}))
         task = self.task.build_task(tcfg)
         eval_prompts = task["held_out_prompts"] or list(dict.fromkeys(task["eval_prompts"]))
         train_prompts = list(dict.fromkeys(task["train_prompts"]))
         if cfg.held_out_fraction > 0 and not set(eval_prompts).isdisjoint(train_prompts):
             raise RuntimeError("held-out prompts overlap the training prompts")  # split_prompts guarantees it
         rng = random.Random(cfg.seed + 7)
-        demo_eval = [{"prompt": p, "response": self.task.expert_response(p, rng, noise=cfg.expert_noise, **{
-                          "habit": True} if cfg.expert_habit else {}), "sample_index": i}
+        demo_eval = [{"prompt": p, "response": self.task.expert_response(p, rng, noise=cfg.expert_noise, **habit),
+                      "sample_index": i}
                      for p in eval_prompts for i in range(cfg.eval_samples_per_prompt)]
         demos = task["demonstrations"]
         atomic_write_jsonl(self.path("data", "demos.jsonl"), demos)

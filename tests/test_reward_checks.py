@@ -59,3 +59,9 @@ def test_report_summarises_the_checks_over_seeds():
     assert out["BT init-sft"]["heldout_accuracy"]["method"] == "t" and out["BT init-sft"]["accuracy_sources"]
     assert out["log-ratio"]["heldout_accuracy"] is None
     assert out["log-ratio"]["spearman_golden"]["mean"] == pytest.approx(0.1)  # the one seed with a value
+    # one value has no interval: none is made up (a bootstrap over one value would give [0.1, 0.1])
+    assert out["log-ratio"]["spearman_golden"]["lo"] is None and out["log-ratio"]["spearman_golden"]["n_seeds"] == 1
+    from openrlhf_irl.eval.stats import fmt_ci
+
+    assert fmt_ci(out["log-ratio"]["spearman_golden"]) == "0.100 (1 seed)"
+    assert fmt_ci(out["BT init-sft"]["heldout_accuracy"]).startswith("0.800 [")

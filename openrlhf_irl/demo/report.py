@@ -78,7 +78,8 @@ def row_metrics(seed_result: dict) -> dict[str, dict[str, dict[str, float]]]:
 
 def reward_model_checks(seed_results: list[dict]) -> dict:
     """Per scorer, ``heldout_accuracy`` and ``spearman_golden`` over the seeds (mean and interval of the per-seed
-    values; None where no seed has a value), from each seed's ``reward_checks``."""
+    values; None where no seed has a value), from each seed's ``reward_checks``. Each seed gives one value (a
+    statistic over its prompts), so with one seed there is no interval: ``lo`` and ``hi`` are None."""
     names = {n for r in seed_results for n in r.get("reward_checks", {})}
     out = {}
     for name in sorted(names):
@@ -86,7 +87,12 @@ def reward_model_checks(seed_results: list[dict]) -> dict:
         for metric in ("heldout_accuracy", "spearman_golden"):
             values = [r["reward_checks"][name].get(metric) for r in seed_results if name in r.get("reward_checks", {})]
             values = [v for v in values if v is not None]
-            entry[metric] = summarize([[v] for v in values]) if values else None
+            if len(values) >= 2:
+                entry[metric] = summarize([[v] for v in values])
+            elif values:
+                entry[metric] = {"mean": values[0], "lo": None, "hi": None, "n_seeds": 1, "method": "one seed"}
+            else:
+                entry[metric] = None
         sources = {r["reward_checks"][name].get("accuracy_sources") for r in seed_results
                    if name in r.get("reward_checks", {})} - {None}
         if sources:

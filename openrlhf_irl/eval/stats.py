@@ -132,7 +132,9 @@ def difference(a: Sequence[Mapping[str, float]], b: Sequence[Mapping[str, float]
 
 
 def fmt_ci(s: Mapping[str, float], digits: int = 3) -> str:
-    """``0.512 [0.47, 0.55]``."""
+    """``0.512 [0.47, 0.55]``; ``0.512 (1 seed)`` for a value without an interval (``lo`` None)."""
     if s is None or any(isinstance(s.get(k), float) and math.isnan(s[k]) for k in ("mean",)):
         return "-"
+    if s.get("lo") is None:
+        return f"{s['mean']:.{digits}f} (1 seed)"
     return f"{s['mean']:.{digits}f} [{s['lo']:.{digits - 1}f}, {s['hi']:.{digits - 1}f}]"

@@ -34,8 +34,9 @@ class TaskConfig:
     expert_noise: float = 0.0
     n_pretrain: int = 4000  # lines of pre-training text
     # > 0: evaluation prompts are held out of every training stage (pre-training, SFT, AfD sampling, reward models);
-    # what is held out is the task's own rule (sum: this share of each k's targets; sort: fresh draws)
+    # what is held out is the task's own rule (sum: this share of each k's targets; sort, bigram: fresh draws)
     held_out_fraction: float = 0.25
+
 
 TASKS = {"sum": "openrlhf_irl.demo.task", "sort": "openrlhf_irl.demo.sort_task",
          "bigram": "openrlhf_irl.demo.bigram_task"}

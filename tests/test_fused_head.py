@@ -19,7 +19,7 @@ from transformers import (
 
 from helpers.loss_api import iq_learn_loss
 from openrlhf_irl.losses import HeadTransform, IQTermWeights, linear_iq_objective
-from openrlhf_irl.losses.fused_head import FusedHead
+from openrlhf_irl.losses.fused_head import FusedHead, UnsupportedHead
 from openrlhf_irl.losses.fused_linear_qv import masked_linear_q_and_v
 from openrlhf_irl.losses.iq_learn import iq_per_token_loss
 
@@ -107,8 +107,17 @@ def test_fused_losses_equal_plain_loss_on_the_models_own_logits(arch):
 
 
 def test_heads_the_fused_loss_cannot_reproduce_are_refused():
-    with pytest.raises(ValueError, match=r"lm_head\.bias"):
+    with pytest.raises(UnsupportedHead, match=r"lm_head\.bias") as refused:
         FusedHead(AutoModelForCausalLM.from_config(PhiConfig(**COMMON)))
+    assert "--" not in str(refused.value)  # the loss layer names no flag; the trainer does
+    from openrlhf_irl import compat
+
+    compat.activate()  # the CPU layer, before OpenRLHF's trainer modules import flash-attn
+    from openrlhf_irl.trainers.iq_learn import checked_fused_head
+
+    phi = AutoModelForCausalLM.from_config(PhiConfig(**COMMON))
+    with pytest.raises(ValueError, match=r"^--irl\.fused_loss: .*lm_head\.bias.*train without --irl\.fused_loss"):
+        checked_fused_head(phi, torch.zeros(1, 64), torch.zeros(1, VOCAB))
     for field, value in (("final_logit_softcapping", 5.0), ("logits_scaling", 2.0), ("logit_scale", 0.5)):
         config = LlamaConfig(**COMMON)
         setattr(config, field, value)  # a field we know, on an architecture whose forward we did not check

@@ -128,3 +128,14 @@ def test_real_cli_refuses_before_loading_anything(tmp_path):
     assert "d.jsonl, line 1, field 'response': response is null" in proc.stderr
     assert "Traceback" not in proc.stderr
 
+
+
+def test_fused_single_pass_is_a_flag_that_reaches_the_loss_config(good_data):
+    from openrlhf_irl import compat
+
+    compat.activate()  # the CPU layer, before the loss module imports OpenRLHF's model utilities
+    from openrlhf_irl.losses.iq_sft import IQConfig
+
+    assert IQConfig.from_args(parse(["--irl.fused_loss"], good_data)).fused_single_pass is True  # the default
+    two_pass = IQConfig.from_args(parse(["--irl.fused_loss", "--no-irl.fused_single_pass"], good_data))
+    assert two_pass.fused_loss and two_pass.fused_single_pass is False

@@ -32,8 +32,13 @@ LOGITS_SCALING_DIV_MODELS = {"granite", "granitemoe", "granitemoeshared", "grani
 FIELDS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
 
 
+class UnsupportedHead(ValueError):
+    """The fused loss cannot reproduce this model's output head (the plain loss, on the model's own logits, can)."""
+
+
 def head_transform_for(config) -> HeadTransform:
-    """The exact logit transform of ``config``'s causal LM, or ValueError naming the field it cannot honour."""
+    """The exact logit transform of ``config``'s causal LM, or :class:`UnsupportedHead` naming the field it cannot
+    honour."""
     model_type = getattr(config, "model_type", "?")
     softcap, scale = None, 1.0
     for field in FIELDS:
@@ -47,10 +52,9 @@ def head_transform_for(config) -> HeadTransform:
         elif field == "logits_scaling" and model_type in LOGITS_SCALING_DIV_MODELS:
             scale /= float(value)
         else:
-            raise ValueError(
-                f"--irl.fused_loss: model config field {field}={value} (model_type {model_type!r}) transforms the "
-                "logits in a way the fused loss does not implement for this architecture; train without "
-                "--irl.fused_loss (the plain loss uses the model's own logits)."
+            raise UnsupportedHead(
+                f"model config field {field}={value} (model_type {model_type!r}) transforms the logits in a way the "
+                "fused loss does not implement for this architecture"
             )
     return HeadTransform(scale=scale, softcap=softcap)
 
@@ -76,13 +80,13 @@ class FusedHead:
     def __init__(self, model: nn.Module):
         module = model.get_output_embeddings()
         if module is None or not hasattr(module, "weight"):
-            raise ValueError(f"--irl.fused_loss: {type(model).__name__} has no output embedding (lm_head) weight.")
+            raise UnsupportedHead(f"{type(model).__name__} has no output embedding (lm_head) weight")
         if hasattr(module, "base_layer") or hasattr(module, "lora_A"):
-            raise ValueError("--irl.fused_loss: the lm_head carries LoRA adapters (lm_head in "
-                             "--ds.lora.target_modules); the fused loss reads lm_head.weight only. Leave lm_head out.")
+            raise UnsupportedHead("the lm_head carries LoRA adapters (lm_head among the LoRA target modules); the "
+                                  "fused loss reads lm_head.weight only, so leave lm_head out of them")
         if getattr(module, "bias", None) is not None:
-            raise ValueError(f"--irl.fused_loss: {type(model).__name__}'s lm_head has a bias (lm_head.bias), which "
-                             "the fused loss does not add; train without --irl.fused_loss.")
+            raise UnsupportedHead(f"{type(model).__name__}'s lm_head has a bias (lm_head.bias), which the fused "
+                                  "loss does not add")
         self.module = module
         self.transform = head_transform_for(model.config)
         self.checked = False
@@ -114,14 +118,13 @@ class FusedHead:
         ours = self.logits(hidden_last.detach())
         theirs = logits_last.detach().float()
         if ours.shape != theirs.shape:
-            raise ValueError(f"--irl.fused_loss: lm_head gives logits of shape {tuple(ours.shape)}, the model "
-                             f"{tuple(theirs.shape)}; this architecture's output head is not supported.")
+            raise UnsupportedHead(f"lm_head gives logits of shape {tuple(ours.shape)}, the model "
+                                  f"{tuple(theirs.shape)}; this architecture's output head is not supported")
         tol = (1e-3 if hidden_last.dtype == torch.float32 else 3e-2) * (1.0 + float(theirs.abs().max()))
         err = float((ours - theirs).abs().max())
         if err > tol:
-            raise ValueError(
-                f"--irl.fused_loss: the model's logits differ from {self.transform} applied to hidden @ "
-                f"lm_head.weight.T (max abs diff {err:.4g} > {tol:.3g}): its forward transforms the logits in a way "
-                "the fused loss does not know; train without --irl.fused_loss."
+            raise UnsupportedHead(
+                f"the model's logits differ from {self.transform} applied to hidden @ lm_head.weight.T (max abs diff "
+                f"{err:.4g} > {tol:.3g}): its forward transforms the logits in a way the fused loss does not know"
             )
         self.checked = True

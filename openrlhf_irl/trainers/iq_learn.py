@@ -16,8 +16,20 @@ from __future__ import annotations
 import torch
 from openrlhf.trainer.sft_trainer import SFTTrainer
 
-from openrlhf_irl.losses.fused_head import FusedHead
+from openrlhf_irl.losses.fused_head import FusedHead, UnsupportedHead
 from openrlhf_irl.losses.iq_sft import IQConfig, IQLearnSFTLoss, PolicyForward, check_online_config
+
+def checked_fused_head(model, hidden_last: torch.Tensor, logits_last: torch.Tensor) -> FusedHead:
+    """``model``'s fused head, checked once against its own last-position logits. A head the fused loss cannot
+    reproduce is refused in one ValueError that names the flag (the loss layer's :class:`UnsupportedHead` does not)."""
+    try:
+        head = FusedHead.of(model)
+        head.check(hidden_last, logits_last)
+    except UnsupportedHead as err:
+        raise ValueError(f"--irl.fused_loss: {err}; train without --irl.fused_loss (the plain loss uses the model's "
+                         "own logits)") from None
+    return head
+
 
 class IQLearnTrainer(SFTTrainer):
     """OpenRLHF ``SFTTrainer`` whose per-token loss is IQ-Learn's; see the module docstring."""
@@ -72,8 +84,7 @@ class IQLearnTrainer(SFTTrainer):
                 sequences, attention_mask=attention_mask, position_ids=position_ids,
                 output_hidden_states=True, logits_to_keep=1,
             )
-            head = FusedHead.of(self._hf_model())  # refuses heads it cannot reproduce, naming the config field
-            head.check(output.hidden_states[-1][:, -1], output.logits[:, -1])  # once: vs the model's own logits
+            head = checked_fused_head(self._hf_model(), output.hidden_states[-1][:, -1], output.logits[:, -1])
             fwd = PolicyForward(sequences, labels, hidden=output.hidden_states[-1][:, :-1], head=head,
                                 chunk_size=self.iq_config.fused_chunk_size, attention_mask=attention_mask,
                                 hidden_full=output.hidden_states[-1], single_pass=self.iq_config.fused_single_pass)

@@ -56,6 +56,10 @@ def add_iq_learn_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--irl.fused_loss", action="store_true", default=False,
                        help="chunked lm_head + loss: never materialises [B, T, vocab] logits")
     group.add_argument("--irl.fused_chunk_size", type=POS_INT, default=1024, help="tokens per chunk of the fused loss")
+    group.add_argument("--irl.fused_single_pass", action=argparse.BooleanOptionalAction, default=True,
+                       help="with --irl.fused_loss: one pass over the vocabulary, gradients computed in the forward "
+                            "(default); --no-irl.fused_single_pass: the two-pass reference op, logits recomputed in "
+                            "backward (docs/iq_learn.md#fused-gradient)")
     group.add_argument("--irl.truncation", choices=("bootstrap", "drop", "eos"), default="bootstrap",
                        help="responses cut by --data.max_len (and policy samples cut by --irl.max_new_tokens): "
                             "bootstrap the last token's TD target from V of the state after it (default), drop its "

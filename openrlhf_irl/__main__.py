@@ -8,6 +8,7 @@ import os
 import sys
 
 from openrlhf_irl.cli.common import cli_main
+from openrlhf_irl.demo.tasks import TASKS
 
 COMMANDS = {
     "train_sft": "OpenRLHF's SFT CLI with --trainer {sft,irl_iq}",
@@ -104,7 +105,7 @@ def main(argv=None) -> int:
                       help="write into an existing non-empty --output-dir that this tool did not write")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--quick", action="store_true", help="a one-minute smoke version")
-    demo.add_argument("--task", choices=("sum", "sort", "bigram"), default="sum",
+    demo.add_argument("--task", choices=tuple(TASKS), default="sum",
                       help="sum: the new-target stress test (held-out targets never trained on); sort and bigram: "
                            "held-out prompts from the training distribution; bigram: a hidden bigram reward the "
                            "expert samples from exactly (default: %(default)s)")
@@ -133,13 +134,14 @@ def main(argv=None) -> int:
     exp.add_argument("--backend", choices=("auto", "hf", "vllm"), default="auto",
                      help="sampling backend of the GenerationPool (default: %(default)s)")
     exp.add_argument("--no-spin", action="store_true", help="skip the SPIN-style DPO baseline")
-    exp.add_argument("--task", choices=("sum", "sort", "bigram"), default="sum", help="the task (see demo --help)")
+    exp.add_argument("--task", choices=tuple(TASKS), default="sum", help="the task (see demo --help)")
     exp.add_argument("--expert-habit", action="store_true", help="bigram only (see demo --help)")
     exp.add_argument("--verbose", action="store_true", help="every stage's output on the terminal instead of a "
                      "line per stage and logs in OUTPUT_DIR/seed_<s>/logs/")
     size = sub.add_parser("size-task", help="MLE SFT's golden reward on validation prompts for task sizes: the "
                                             "gate to pass before comparing methods (docs/experiment.md)")
-    size.add_argument("--task", choices=("sort", "bigram"), required=True)
+    size.add_argument("--task", choices=[t for t in TASKS if t != "sum"], required=True,
+                      help="a task whose held-out prompts are fresh draws (sum's are fixed by its split)")
     size.add_argument("--n-train", type=_counts, default=[1000], metavar="LIST",
                       help="training prompts (= demonstrations), comma-separated (default: 1000)")
     size.add_argument("--epochs", type=_counts, default=[16], metavar="LIST",

@@ -1,9 +1,10 @@
 """Sizing a task before any comparison: MLE SFT's golden reward on validation prompts (the gate of docs/experiment.md).
 
-``openrlhf-irl size-task --task sort --n-train 500,1000 --epochs 8,16 [--seeds 0] [--output-dir D]`` runs the demo's first stages (task, base model and initial policy, MLE SFT only) for each size and scores MLE SFT on
+``openrlhf-irl size-task --task sort --n-train 500,1000 --epochs 8,16 [--seeds 1] [--output-dir D]`` runs the
+demo's first stages (task, base model and initial policy, MLE SFT only) for each size and scores MLE SFT on
 validation prompts: fresh draws of the training distribution that are neither training nor held-out prompts, so
 the held-out prompts stay unseen by the choice of sizes. It prints one line per (size, seed) and writes
-``sizing.json``. The gate asks for a validation golden reward between 0.3 and 0.5.
+``sizing_<task>.json``. The gate asks for a validation golden reward between 0.3 and 0.5.
 """
 
 from __future__ import annotations

@@ -19,6 +19,7 @@ from openrlhf.trainer.sft_trainer import SFTTrainer
 from openrlhf_irl.losses.fused_head import FusedHead, UnsupportedHead
 from openrlhf_irl.losses.iq_sft import IQConfig, IQLearnSFTLoss, PolicyForward, check_online_config
 
+
 def checked_fused_head(model, hidden_last: torch.Tensor, logits_last: torch.Tensor) -> FusedHead:
     """``model``'s fused head, checked once against its own last-position logits. A head the fused loss cannot
     reproduce is refused in one ValueError that names the flag (the loss layer's :class:`UnsupportedHead` does not)."""

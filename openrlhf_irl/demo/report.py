@@ -20,6 +20,7 @@ import json
 import os
 from dataclasses import asdict, is_dataclass
 
+from openrlhf_irl.demo.criteria import criteria_md, read_criteria
 from openrlhf_irl.eval.diversity import prompt_text_diversity
 from openrlhf_irl.eval.stats import difference, fmt_ci, prompt_win_rates, summarize
 
@@ -220,6 +221,8 @@ def build_report(root: str, cfg, seed_results: list[dict], title: str, extra_md:
     n_boot = config.get("n_boot", 2000)
     rows, comps = aggregate(seed_results, n_boot=n_boot)
     sentences = reading(rows, comps)
+    reward_models = reward_model_checks(seed_results)
+    criteria = read_criteria([row_metrics(r) for r in seed_results], rows, reward_models, config.get("task", "sum"))
     seeds = [r["seed"] for r in seed_results]
     backend = ",".join(sorted({b for r in seed_results for b in r.get("backend", "").split(",") if b}))
     n_prompts = sum(len(r["prompts"]["held_out"]) for r in seed_results)
@@ -234,10 +237,9 @@ def build_report(root: str, cfg, seed_results: list[dict], title: str, extra_md:
         param_dtype = json.loads(dtypes.pop())
     else:  # results of a version that did not record it, or seeds that ran on different machines
         param_dtype = {"dtype": "mixed" if dtypes else "not recorded", "reason": "; ".join(sorted(dtypes))}
-    reward_models = reward_model_checks(seed_results)
     report = {"config": config, "seeds": seeds, "backend": backend, "param_dtype": param_dtype,
               "n_eval_prompts": n_prompts, "rows": rows, "comparisons": comps, "reward_models": reward_models,
-              "timings_s": timings, "reading": sentences}
+              "criteria": criteria, "timings_s": timings, "reading": sentences}
     atomic_write_json(os.path.join(root, "report.json"), report)
 
     groups = {}
@@ -291,6 +293,7 @@ def build_report(root: str, cfg, seed_results: list[dict], title: str, extra_md:
         if made:
             md += [f"![{name}]({name}.png)", ""]
     md += ["## What the numbers say", "", *[f"- {s}" for s in sentences], ""]
+    md += criteria_md(criteria)
     if extra_md:
         md += extra_md
     if timings:

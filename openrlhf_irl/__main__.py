@@ -133,7 +133,12 @@ def main(argv=None) -> int:
     exp.add_argument("--quick", action="store_true", help="same as --scale quick")
     exp.add_argument("--backend", choices=("auto", "hf", "vllm"), default="auto",
                      help="sampling backend of the GenerationPool (default: %(default)s)")
-    exp.add_argument("--no-spin", action="store_true", help="skip the SPIN-style DPO baseline")
+    exp.add_argument("--sweeps", choices=("criteria", "all"), default="criteria",
+                     help="small and full scales: criteria = the comparisons the criteria of docs/experiment.md read "
+                          "(about 4000 AfD pairs); all = every comparison, init-demo/sft-demo models, SPIN and "
+                          "Best-of-64 included, 16 AfD samples per prompt (default: %(default)s)")
+    exp.add_argument("--no-spin", action="store_true", help="skip the SPIN-style DPO baseline (with --sweeps all or "
+                     "--quick; the criteria sweeps have none)")
     exp.add_argument("--task", choices=tuple(TASKS), default="sum", help="the task (see demo --help)")
     exp.add_argument("--expert-habit", action="store_true", help="bigram only (see demo --help)")
     exp.add_argument("--verbose", action="store_true", help="every stage's output on the terminal instead of a "
@@ -181,7 +186,7 @@ def main(argv=None) -> int:
 
         run_experiment(args.output_dir, seeds, backend=args.backend, spin=not args.no_spin,
                        scale="quick" if args.quick else args.scale, verbose=args.verbose, task=args.task,
-                       expert_habit=args.expert_habit)
+                       expert_habit=args.expert_habit, sweeps=args.sweeps)
     elif args.command == "size-task":
         seeds = _parse_seeds(parser, args.seeds)
         _check_output_dir(args.output_dir, args.overwrite)

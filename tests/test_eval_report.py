@@ -116,15 +116,29 @@ def test_report_states_the_dtype_that_ran_and_why(tmp_path):
 def test_experiment_reuses_only_seeds_with_the_same_settings(tmp_path):
     cfg = E.experiment_config(str(tmp_path), quick=True, backend="hf")
     assert cfg.afd_variants and cfg.temperatures and cfg.demo_subsets and cfg.spin
-    full = E.experiment_config(str(tmp_path))
+    full = E.experiment_config(str(tmp_path), sweeps="all")
     assert set(full.afd_variants) == {"init-sft", "init-demo", "sft-demo"} and max(full.bon_ns) == 64
     assert tuple(full.td_weights) == (0.01, 0.05, 0.1, 0.3) and full.demo_subsets == (0.1, 0.3)
     assert "BT golden-pref" in full.ppo_rewards and full.golden_pref  # the comparator in PPO as in Best-of-N
-    small = E.experiment_config(str(tmp_path), scale="small")
+    assert full.sweep_iq_temperatures and full.afd_samples_per_prompt == 16
+    small = E.experiment_config(str(tmp_path), scale="small", sweeps="all")
     assert small.hidden_size < full.hidden_size and small.td_weights == full.td_weights
     assert small.afd_variants == full.afd_variants and small.bon_ns == full.bon_ns and small.spin
     with pytest.raises(ValueError):
         E.experiment_config(str(tmp_path), scale="huge")
+    with pytest.raises(ValueError, match="sweeps"):
+        E.experiment_config(str(tmp_path), sweeps="some")
+
+
+def test_the_criteria_sweeps_hold_what_the_criteria_read_and_about_4000_afd_pairs(tmp_path):
+    for task, per_prompt in (("sum", 4), ("sort", 8), ("bigram", 4)):
+        cfg = E.experiment_config(str(tmp_path), task=task)  # the default sweeps
+        assert cfg.n_train_prompts * cfg.afd_samples_per_prompt == pytest.approx(E.AFD_PAIRS, rel=0.01)
+        assert cfg.afd_samples_per_prompt == per_prompt
+        assert cfg.afd_variants == ("init-sft",) and cfg.golden_pref and not cfg.spin
+        assert set(cfg.ppo_rewards) == {"BCE init-sft", "BT golden-pref"} and max(cfg.bon_ns) == 16
+        assert cfg.temperatures == (0.7, 1.0, 1.3) and not cfg.sweep_iq_temperatures
+        assert cfg.td_weights == (0.01, 0.05, 0.1, 0.3) and cfg.demo_subsets == (0.1, 0.3)
     path = tmp_path / "results.json"
     path.write_text(json.dumps({"config": E._jsonable(cfg), "seed": 0}))
     assert E._finished(str(path), cfg)["seed"] == 0

@@ -95,6 +95,8 @@ class DemoConfig:
     afd_samples_per_prompt: int = 16
     eval_samples_per_prompt: int = 8
     temperatures: tuple = (1.0,)  # sampling temperatures for the SFT policies (others: 1.0)
+    sweep_iq_temperatures: bool = True  # False: only MLE SFT at every temperature, IQ-Learn at 1.0 (what the
+    # criteria of docs/experiment.md read: IQ-Learn at T = 1 against MLE's temperature curve)
     bon_ns: tuple = (1, 2, 4, 8, 16)
     # PPO over the AfD rewards (OpenRLHF train_ppo_ray), from MLE SFT on the training prompts: one run per reward,
     # named like the Best-of-N scorers ("BCE init-sft", "BT init-sft", "log-ratio"); () skips the stage
@@ -311,14 +313,19 @@ class Demo:
     def generate(self, model: str, prompts: list[str], n: int, temperature: float, seed: int) -> list:
         """``n`` samples per prompt from ``model`` through the generation pool; completions sorted by
         (prompt_index, sample_index)."""
+        return self.generate_at(model, prompts, n, (temperature,), seed)[temperature]
+
+    def generate_at(self, model: str, prompts: list[str], n: int, temperatures: tuple, seed: int) -> dict:
+        """:meth:`generate` at each temperature from one pool (one engine start): ``{temperature: completions}``."""
         from openrlhf_irl.generation import GenerationPool, SamplingParams, ensure_ray
 
         ensure_ray(max(self.cfg.num_actors, os.cpu_count() or 1))  # one Ray for every pool of the run
-        params = SamplingParams(n=n, temperature=temperature, top_p=1.0, max_new_tokens=self.cfg.max_new_tokens,
-                                seed=seed)
+        texts = [INPUT_TEMPLATE.format(p) for p in prompts]
         with GenerationPool(model, self.cfg.num_actors, self.cfg.backend, batch_size=32) as pool:
             self.backends.add(pool.backend)
-            return pool.generate([INPUT_TEMPLATE.format(p) for p in prompts], params)
+            return {t: pool.generate(texts, SamplingParams(n=n, temperature=t, top_p=1.0,
+                                                           max_new_tokens=self.cfg.max_new_tokens, seed=seed))
+                    for t in temperatures}
 
     def sample_to_file(self, model: str, prompts: list[str], out: str, n: int, policy: str, seed: int) -> str:
         """Samples in the sampling CLI's record format (what the AfD dataset builder reads)."""
@@ -398,7 +405,8 @@ class Demo:
             name = iq_name(td)
             sft(td, demos, name)
             group = "policy" if td in (0.0, cfg.td_weight) else "td_sweep"
-            self.add_policy(name, Policy(self.path("models", name), iq_label(td), group, sweep_temperatures=True,
+            self.add_policy(name, Policy(self.path("models", name), iq_label(td), group,
+                                         sweep_temperatures=td == 0 or cfg.sweep_iq_temperatures,
                                          info={"td_weight": td, "demo_fraction": 1.0}))
         n_full = sum(1 for _ in read_jsonl(demos))
         for frac in cfg.demo_subsets:
@@ -439,7 +447,7 @@ class Demo:
                 data = self.path("data", f"afd_{tag}.jsonl")
                 atomic_write_jsonl(data, records)
                 self.train("rm", trainer, backbone, data, self.path("models", f"rm_{tag}"), cfg.rm_epochs, 1e-3,
-                           *rm_flags, "--eval.dataset", data)
+                           *rm_flags, "--eval.dataset", self.rm_eval_file(data, records))
         if cfg.golden_pref:
             self.make_golden_pref(sources["sft_samples"], backbone, rm_flags)
 
@@ -458,7 +466,19 @@ class Demo:
         data = self.path("data", "golden-pref_bt.jsonl")
         atomic_write_jsonl(data, records)
         self.train("rm", "rm", backbone, data, self.reward_model_dir(GOLDEN_PREF), self.cfg.rm_epochs, 1e-3,
-                   *rm_flags, "--eval.dataset", data)
+                   *rm_flags, "--eval.dataset", self.rm_eval_file(data, records))
+
+    def rm_eval_file(self, data: str, records: list, size: int = 256) -> str:
+        """A seeded sample of a reward model's training records for OpenRLHF's per-epoch evaluation (its logged
+        accuracy and the reward mean/std it stores). The reward models' real check is on held-out prompts
+        (:meth:`check_reward_models`); evaluating on the whole training file cost a third of their training time."""
+        import random
+
+        from openrlhf_irl.utils.jsonl import atomic_write_jsonl
+
+        out = data[: -len(".jsonl")] + "_eval.jsonl"
+        atomic_write_jsonl(out, random.Random(self.cfg.seed).sample(records, min(size, len(records))))
+        return out
 
     def load_scorers(self) -> dict[str, Callable]:
         """Best-of-N scorers: every trained reward model (its logit / BT score) and the log-ratio."""
@@ -569,9 +589,9 @@ class Demo:
             temps = cfg.temperatures if pol.sweep_temperatures else (1.0,)
             if 1.0 not in temps:
                 temps = (1.0, *temps)
-            for temp in temps:
-                completions = self.generate(pol.path, self.eval_prompts, cfg.eval_samples_per_prompt, temp,
-                                            cfg.seed * 1000 + 31)
+            sampled = self.generate_at(pol.path, self.eval_prompts, cfg.eval_samples_per_prompt, temps,
+                                       cfg.seed * 1000 + 31)
+            for temp, completions in sampled.items():
                 ent = self._entropies(pol.path, completions, temp)
                 row = {"label": pol.label if temp == 1.0 else f"{pol.label} @ T={temp:g}", "group": pol.group,
                        "policy": name, "temperature": temp, **pol.info, "golden": {}, "responses": {},

@@ -107,3 +107,16 @@ def test_held_out_prompts_and_the_corpus():
     assert {line.split("\n")[0] for line in corpus if "\n" in line}.isdisjoint(held)
     demo_words = {w for d in built["demonstrations"] for w in d["response"].split()}
     assert demo_words <= set(task.WORDS) | {"."}
+
+
+def test_hidden_reward_is_the_experts_score_by_hand():
+    w = task.bigram_matrix()
+    i = {v: k for k, v in enumerate(task.WORDS)}
+    words = ["sun", "red", "cat"] + ["red"] * 7
+    by_hand = w[i["sky"]][i["sun"]] + w[i["sun"]][i["red"]] + w[i["red"]][i["cat"]] + w[i["cat"]][i["red"]] \
+        + 6 * w[i["red"]][i["red"]] + 2 * task.BONUS
+    assert task.hidden_reward(PROMPT, " ".join(words) + ". trailing words ignored") == pytest.approx(by_hand)
+    # unlike the golden reward: no clipping and no stop factor, so two unfinished responses still rank by score
+    assert task.hidden_reward(PROMPT, "sun cat") == pytest.approx(w[i["sky"]][i["sun"]] + w[i["sun"]][i["cat"]]
+                                                                  + 2 * task.BONUS)
+    assert math.isnan(task.hidden_reward("not a prompt", "sun cat."))

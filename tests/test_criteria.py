@@ -19,7 +19,7 @@ from openrlhf_irl.demo.criteria import (
 )
 
 PROMPTS = ("p0", "p1", "p2", "p3")
-SEEDS = 4
+SEEDS = 5
 
 
 def _const(value: float, seed: int, jitter: float = 0.01) -> dict:
@@ -79,6 +79,22 @@ def test_afd_best_of_n_supported_refuted_cannot_tell():
     assert read["outcome"] == CANNOT_TELL and "golden-pref does not lift" in read["why"]
 
 
+def test_afd_best_of_n_refutes_only_with_both_init_sft_models_at_every_n():
+    models = {"BT init-sft": GOOD_RM, "BCE init-sft": GOOD_RM}
+    bt_only = _seeds(lambda s: _bon(s, {"BT init-sft": 0.0, "BT golden-pref": 0.2}))
+    assert afd_best_of_n(bt_only, models)["outcome"] == CANNOT_TELL
+    gap = _seeds(lambda s: _bon(s, {"BT init-sft": 0.0, "BCE init-sft": 0.0, "BT golden-pref": 0.2}))
+    del gap[2]["bon:BT init-sft:16"]  # one seed lacks a row: its lift is unknown, not flat
+    assert afd_best_of_n(gap, models)["outcome"] == CANNOT_TELL
+    # a model without a Spearman value is not called "sharper"
+    flat = _seeds(lambda s: _bon(s, {"BT init-sft": 0.0, "BCE init-sft": 0.0, "BT golden-pref": 0.2}))
+    read = afd_best_of_n(flat, {"BT init-sft": {"heldout_accuracy": {"mean": 0.9}}, "BCE init-sft": GOOD_RM})
+    assert read["outcome"] == REFUTED and "sharper" not in read["why"]
+    # supported needs no golden-pref rows
+    lifting = _seeds(lambda s: _bon(s, {"BT init-sft": 0.2, "BCE init-sft": 0.0}))
+    assert afd_best_of_n(lifting, models)["outcome"] == SUPPORTED
+
+
 def test_afd_ppo_outcomes():
     rows = {"policy:ppo_a": {"ppo_reward": "BCE init-sft"}, "policy:ppo_b": {"ppo_reward": "BT golden-pref"},
             "policy:sft_mle": {}}
@@ -114,10 +130,14 @@ def test_iq_quality_diversity_against_the_interpolated_curve():
     # self-BLEU 0.3 lies between T=1 (0.4, 0.4) and T=1.3 (0.2, 0.3): the curve gives 0.35
     read = iq_quality_diversity(_seeds(lambda s: _qd_seed(s, 0.3, 0.45)), QD_ROWS)
     gap = read["gap_to_mle_curve"]["IQ td 0.1"]["gap"]
-    assert read["outcome"] == SUPPORTED and gap["mean"] == pytest.approx(0.105)
+    assert read["outcome"] == SUPPORTED and gap["mean"] == pytest.approx(0.104)
     assert iq_quality_diversity(_seeds(lambda s: _qd_seed(s, 0.3, 0.25)), QD_ROWS)["outcome"] == REFUTED
     off = iq_quality_diversity(_seeds(lambda s: _qd_seed(s, 0.1, 0.9)), QD_ROWS)  # more diverse than any T
     assert off["outcome"] == CANNOT_TELL and off["gap_to_mle_curve"]["IQ td 0.1"]["seeds_bracketed"] == 0
+    # on the curve in 2 seeds (and far above it), off it in the others: no gap, so not supported
+    partly = iq_quality_diversity(_seeds(lambda s: _qd_seed(s, 0.3 if s < 2 else 0.1, 0.9)), QD_ROWS)
+    entry = partly["gap_to_mle_curve"]["IQ td 0.1"]
+    assert partly["outcome"] == CANNOT_TELL and entry["seeds_bracketed"] == 2 and "gap" not in entry
 
 
 def test_iq_fewer_demos_outcomes():
@@ -136,7 +156,8 @@ def test_iq_fewer_demos_outcomes():
 
 def test_iq_reward_recovery_reads_bigram_only():
     def models(mean, lo, hi):
-        return {"IQ-Learn reward (td 0.05)": {"spearman_golden": {"mean": mean, "lo": lo, "hi": hi}}}
+        return {"IQ-Learn reward (td 0.05)": {"spearman_hidden": {"mean": mean, "lo": lo, "hi": hi},
+                                              "spearman_golden": {"mean": 0.0, "lo": -0.1, "hi": 0.1}}}
 
     assert iq_reward_recovery(models(0.5, 0.35, 0.65), "bigram")["outcome"] == SUPPORTED
     assert iq_reward_recovery(models(0.5, 0.25, 0.75), "bigram")["outcome"] == CANNOT_TELL
@@ -149,7 +170,10 @@ def test_a_failed_gate_holds_every_claim_and_keeps_what_the_rows_say():
     read = read_criteria(per_seed, {}, {"BT init-sft": GOOD_RM}, "sort")
     assert not read["gates"]["level"]["passed"]
     claim = read["claims"]["AfD, Best-of-N"]
-    assert claim["outcome"] == GATED and claim["computed_outcome"] == CANNOT_TELL  # no golden-pref rows here
+    assert claim["outcome"] == GATED and claim["computed_outcome"] == SUPPORTED  # what the rows alone say
     assert read["claims"]["IQ-Learn, reward recovery"]["outcome"] == "not read"
-    one = read_criteria(per_seed[:1], {}, {}, "sort")
-    assert all(c["outcome"] == CANNOT_TELL for c in one["claims"].values())
+    lifting = _seeds(lambda s: _bon(s, {"BT init-sft": 0.2}))
+    assert read_criteria(lifting, {}, {"BT init-sft": GOOD_RM}, "sort")["claims"]["AfD, Best-of-N"]["outcome"] == \
+        SUPPORTED
+    four = read_criteria(lifting[:4], {}, {"BT init-sft": GOOD_RM}, "sort")["claims"]["AfD, Best-of-N"]
+    assert four["outcome"] == CANNOT_TELL and four["computed_outcome"] == SUPPORTED  # below the 5 seeds required

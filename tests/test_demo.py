@@ -188,6 +188,10 @@ def test_quick_demo_on_the_tasks_with_held_out_prompts_of_the_training_distribut
         assert 0.0 <= checks[name]["heldout_accuracy"]["mean"] <= 1.0, name
     for name, check in checks.items():
         assert -1.0 <= check["spearman_golden"]["mean"] <= 1.0, name
+    # bigram: IQ-Learn's reward also against the expert's own hidden reward (the reward-recovery criterion)
+    hidden = checks["IQ-Learn reward (td 0.05)"].get("spearman_hidden")
+    assert (hidden is not None and -1.0 <= hidden["mean"] <= 1.0) if task == "bigram" else hidden is None
+    assert "criteria" in report and set(report["criteria"]["gates"]) == {"level", "headroom"}
     # held-out prompts: the task's own prompts, none in any training data of the run
     held = set(results["prompts"]["held_out"])
     assert len(held) == 16 and all(mod.parse_prompt(p) for p in held)

@@ -41,7 +41,7 @@ from openrlhf_irl.demo.tasks import careless_corpus, fresh_prompt_split
 
 __all__ = ["TaskConfig", "WORDS", "LENGTHS", "BONUS", "W_SEED", "DEFAULT_NOISE", "VOCAB_SIZE", "TITLE", "SIZES",
            "HABIT_WORD", "HABIT_BONUS", "bigram_matrix", "format_prompt", "parse_prompt", "make_prompt", "score",
-           "best_score", "mean_score", "golden_reward", "golden", "golden_reward_batch", "sequence_log_prob",
+           "best_score", "mean_score", "golden_reward", "golden", "golden_reward_batch", "hidden_reward", "sequence_log_prob",
            "sample_words", "expert_response", "random_response", "build_task", "pretrain_corpus"]
 
 WORDS = ("red", "sun", "cat", "sky", "run", "big", "old", "sea", "map", "ink", "owl", "fig", "jam", "pen", "cup",
@@ -232,6 +232,17 @@ def golden_reward(prompt: str, response: str) -> float:
 
 
 golden = golden_reward  # alias: ``openrlhf_irl.demo.bigram_task:golden``
+
+
+def hidden_reward(prompt: str, response: str) -> float:
+    """The expert's own reward ``r(y)`` (:func:`score`: hidden bigram scores plus the inclusion bonus) of the words
+    before the first period, unclipped and without the golden reward's stop factor: what an inverse-RL reward
+    should recover. NaN for a malformed prompt."""
+    parsed = parse_prompt(prompt)
+    if parsed is None:
+        return float("nan")
+    first, a, b = parsed
+    return float(score(first, (a, b), response.strip().partition(".")[0].split()))
 
 
 def golden_reward_batch(prompts: list[str], responses: list[str]) -> list[float]:

@@ -14,6 +14,7 @@ from openrlhf_irl.eval.stats import difference, fmt_ci, summarize
 
 SUPPORTED, REFUTED, CANNOT_TELL, GATED = "supported", "refuted", "cannot tell", "cannot tell on this task (gate)"
 LEVEL_BAND = (0.3, 0.5)
+MIN_SEEDS = 5  # the criteria's "5 seeds or more": with fewer, every claim reads "cannot tell" (its rows kept)
 BON_CHECK_NS = (4, 8, 16)
 AFD_VARIANT = "init-sft"
 GOLDEN_PREF = "BT golden-pref"
@@ -73,15 +74,22 @@ def afd_best_of_n(per_seed: list[dict], reward_models: dict) -> dict:
             models[scorer] = reward_models.get(scorer, {})
     golden_lift = lifts.get(GOLDEN_PREF, {}).get(16)
     afd = {s: c for s, c in lifts.items() if s != GOLDEN_PREF}
+
+    def spearman(s):
+        return (models[s].get("spearman_golden") or {}).get("mean")
+
     supported = [s for s, c in afd.items() if all(_above(c.get(n)) for n in BON_CHECK_NS)
-                 and ((models[s].get("spearman_golden") or {}).get("mean") or 0) > 0.3]
-    flat = bool(afd) and all(not _above(v) for c in afd.values() for v in c.values() if v is not None)
+                 and (spearman(s) or 0) > 0.3]
+    # refuted needs both init-sft models, every N > 1 present in every seed, and none lifting
+    complete = {f"BT {AFD_VARIANT}", f"BCE {AFD_VARIANT}"} <= set(afd) and all(
+        c.get(n) is not None for c in afd.values() for n in ns if n > 1)
+    flat = complete and all(not _above(v) for c in afd.values() for v in c.values())
     sharper = [s for s in afd if ((models[s].get("heldout_accuracy") or {}).get("mean") or 0) > 0.8
-               and -0.1 <= ((models[s].get("spearman_golden") or {}).get("mean") or 0) <= 0.1]
-    if not afd or golden_lift is None:
-        outcome, why = CANNOT_TELL, "the run has no init-sft or golden-pref Best-of-N rows"
-    elif supported:
+               and spearman(s) is not None and -0.1 <= spearman(s) <= 0.1]
+    if supported:
         outcome, why = SUPPORTED, f"{', '.join(supported)}: lift beyond noise at N = 4, 8, 16 and Spearman > 0.3"
+    elif not afd or golden_lift is None:
+        outcome, why = CANNOT_TELL, "the run has no init-sft or golden-pref Best-of-N rows"
     elif _above(golden_lift) and flat:
         outcome, why = REFUTED, ("golden-pref lifts at N = 16 while no init-sft model lifts at any N"
                                  + (f"; sharper: {', '.join(sharper)} separate their sources (held-out accuracy "
@@ -101,6 +109,7 @@ def afd_ppo(per_seed: list[dict], rows: dict) -> dict:
     for rid, row in rows.items():
         if rid.startswith("policy:ppo_") and row.get("ppo_reward"):
             diffs[row["ppo_reward"]] = _paired(per_seed, rid, MLE)
+    diffs = {r: d for r, d in diffs.items() if d is not None}
     afd = {r: d for r, d in diffs.items() if AFD_VARIANT in r or "init-demo" in r or "sft-demo" in r}
     golden = diffs.get(GOLDEN_PREF)
     if not afd:
@@ -118,8 +127,8 @@ def afd_ppo(per_seed: list[dict], rows: dict) -> dict:
 def iq_quality_diversity(per_seed: list[dict], rows: dict) -> dict:
     """Per seed and IQ-Learn td_weight: its golden at T = 1 minus MLE's temperature curve (per-seed mean golden
     against per-seed mean self-BLEU, linear between the two temperatures that bracket the IQ point's self-BLEU).
-    Supported: one td_weight above the curve beyond noise. Refuted: every td_weight below it beyond noise. Seeds where
-    no two temperatures bracket the point are left out (counted); fewer than 2 left: cannot tell."""
+    Supported: one td_weight above the curve beyond noise. Refuted: every td_weight below it beyond noise. A td_weight
+    whose point no two temperatures bracket in some seed has no gap (off the curve: cannot tell for it)."""
     from openrlhf_irl.eval.stats import seed_t_interval
 
     mle_rows = [r for r, row in rows.items() if row.get("policy") == "sft_mle" and r.startswith(MLE)]
@@ -136,7 +145,7 @@ def iq_quality_diversity(per_seed: list[dict], rows: dict) -> dict:
             if on_curve is not None:
                 gaps.append(y - on_curve)
         entry = {"seeds_bracketed": len(gaps), "seeds": len(per_seed)}
-        if len(gaps) >= 2:
+        if len(gaps) == len(per_seed) >= 2:
             lo, hi = seed_t_interval([[g] for g in gaps])
             entry["gap"] = {"mean": sum(gaps) / len(gaps), "lo": lo, "hi": hi, "n_seeds": len(gaps), "method": "t"}
         per_td[rows[rid]["label"]] = entry
@@ -159,7 +168,7 @@ def iq_fewer_demos(per_seed: list[dict], rows: dict) -> dict:
     diffs = {}
     for rid, row in rows.items():
         frac = row.get("demo_fraction", 1.0)
-        if str(row.get("policy", "")).startswith("sft_iq") and frac < 1:
+        if str(row.get("policy", "")).startswith("sft_iq") and frac < 1 and row.get("temperature", 1.0) == 1.0:
             diffs[f"{frac:.0%}"] = _paired(per_seed, rid, f"policy:sft_mle_{frac:g}")
     diffs = {k: v for k, v in diffs.items() if v is not None}
     if not diffs:
@@ -176,20 +185,23 @@ def iq_fewer_demos(per_seed: list[dict], rows: dict) -> dict:
 
 def iq_reward_recovery(reward_models: dict, task: str) -> dict:
     """``bigram`` only. Supported: the interval of the per-prompt Spearman correlation of ``extract_reward``'s sum with
-    the golden reward lies above 0.3. Refuted: its interval includes 0 and its mean is below 0.1."""
+    the hidden bigram score (the expert's reward ``r(y)``, ``spearman_hidden``) lies above 0.3. Refuted: its interval
+    includes 0 and its mean is below 0.1. The correlation with the golden reward is kept beside it."""
     name = next((n for n in reward_models if n.startswith("IQ-Learn reward")), None)
-    rho = (reward_models.get(name) or {}).get("spearman_golden") if name else None
+    entry = (reward_models.get(name) or {}) if name else {}
+    rho, golden = entry.get("spearman_hidden"), entry.get("spearman_golden")
     if task != "bigram":
-        return {"outcome": "not read", "why": "read on bigram only", "spearman_golden": rho}
+        return {"outcome": "not read", "why": "read on bigram only", "spearman_hidden": rho, "spearman_golden": golden}
     if rho is None or rho.get("lo") is None:
-        return {"outcome": CANNOT_TELL, "why": "fewer than 2 seeds with a value", "spearman_golden": rho}
+        return {"outcome": CANNOT_TELL, "why": "fewer than 2 seeds with a value", "spearman_hidden": rho,
+                "spearman_golden": golden}
     if rho["lo"] > 0.3:
         outcome, why = SUPPORTED, "interval above 0.3"
     elif rho["lo"] <= 0 <= rho["hi"] and rho["mean"] < 0.1:
         outcome, why = REFUTED, "interval includes 0 and mean below 0.1"
     else:
         outcome, why = CANNOT_TELL, "neither"
-    return {"outcome": outcome, "why": why, "spearman_golden": rho}
+    return {"outcome": outcome, "why": why, "spearman_hidden": rho, "spearman_golden": golden}
 
 
 def read_criteria(per_seed: list[dict], rows: dict, reward_models: dict, task: str) -> dict:
@@ -200,9 +212,13 @@ def read_criteria(per_seed: list[dict], rows: dict, reward_models: dict, task: s
               "IQ-Learn, quality against diversity": iq_quality_diversity(per_seed, rows),
               "IQ-Learn, fewer demonstrations": iq_fewer_demos(per_seed, rows),
               "IQ-Learn, reward recovery": iq_reward_recovery(reward_models, task)}
-    if len(per_seed) < 2:
+    if len(per_seed) < MIN_SEEDS:
         for c in claims.values():
-            c["outcome"], c["why"] = CANNOT_TELL, "one seed: no interval over seeds; " + c["why"]
+            if c["outcome"] != "not read":
+                c["computed_outcome"] = c["outcome"]
+                c["outcome"] = CANNOT_TELL
+                c["why"] = f"{len(per_seed)} seed(s), fewer than the {MIN_SEEDS} the criteria require; the rows alone " \
+                           f"would read '{c['computed_outcome']}' ({c['why']})"
     elif not (g["level"]["passed"] and g["headroom"]["passed"]):
         failed = [k for k in ("level", "headroom") if not g[k]["passed"]]
         for c in claims.values():

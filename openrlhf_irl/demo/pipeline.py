@@ -658,7 +658,8 @@ class Demo:
     def iq_reward_recovery(self, groups: list) -> dict:
         """IQ-Learn's implicit reward (``extract_reward``: the per-token ``Q - gamma V(s')`` summed over a response, at
         the training gamma 1) of the main IQ-Learn policy on the held-out Best-of-N candidates, and its
-        within-prompt Spearman correlation with the golden reward (at gamma 1 the sum is ``log pi(y|x) + V(s_0)``,
+        within-prompt Spearman correlation with the golden reward and, where the task has one (bigram), with the
+        expert's own hidden reward (at gamma 1 the sum is ``log pi(y|x) + V(s_0)``,
         so within a prompt it ranks as the policy's likelihood does). Empty responses are left out: OpenRLHF's SFT
         dataset, which ``extract_reward`` tokenises with, drops them."""
         from openrlhf_irl.cli import extract_reward
@@ -675,12 +676,18 @@ class Demo:
                 "--reference-key", "golden"]
         if extract_reward.main(argv) != 0:
             raise RuntimeError(f"extract_reward failed on {data}")
-        rewards, golden = {}, {}
+        rewards, golden, responses = {}, {}, {}
         for _, r in read_jsonl(out):
             rewards.setdefault(r["prompt"], []).append(r["reward"])
             golden.setdefault(r["prompt"], []).append(r["golden"])
+            responses.setdefault(r["prompt"], []).append(r["response"])
         rho, n = mean_within_prompt_spearman(rewards, golden)
-        return {"spearman_golden": rho, "spearman_prompts": n, "left_out_empty": len(candidates) - len(kept)}
+        out = {"spearman_golden": rho, "spearman_prompts": n, "left_out_empty": len(candidates) - len(kept)}
+        hidden_reward = getattr(self.task, "hidden_reward", None)
+        if hidden_reward is not None:  # bigram: the expert's own reward, the one inverse RL should recover
+            hidden = {p: [hidden_reward(p, c) for c in responses[p]] for p in rewards}
+            out["spearman_hidden"], _ = mean_within_prompt_spearman(rewards, hidden)
+        return out
 
     def _entropies(self, model_path: str, completions: list, temperature: float) -> list[tuple[float, int]]:
         from openrlhf_irl.eval.diversity import entropy_sums

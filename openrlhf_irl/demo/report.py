@@ -85,7 +85,7 @@ def reward_model_checks(seed_results: list[dict]) -> dict:
     out = {}
     for name in sorted(names):
         entry = {}
-        for metric in ("heldout_accuracy", "spearman_golden"):
+        for metric in ("heldout_accuracy", "spearman_golden", "spearman_hidden"):
             values = [r["reward_checks"][name].get(metric) for r in seed_results if name in r.get("reward_checks", {})]
             values = [v for v in values if v is not None]
             if len(values) >= 2:

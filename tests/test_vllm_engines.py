@@ -75,6 +75,63 @@ def test_engine_samples_logprobs_and_greedy_match_transformers(engine, tiny_mode
     assert exact >= 1
 
 
+def test_running_engines_take_another_checkpoints_weights(engine, tiny_model, tmp_path):
+    """load_model pushes a checkpoint of the same shape into the running engines (no restart): their log-probs are
+    then the new checkpoint's (an fp32 transformers pass), not the old one's; a checkpoint of another shape is refused
+    with the differing config keys, and the engines keep serving what they had."""
+    import json
+
+    from openrlhf_irl.generation.vllm import interchangeable
+
+    tok = load_tokenizer(tiny_model)
+    base = load_causal_lm(tiny_model, dtype="float32", device="cpu")
+    other = load_causal_lm(tiny_model, dtype="float32", device="cpu")
+    noise = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(0.3 * torch.randn(p.shape, generator=noise))
+    moved = tmp_path / "moved"
+    other.save_pretrained(moved)
+    tok.save_pretrained(moved)
+    prompts = [f"User: count from {a}\nAssistant: " for a in (5, 23)]
+    params = SamplingParams(n=2, max_new_tokens=8, temperature=1.0, seed=11)
+
+    def errors(model):  # per-token gap between the engine's log-probs and model's teacher-forced ones
+        out = []
+        for c in engine.generate(prompts, params):
+            p_ids = tok(prompts[c.prompt_index], add_special_tokens=False)["input_ids"]
+            out.append(abs(c.logprob - teacher_forced_logprob(model, p_ids, list(c.token_ids))) / len(c.token_ids))
+        return max(out)
+
+    assert interchangeable(tiny_model, str(moved)) is None
+    from openrlhf_irl.generation.vllm import VLLMGenerator
+
+    fresh = VLLMGenerator(str(moved), num_engines=1, enforce_eager=True, max_model_len=128)
+    try:
+        started_on_it = [(c.token_ids, c.logprob) for c in fresh.generate(prompts, params)]
+    finally:
+        fresh.close()
+    try:
+        engine.load_model(str(moved))
+        assert engine.model == str(moved)
+        # the same seeded samples as engines started on the checkpoint: what a run without sharing would get
+        assert [(c.token_ids, c.logprob) for c in engine.generate(prompts, params)] == started_on_it
+        assert errors(other) <= 0.05  # bf16 engine vs fp32 pass, as in the sampling test above
+        assert errors(base) > 0.2  # and clearly not the checkpoint the engines started from
+    finally:
+        engine.load_model(tiny_model)  # the module's engine serves tiny_model to the other tests
+    assert errors(base) <= 0.05
+    wider = tmp_path / "wider"
+    wider.mkdir()
+    config = json.loads((moved / "config.json").read_text())
+    config["intermediate_size"] *= 2
+    (wider / "config.json").write_text(json.dumps(config))
+    tok.save_pretrained(wider)
+    with pytest.raises(ValueError, match="intermediate_size"):
+        engine.load_model(str(wider))
+    assert engine.model == tiny_model and errors(base) <= 0.05
+
+
 def test_closing_a_generator_releases_its_placement_group(engine, tiny_model):
     """A pool closed inside a Ray session it did not start (the demo's stages) must hand back the CPUs/GPUs its
     engines reserved, or the next pool waits for them forever."""

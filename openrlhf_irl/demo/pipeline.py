@@ -207,6 +207,8 @@ class Demo:
         self.label_prefix = label_prefix
         self.log_dir = os.path.join(self.root, "logs")
         self._unit = None
+        self._shared = False  # inside shared_engine()
+        self._pool = None  # the pool shared_engine() keeps up
 
     @property
     def task(self):
@@ -316,16 +318,52 @@ class Demo:
         return self.generate_at(model, prompts, n, (temperature,), seed)[temperature]
 
     def generate_at(self, model: str, prompts: list[str], n: int, temperatures: tuple, seed: int) -> dict:
-        """:meth:`generate` at each temperature from one pool (one engine start): ``{temperature: completions}``."""
-        from openrlhf_irl.generation import GenerationPool, SamplingParams, ensure_ray
+        """:meth:`generate` at each temperature from one pool (one engine start): ``{temperature: completions}``.
+        Inside :meth:`shared_engine` the pool stays up and the next model's weights are pushed into it."""
+        from openrlhf_irl.generation import SamplingParams
 
-        ensure_ray(max(self.cfg.num_actors, os.cpu_count() or 1))  # one Ray for every pool of the run
         texts = [INPUT_TEMPLATE.format(p) for p in prompts]
-        with GenerationPool(model, self.cfg.num_actors, self.cfg.backend, batch_size=32) as pool:
+        with self._pool_serving(model) as pool:
             self.backends.add(pool.backend)
             return {t: pool.generate(texts, SamplingParams(n=n, temperature=t, top_p=1.0,
                                                            max_new_tokens=self.cfg.max_new_tokens, seed=seed))
                     for t in temperatures}
+
+    @contextmanager
+    def shared_engine(self):
+        """Within: every :meth:`generate_at` is served by one pool, each model's weights pushed into its engines
+        (vLLM on CPU, models of one architecture and tokenizer) instead of starting new ones; closed on leaving.
+        Only around sampling: a pool's engines hold Ray CPUs that training and PPO stages need."""
+        self._shared = True
+        try:
+            yield
+        finally:
+            self._shared = False
+            if self._pool is not None:
+                self._pool.close()
+                self._pool = None
+
+    @contextmanager
+    def _pool_serving(self, model: str):
+        from openrlhf_irl.generation import GenerationPool, ensure_ray
+
+        ensure_ray(max(self.cfg.num_actors, os.cpu_count() or 1))  # one Ray for every pool of the run
+        if not self._shared:
+            with GenerationPool(model, self.cfg.num_actors, self.cfg.backend, batch_size=32) as pool:
+                yield pool
+            return
+        if self._pool is not None:
+            try:
+                start = time.time()
+                self._pool.load_model(model)
+                print(f"shared engine: {model} pushed into the running engines in {time.time() - start:.1f} s")
+            except ValueError as err:
+                print(f"shared engine: starting a new pool ({err})")
+                self._pool.close()
+                self._pool = None
+        if self._pool is None:
+            self._pool = GenerationPool(model, self.cfg.num_actors, self.cfg.backend, batch_size=32)
+        yield self._pool
 
     def sample_to_file(self, model: str, prompts: list[str], out: str, n: int, policy: str, seed: int) -> str:
         """Samples in the sampling CLI's record format (what the AfD dataset builder reads)."""
@@ -427,13 +465,14 @@ class Demo:
         cfg = self.cfg
         prompts = self.train_prompts[: cfg.afd_prompts] if cfg.afd_prompts else self.train_prompts
         n = cfg.afd_samples_per_prompt
-        sources = {
-            "init_samples": self.sample_to_file(self.path("models", "init"), prompts, self.path("samples", "init.jsonl"),
-                                                n, "init", cfg.seed * 1000 + 11),
-            "sft_samples": self.sample_to_file(self.path("models", "sft_mle"), prompts,
-                                               self.path("samples", "sft.jsonl"), n, "sft", cfg.seed * 1000 + 12),
-            "demos": self.path("data", "demos.jsonl"),
-        }
+        with self.shared_engine():
+            sources = {
+                "init_samples": self.sample_to_file(self.path("models", "init"), prompts,
+                                                    self.path("samples", "init.jsonl"), n, "init", cfg.seed * 1000 + 11),
+                "sft_samples": self.sample_to_file(self.path("models", "sft_mle"), prompts,
+                                                   self.path("samples", "sft.jsonl"), n, "sft", cfg.seed * 1000 + 12),
+                "demos": self.path("data", "demos.jsonl"),
+            }
         rm_flags = ("--data.prompt_key", "prompt", "--data.input_template", INPUT_TEMPLATE)
         backbone = self.path("models", cfg.rm_backbone)
         for variant in cfg.afd_variants:
@@ -585,13 +624,16 @@ class Demo:
         cfg = self.cfg
         golden_reward = self.task.golden_reward
         rows = self.results["rows"]
+        sampled = {}
+        with self.shared_engine():  # every policy from one engine start where they share a shape
+            for name, pol in self.policies.items():
+                temps = cfg.temperatures if pol.sweep_temperatures else (1.0,)
+                if 1.0 not in temps:
+                    temps = (1.0, *temps)
+                sampled[name] = self.generate_at(pol.path, self.eval_prompts, cfg.eval_samples_per_prompt, temps,
+                                                 cfg.seed * 1000 + 31)
         for name, pol in self.policies.items():
-            temps = cfg.temperatures if pol.sweep_temperatures else (1.0,)
-            if 1.0 not in temps:
-                temps = (1.0, *temps)
-            sampled = self.generate_at(pol.path, self.eval_prompts, cfg.eval_samples_per_prompt, temps,
-                                       cfg.seed * 1000 + 31)
-            for temp, completions in sampled.items():
+            for temp, completions in sampled[name].items():
                 ent = self._entropies(pol.path, completions, temp)
                 row = {"label": pol.label if temp == 1.0 else f"{pol.label} @ T={temp:g}", "group": pol.group,
                        "policy": name, "temperature": temp, **pol.info, "golden": {}, "responses": {},

@@ -178,6 +178,18 @@ class GenerationPool:
         out = [c for batch in self.generate_stream(prompts, params) for c in batch]
         return sorted(out, key=lambda c: (c.prompt_index, c.sample_index))
 
+    @property
+    def can_load_model(self) -> bool:
+        """Whether :meth:`load_model` can switch this pool's model without a restart (vLLM engines on CPU)."""
+        return self._vllm is not None and self._vllm.can_load_model
+
+    def load_model(self, model: str) -> None:
+        """Serve ``model`` from the running engines (its weights pushed into them:
+        :meth:`~openrlhf_irl.generation.vllm.VLLMGenerator.load_model`); ValueError where that cannot be done."""
+        if not self.can_load_model:
+            raise ValueError(f"this pool ({self.backend} backend) cannot switch models; start a new pool")
+        self._vllm.load_model(model)
+
     def close(self) -> None:
         """Kill the actors/engines; shut Ray down if this pool started it."""
         release_each(ray.kill, self.actors)

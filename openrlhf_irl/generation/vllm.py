@@ -192,6 +192,36 @@ class EngineGroup:
         self.close()
 
 
+_CONFIG_KEYS_IGNORED = ("_name_or_path", "transformers_version", "torch_dtype", "dtype", "use_cache")
+
+
+def interchangeable(served: str | None, model: str) -> str | None:
+    """Why the weights of checkpoint ``model`` cannot be pushed into engines started from ``served`` (None: they
+    can): a different model config (architecture, sizes, vocabulary; the dtype a checkpoint was saved in and
+    bookkeeping keys aside) or a different tokenizer (vocabulary, special tokens, chat template)."""
+    from .loading import load_tokenizer
+
+    if served is None:
+        return "the engines hold no complete model (an earlier push failed)"
+    configs = []
+    for path in (served, model):
+        try:
+            with open(os.path.join(path, "config.json")) as f:
+                configs.append({k: v for k, v in json.load(f).items() if k not in _CONFIG_KEYS_IGNORED})
+        except (OSError, ValueError) as err:
+            return f"cannot read {path}/config.json ({err})"
+    if configs[0] != configs[1]:
+        keys = sorted(k for k in set(configs[0]) | set(configs[1]) if configs[0].get(k) != configs[1].get(k))
+        return "model config differs in " + ", ".join(keys)
+    toks = [load_tokenizer(p) for p in (served, model)]
+    for what, get in (("vocabulary", lambda t: t.get_vocab()),
+                      ("special tokens", lambda t: (t.bos_token_id, t.eos_token_id, t.pad_token_id)),
+                      ("chat template", lambda t: getattr(t, "chat_template", None))):
+        if get(toks[0]) != get(toks[1]):
+            return f"tokenizer {what} differs"
+    return None
+
+
 def _capturing_placement_groups(sink: list, create_vllm_engines):
     """``create_vllm_engines`` that appends the placement group it reserves to ``sink``: OpenRLHF returns only the
     engines, and a group left behind keeps its CPUs/GPUs reserved, so the next pool in the same Ray session waits
@@ -270,6 +300,8 @@ class VLLMGenerator:
 
         self._tmpdir = None
         self._group = None
+        self._sync = None
+        self._tensor_parallel_size = tensor_parallel_size
         self.engines = []
         try:
             if lora:
@@ -285,6 +317,37 @@ class VLLMGenerator:
             self.close()
             raise
         self.engines = self._group.engines
+
+    @property
+    def can_load_model(self) -> bool:
+        """Whether :meth:`load_model` can work here: CPU engines (the weight push then goes from this process over
+        gloo; on GPUs this process may hold no device) of a plain checkpoint (not a merged LoRA adapter)."""
+        import torch
+
+        return self._tmpdir is None and not torch.cuda.is_available()
+
+    def load_model(self, model: str) -> None:
+        """Serve ``model`` from the running engines: its weights are pushed into them (OpenRLHF's ``update_weight``,
+        :class:`~openrlhf_irl.generation.weight_sync.EngineWeightSync`) instead of starting new engines, which on a
+        CPU costs 12-20 s and more. ``model`` must be interchangeable with the one served (same architecture and
+        sizes, same tokenizer: :func:`interchangeable`); ValueError otherwise, and the engines keep what they had."""
+        import torch
+
+        from .loading import load_causal_lm, load_tokenizer
+        from .weight_sync import EngineWeightSync
+
+        if not self.can_load_model:
+            raise ValueError("load_model: only CPU engines of a plain checkpoint take another model's weights")
+        problem = interchangeable(self.model, model)
+        if problem:
+            raise ValueError(f"{model} cannot replace {self.model} in the running engines: {problem}")
+        if self._sync is None:  # one broadcast group with the engines for every later push
+            self._sync = EngineWeightSync(self.engines, tensor_parallel_size=self._tensor_parallel_size, mode="nccl")
+        policy = load_causal_lm(model, dtype=torch.float32, device="cpu")  # cast to the engines' dtype on the way
+        self.model = None  # a push cut short leaves weights of neither model: no longer interchangeable with any
+        self._sync.push(policy)
+        self.model = model
+        self.tokenizer = load_tokenizer(model)
 
     def _merge_lora(self, model: str, lora: str) -> str:
         import tempfile
@@ -365,6 +428,7 @@ class VLLMGenerator:
             yield batch
 
     def close(self) -> None:
+        self._sync = None
         if self._group is not None:
             self._group.close()
             self._group = None

@@ -1,0 +1,132 @@
+#!/usr/bin/env python
+"""The wall-time targets of the main job on this machine: ``make demo`` (at most 5 min), ``openrlhf-irl demo --quick``
+(at most 2 min) and ``make test`` (at most 15 min of tests), each run in turn as a user runs it, with the CPU's model
+and flags and the dtype ``auto`` picks, the load average before and after (the targets are for an idle machine).
+
+Writes ``benchmarks/results/targets-<cpu>.md`` and ``.json`` (``<cpu>``: ``amx``, ``avx512-bf16`` or ``no-bf16``).
+Run: ``.venv/bin/python benchmarks/targets.py [--only demo,quick,test]``. The demos write into a temporary folder,
+removed afterwards; ``make test`` runs in this checkout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from openrlhf_irl.compat.param_dtype import NATIVE_BF16_FLAGS, cpu_flags, resolve  # noqa: E402
+from openrlhf_irl.utils.jsonl import atomic_write_json, atomic_writer  # noqa: E402
+
+TARGETS_S = {"demo": 300.0, "quick": 120.0, "test": 900.0}
+SHOWN_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def cpu_tag(flags: set[str]) -> str:
+    if "amx_bf16" in flags:
+        return "amx"
+    return "avx512-bf16" if "avx512_bf16" in flags else "no-bf16"
+
+
+def commands(out_dir: str) -> dict[str, list[str]]:
+    py = str(REPO / ".venv" / "bin" / "python")
+    return {"demo": [py, "-m", "openrlhf_irl", "demo", "--output-dir", os.path.join(out_dir, "demo")],
+            "quick": [py, "-m", "openrlhf_irl", "demo", "--quick", "--output-dir", os.path.join(out_dir, "quick")],
+            "test": ["make", "test"]}
+
+
+def test_seconds(output: str) -> float | None:
+    """pytest's own count of the test time ('... passed ... in 1234.56s'), without creating the environment."""
+    found = re.findall(r"passed.* in ([0-9.]+)s", output)
+    return float(found[-1]) if found else None
+
+
+def run(name: str, argv: list[str]) -> dict:
+    load_before = os.getloadavg()[0]
+    start = time.time()
+    proc = subprocess.run(argv, cwd=REPO, capture_output=True, text=True)
+    wall = time.time() - start
+    row = {"name": name, "command": " ".join(argv), "returncode": proc.returncode, "wall_s": round(wall, 1),
+           "load_before": load_before, "load_after": os.getloadavg()[0], "target_s": TARGETS_S[name]}
+    if name == "test":
+        row["test_s"] = test_seconds(proc.stdout)
+    measured = row.get("test_s") or wall
+    row["measured_s"] = round(measured, 1)
+    row["met"] = proc.returncode == 0 and measured <= TARGETS_S[name]
+    if proc.returncode != 0:
+        row["tail"] = (proc.stdout + proc.stderr)[-2000:]
+    return row
+
+
+def markdown(env: dict, rows: list[dict]) -> str:
+    lines = [f"# Wall-time targets on {env['cpu_model']}", "",
+             f"{env['date']}; {env['cores']} cores; flags {', '.join(env['flags'])}; dtype auto -> {env['dtype']} "
+             f"({env['dtype_reason']})", "",
+             "| run | measured | target | met | load before / after | command |", "|---|---:|---:|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['name']} | {r['measured_s']:.0f} s | {r['target_s']:.0f} s | "
+                     f"{'yes' if r['met'] else 'no'}{'' if r['returncode'] == 0 else ' (failed)'} | "
+                     f"{r['load_before']:.1f} / {r['load_after']:.1f} | `{r['command']}` |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--only", default="demo,quick,test", help="comma-separated: demo, quick, test (default: all)")
+    p.add_argument("--no-write", action="store_true", help="print only")
+    args = p.parse_args(argv)
+    names = [n.strip() for n in args.only.split(",") if n.strip()]
+    unknown = [n for n in names if n not in TARGETS_S]
+    if unknown or not names:
+        p.error(f"--only: expected some of {', '.join(TARGETS_S)}, got {args.only!r}")
+    flags = cpu_flags() or set()
+    resolved = resolve("auto", cuda=False)
+    env = {"cpu_model": cpu_model(), "cores": os.cpu_count(), "flags": [f for f in SHOWN_FLAGS if f in flags],
+           "native_bf16_flags": sorted(set(NATIVE_BF16_FLAGS) & flags), "dtype": resolved.dtype,
+           "dtype_reason": resolved.reason, "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+    out_dir = tempfile.mkdtemp(prefix="oirl_targets_")
+    try:
+        cmds = commands(out_dir)
+        rows = []
+        for name in names:
+            print(f"{name}: {' '.join(cmds[name])}", flush=True)
+            rows.append(run(name, cmds[name]))
+            print(f"  {rows[-1]['measured_s']:.0f} s (target {TARGETS_S[name]:.0f} s), exit {rows[-1]['returncode']}",
+                  flush=True)
+    finally:
+        shutil.rmtree(out_dir, ignore_errors=True)
+    text = markdown(env, rows)
+    print(text)
+    if not args.no_write:
+        stem = REPO / "benchmarks" / "results" / f"targets-{cpu_tag(flags)}"
+        atomic_write_json(str(stem) + ".json", {"env": env, "rows": rows})
+        with atomic_writer(str(stem) + ".md") as f:
+            f.write(text)
+    return 0 if all(r["returncode"] == 0 for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

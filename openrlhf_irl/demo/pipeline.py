@@ -724,12 +724,12 @@ class Demo:
             golden.setdefault(r["prompt"], []).append(r["golden"])
             responses.setdefault(r["prompt"], []).append(r["response"])
         rho, n = mean_within_prompt_spearman(rewards, golden)
-        out = {"spearman_golden": rho, "spearman_prompts": n, "left_out_empty": len(candidates) - len(kept)}
+        result = {"spearman_golden": rho, "spearman_prompts": n, "left_out_empty": len(candidates) - len(kept)}
         hidden_reward = getattr(self.task, "hidden_reward", None)
         if hidden_reward is not None:  # bigram: the expert's own reward, the one inverse RL should recover
-            hidden = {p: [hidden_reward(p, c) for c in responses[p]] for p in rewards}
-            out["spearman_hidden"], _ = mean_within_prompt_spearman(rewards, hidden)
-        return out
+            hidden = {p: [hidden_reward(p, text) for text in responses[p]] for p in rewards}
+            result["spearman_hidden"], _ = mean_within_prompt_spearman(rewards, hidden)
+        return result
 
     def _entropies(self, model_path: str, completions: list, temperature: float) -> list[tuple[float, int]]:
         from openrlhf_irl.eval.diversity import entropy_sums

@@ -204,6 +204,15 @@ def iq_reward_recovery(reward_models: dict, task: str) -> dict:
     return {"outcome": outcome, "why": why, "spearman_hidden": rho, "spearman_golden": golden}
 
 
+def _hold(claims: dict, outcome: str, reason: str) -> None:
+    """Replace every read claim's outcome by ``outcome``, keeping what its rows alone say."""
+    for c in claims.values():
+        if c["outcome"] != "not read":
+            c["computed_outcome"] = c["outcome"]
+            c["outcome"] = outcome
+            c["why"] = f"{reason}; the rows alone would read '{c['computed_outcome']}' ({c['why']})"
+
+
 def read_criteria(per_seed: list[dict], rows: dict, reward_models: dict, task: str) -> dict:
     """Gates and every claim's outcome; claims on a task that fails a gate are GATED (their numbers kept)."""
     g = gates(per_seed)
@@ -213,20 +222,10 @@ def read_criteria(per_seed: list[dict], rows: dict, reward_models: dict, task: s
               "IQ-Learn, fewer demonstrations": iq_fewer_demos(per_seed, rows),
               "IQ-Learn, reward recovery": iq_reward_recovery(reward_models, task)}
     if len(per_seed) < MIN_SEEDS:
-        for c in claims.values():
-            if c["outcome"] != "not read":
-                c["computed_outcome"] = c["outcome"]
-                c["outcome"] = CANNOT_TELL
-                c["why"] = f"{len(per_seed)} seed(s), fewer than the {MIN_SEEDS} the criteria require; the rows alone " \
-                           f"would read '{c['computed_outcome']}' ({c['why']})"
+        _hold(claims, CANNOT_TELL, f"{len(per_seed)} seed(s), fewer than the {MIN_SEEDS} the criteria require")
     elif not (g["level"]["passed"] and g["headroom"]["passed"]):
         failed = [k for k in ("level", "headroom") if not g[k]["passed"]]
-        for c in claims.values():
-            if c["outcome"] != "not read":
-                c["computed_outcome"] = c["outcome"]
-                c["outcome"] = GATED
-                c["why"] = f"gate failed: {', '.join(failed)}; the rows alone would read '{c['computed_outcome']}'" \
-                           f" ({c['why']})"
+        _hold(claims, GATED, f"gate failed: {', '.join(failed)}")
     return {"gates": g, "claims": claims}
 
 

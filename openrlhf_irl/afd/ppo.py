@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -78,13 +79,22 @@ def read_logs(tensorboard_dir: str) -> list[dict]:
     return [steps[k] for k in sorted(steps)]
 
 
+def lost_port_race(stderr: str | None) -> bool:
+    """Whether a failed run's output shows a socket that could not bind its port (EADDRINUSE): OpenRLHF chooses a
+    free port for its process groups, closes it and binds it later, and another process can take it in between."""
+    text = stderr or ""
+    return "EADDRINUSE" in text or "address already in use" in text.lower()
+
+
 def run_ppo(policy: str, prompts: Sequence[str], out_dir: str, *, reward_model: str | None = None,
             log_ratio: tuple[str, str] | None = None, reward_func: str | None = None,
-            env: dict | None = None, timeout_s: float | None = None, quiet: bool = True, **kwargs) -> PPOResult:
+            env: dict | None = None, timeout_s: float | None = None, quiet: bool = True, port_retries: int = 1,
+            **kwargs) -> PPOResult:
     """Run PPO on ``prompts`` from ``policy``; the reward is ``reward_model``, the AfD log-ratio
     ``log_ratio=(sft_dir, init_dir)`` or a ``reward_func`` file. ``kwargs`` go to :func:`ppo_argv`. ``quiet``: the
-    run's output is not shown (else its stdout as it comes and its stderr once it ends).
-    Raises ``RuntimeError`` with the launcher's error line when the run fails."""
+    run's output is not shown (else its stdout as it comes and its stderr once it ends). A run that fails because a
+    port OpenRLHF chose was taken before it bound it (:func:`lost_port_race`) is run again, up to ``port_retries``
+    times. Raises ``RuntimeError`` with the launcher's error line when the run fails."""
     need = kwargs.get("prompts_per_step", 4) * kwargs.get("steps", 2)
     if len(prompts) < need:
         raise ValueError(f"{kwargs.get('steps', 2)} PPO steps of {kwargs.get('prompts_per_step', 4)} prompts need "
@@ -102,17 +112,23 @@ def run_ppo(policy: str, prompts: Sequence[str], out_dir: str, *, reward_model: 
     argv = ppo_argv(str(policy), str(prompt_file), str(out), reward_model=reward_model, reward_func=reward_func,
                     **kwargs)
     for stale in ("tensorboard", "policy"):  # a rerun never reads the logs or weights of an earlier one
-        import shutil
-
         shutil.rmtree(out / stale, ignore_errors=True)
     start = time.monotonic()
-    proc = subprocess.run([sys.executable, "-m", "openrlhf_irl.cli.train_ppo", *argv], env=run_env,
-                          stdout=subprocess.PIPE if quiet else None, stderr=subprocess.PIPE, text=True,
-                          timeout=timeout_s)
+    for attempt in range(1 + port_retries):
+        proc = subprocess.run([sys.executable, "-m", "openrlhf_irl.cli.train_ppo", *argv], env=run_env,
+                              stdout=subprocess.PIPE if quiet else None, stderr=subprocess.PIPE, text=True,
+                              timeout=timeout_s)
+        if not quiet and proc.stderr:  # kept for the error line below; shown (or logged: the demo's stage log) too
+            sys.stderr.write(proc.stderr)
+            sys.stderr.flush()
+        if proc.returncode == 0 or not lost_port_race(proc.stderr) or attempt == port_retries:
+            break
+        # OpenRLHF picks a free port, closes it and binds it later; another job on the machine can take it between
+        print(f"PPO: a port chosen by OpenRLHF was taken before it was bound (EADDRINUSE); run again "
+              f"({attempt + 2} of {1 + port_retries})", flush=True)
+        for stale in ("tensorboard", "policy"):
+            shutil.rmtree(out / stale, ignore_errors=True)
     seconds = time.monotonic() - start
-    if not quiet and proc.stderr:  # kept for the error line below; shown (or logged: the demo's stage log) too
-        sys.stderr.write(proc.stderr)
-        sys.stderr.flush()
     if proc.returncode != 0:
         errors = [line for line in (proc.stderr or "").splitlines() if line.startswith("error:")]
         tail = errors[-1] if errors else (proc.stderr or "").strip().splitlines()[-1:] or ["(no output)"]

@@ -108,11 +108,13 @@ def settings_md(cfg: DemoConfig, seeds: list[int], command: str, wall_s: float, 
         f"- task: {cfg.task}; {cfg.n_train_prompts} demonstrations (expert noise {cfg.expert_noise}) on the training "
         "prompts; " + (f"a seeded {cfg.held_out_fraction:.0%} of each k's targets held out for evaluation"
                        if cfg.task == "sum" else f"{cfg.n_eval_prompts} fresh held-out prompts for evaluation"),
-        f"- model: Llama, hidden {cfg.hidden_size}, {cfg.num_layers} layers, {cfg.vocab_size}-token byte-level BPE; "
+        f"- model: Llama, hidden {cfg.hidden_size}, {cfg.num_layers} layers, {cfg.vocab_size}-token byte-level BPE"
+        f"{' (no merges: character level)' if cfg.vocab_size <= 259 else ''}; "
         f"pre-training {cfg.pretrain_epochs} epoch on {cfg.n_pretrain} lines",
         f"- SFT: {cfg.sft_epochs} epochs, lr {cfg.sft_lr}, batch {cfg.batch_size}; IQ-Learn td_weight in "
         f"{{0 (= MLE, --trainer sft), {', '.join(f'{t:g}' for t in cfg.td_weights)}}}, gamma 1, offline",
-        f"- sampling temperatures for the SFT policies: {', '.join(f'{t:g}' for t in cfg.temperatures)} "
+        f"- sampling temperatures for {'the SFT policies' if cfg.sweep_iq_temperatures else 'MLE SFT (IQ-Learn at 1)'}: "
+        f"{', '.join(f'{t:g}' for t in cfg.temperatures)} "
         f"(top-p 1, {cfg.max_new_tokens} new tokens, {cfg.eval_samples_per_prompt} samples per held-out prompt)",
         f"- demonstration subsets: {', '.join(f'{f:.0%}' for f in cfg.demo_subsets) or 'none'} (more epochs, so "
         "as many optimizer steps as the full runs), MLE and IQ-Learn at td_weight " + f"{cfg.td_weight:g}",

@@ -98,11 +98,12 @@ def _finished(path: str, cfg: DemoConfig) -> dict | None:
     return stored if stored.get("config") == _jsonable(cfg) else None
 
 
-def settings_md(cfg: DemoConfig, seeds: list[int], command: str, wall_s: float, seed_times: dict) -> list[str]:
+def settings_md(cfg: DemoConfig, seeds: list[int], command: str, wall_s: float, seed_times: dict,
+                wall_label: str = "Wall time of this invocation") -> list[str]:
     return [
         "## How this was made", "",
         f"Command: `{command}`", "",
-        f"Wall time of this invocation: {wall_s / 60:.1f} min; per seed (s): "
+        f"{wall_label}: {wall_s / 60:.1f} min; per seed (s): "
         + ", ".join(f"seed {s}: {t:.0f}" for s, t in seed_times.items()) + ".", "",
         "Settings (every setting tried is listed; none was tuned toward a result):", "",
         f"- task: {cfg.task}; {cfg.n_train_prompts} demonstrations (expert noise {cfg.expert_noise}) on the training "

@@ -45,8 +45,9 @@ def summary(report: dict) -> list[str]:
     out += ["", "IQ-Learn minus MLE on demonstration subsets (same optimizer steps, golden): "
             + "; ".join(f"{k} of demos {_ci(d)}" for k, d in few.items()) + "."]
     rec = claims["IQ-Learn, reward recovery"]
-    out += ["", f"IQ-Learn reward recovery (Spearman of extract_reward's sum with the golden reward): "
-                f"{_ci(rec.get('spearman_golden'))} ({rec['outcome']}).", ""]
+    out += ["", f"IQ-Learn reward recovery, Spearman of extract_reward's sum with the hidden reward "
+                f"{_ci(rec.get('spearman_hidden'))}, with the golden reward {_ci(rec.get('spearman_golden'))} "
+                f"({rec['outcome']}).", ""]
     return out
 
 

@@ -131,9 +131,13 @@ def test_experiment_reuses_only_seeds_with_the_same_settings(tmp_path):
 
 
 def test_the_criteria_sweeps_hold_what_the_criteria_read_and_about_4000_afd_pairs(tmp_path):
-    for task, per_prompt in (("sum", 4), ("sort", 8), ("bigram", 4)):
+    from openrlhf_irl.demo.task import split_prompts
+
+    distinct = {"sum": len(split_prompts(3)[0]), "sort": 500, "bigram": 1000}  # sum: 40 prompts under 1000 demos
+    assert distinct["sum"] == 40 == len(split_prompts(0)[0])
+    for task, per_prompt in (("sum", 100), ("sort", 8), ("bigram", 4)):
         cfg = E.experiment_config(str(tmp_path), task=task)  # the default sweeps
-        assert cfg.n_train_prompts * cfg.afd_samples_per_prompt == pytest.approx(E.AFD_PAIRS, rel=0.01)
+        assert distinct[task] * cfg.afd_samples_per_prompt == pytest.approx(E.AFD_PAIRS, rel=0.01)
         assert cfg.afd_samples_per_prompt == per_prompt
         assert cfg.afd_variants == ("init-sft",) and cfg.golden_pref and not cfg.spin
         assert set(cfg.ppo_rewards) == {"BCE init-sft", "BT golden-pref"} and max(cfg.bon_ns) == 16

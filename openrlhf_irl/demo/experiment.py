@@ -74,11 +74,13 @@ def experiment_config(output_dir: str, quick: bool = False, backend: str = "auto
                                bon_ns=(1, 2, 4), n_boot=500, task=task, expert_habit=expert_habit)
     # The demo's task, model and data; for sum, SFT epochs halved (16 -> 8) so that several seeds fit in an hour on a
     # shared 2-core machine (chosen for time before any result was seen); a sized task keeps its sizes.
-    sized = load_task(task).SIZES
+    module = load_task(task)
+    sized = module.SIZES
     halved = {} if sized else {"sft_epochs": 8}
-    if sweeps == "criteria":
+    if sweeps == "criteria":  # AfD samples every distinct training prompt (sum: 40 prompts under 1000 demonstrations)
         n_train = sized.get("n_train_prompts", DemoConfig.n_train_prompts)
-        common["afd_samples_per_prompt"] = max(2, round(AFD_PAIRS / n_train))
+        distinct = getattr(module, "distinct_training_prompts", lambda n: n)(n_train)
+        common["afd_samples_per_prompt"] = max(2, round(AFD_PAIRS / distinct))
     return DemoConfig.make(output_dir, backend=backend, **halved, **common)
 
 

@@ -68,6 +68,7 @@ __all__ = [
     "VOCAB_SIZE",
     "TITLE",
     "SIZES",
+    "distinct_training_prompts",
     "TaskConfig",
     "K_RANGE",
     "MAX_TARGET",
@@ -176,6 +177,12 @@ def make_prompts(n: int, rng: RngLike = None, pool: Optional[list[str]] = None) 
         raise ValueError("make_prompts: empty prompt pool")
     ks = sorted(by_k)
     return [rng.choice(by_k[rng.choice(ks)]) for _ in range(n)]
+
+
+def distinct_training_prompts(n_train_prompts: int, held_out_fraction: float = 0.25) -> int:
+    """How many distinct prompts ``n_train_prompts`` demonstrations cover: the task has few prompts, so the
+    demonstrations repeat the training side of the split (its size does not depend on the seed)."""
+    return min(n_train_prompts, len(split_prompts(0, held_out_fraction)[0]))
 
 
 def split_prompts(seed: int, held_out_fraction: float = 0.25) -> tuple[list[str], list[str]]:

@@ -366,3 +366,48 @@ def test_experiment_second_run_into_the_same_folder_is_refused(tmp_path, monkeyp
         assert (root / "report.md").read_text() == "the running job's"
     finally:
         stop(holder)
+
+
+def test_sigterm_unwinds_like_ctrl_c_and_the_cli_says_so(capsys):
+    """SIGTERM inside a CLI raises in the main thread, so its finally blocks (engines, Ray, shared memory) run; the
+    CLI then says it was stopped by SIGTERM and exits 143. The previous handler is back afterwards."""
+    from openrlhf_irl.cli.common import cli_main
+    from openrlhf_irl.utils.signals import Terminated, reclaim_sigterm, sigterm_unwinds
+
+    cleaned = []
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(Terminated):
+        with sigterm_unwinds():
+            try:
+                os.kill(os.getpid(), signal.SIGTERM)
+                for _ in range(100):  # the handler runs between bytecodes
+                    pass
+            finally:
+                cleaned.append("engines closed")
+    assert cleaned == ["engines closed"] and signal.getsignal(signal.SIGTERM) == before
+    # a library that replaces the handler inside (ray.init does) is overruled by reclaim_sigterm
+    with pytest.raises(Terminated):
+        with sigterm_unwinds():
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)  # if reclaiming failed: no raise, the test fails
+            reclaim_sigterm()
+            os.kill(os.getpid(), signal.SIGTERM)
+            for _ in range(100):
+                pass
+    reclaim_sigterm()  # outside: nothing to reclaim, the handler stays as it was
+    assert signal.getsignal(signal.SIGTERM) == before
+
+    @cli_main("demo-cli", resume_hint="rerun it")
+    def main(argv=None):
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            for _ in range(100):  # the handler runs between bytecodes
+                pass
+        finally:
+            cleaned.append("again")
+        return 0
+
+    with pytest.raises(SystemExit) as exc:
+        main([])
+    assert exc.value.code == 143 and cleaned[-1] == "again"
+    assert capsys.readouterr().err.strip() == "interrupted: demo-cli stopped by SIGTERM; rerun it"
+    assert signal.getsignal(signal.SIGTERM) == before

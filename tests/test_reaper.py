@@ -153,10 +153,11 @@ def test_remove_stale_shm_only_removes_unmapped_candidates():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("ending", ["normal", "ctrl-c"])
+@pytest.mark.parametrize("ending", ["normal", "ctrl-c", "sigterm"])
 def test_sample_cli_on_engines_leaves_no_shared_memory(tiny_model, tmp_path, vllm_ready, ending):
-    """Every segment the job's processes (driver, Ray, engine processes) mapped is gone after a normal exit, and
-    after a Ctrl-C (SIGINT to the job's process group, as a terminal sends it) once its engine processes are up.
+    """Every segment the job's processes (driver, Ray, engine processes) mapped is gone after a normal exit, after a
+    Ctrl-C (SIGINT to the job's process group, as a terminal sends it) and after a SIGTERM to the job's own process
+    only (``kill PID``, a scheduler's stop), once its engine processes are up.
     Judged by what the job's own processes were seen mapping: other jobs on the machine may create segments."""
     import signal
 
@@ -181,9 +182,12 @@ def test_sample_cli_on_engines_leaves_no_shared_memory(tiny_model, tmp_path, vll
                     tree = [psutil.Process(job.pid), *psutil.Process(job.pid).children(recursive=True)]
                     procs.update((p.pid, p) for p in tree)
                     seen |= shm_mapped_by([p.pid for p in tree])
-                    if ending == "ctrl-c" and not interrupted and seen and any(
+                    if ending != "normal" and not interrupted and seen and any(
                             p.name().startswith("VLLM::Worker") for p in tree):
-                        os.killpg(job.pid, signal.SIGINT)
+                        if ending == "ctrl-c":
+                            os.killpg(job.pid, signal.SIGINT)
+                        else:
+                            os.kill(job.pid, signal.SIGTERM)
                         interrupted = True
                 time.sleep(0.5)
             log = (tmp_path / "log.txt").read_text()
@@ -193,7 +197,9 @@ def test_sample_cli_on_engines_leaves_no_shared_memory(tiny_model, tmp_path, vll
                 print(f"engine died mid-job, rerunning as the job says:\n{log_tail}")
                 continue
             break
-        if ending == "ctrl-c":
+        if ending == "sigterm":  # the CLI unwound (its clean-up ran) rather than dying at once
+            assert interrupted and job.poll() == 143 and "stopped by SIGTERM" in log, log_tail
+        elif ending == "ctrl-c":
             assert interrupted and job.poll() not in (None, 0), log_tail
         else:
             assert job.poll() == 0, log_tail

@@ -17,6 +17,8 @@ import sys
 import tempfile
 from typing import Any, Callable, Optional
 
+from openrlhf_irl.utils.signals import Terminated, sigterm_unwinds, terminated
+
 __all__ = [
     "UsageError", "positive_int", "nonnegative_int", "check_output_dir", "claim_output_unit", "check_output_file",
     "check_model", "check_lora", "check_device", "check_not_same_file", "model_context_length",
@@ -54,8 +56,8 @@ def user_error_line(err: BaseException) -> Optional[str]:
 
 
 def cli_main(prog: str, *, resume_hint: str = "", usage_code: int = 2) -> Callable:
-    """Decorator for a CLI's ``main(argv=None)``: Ctrl-C (KeyboardInterrupt, also SIGTERM where the CLI maps it)
-    ends it with ``interrupted: ...`` and exit 130; a user's mistake found at any point (``UsageError``,
+    """Decorator for a CLI's ``main(argv=None)``: Ctrl-C (KeyboardInterrupt) or SIGTERM (:func:`sigterm_unwinds`)
+    ends it, after its clean-up, with ``interrupted: ...`` and exit 130 (143 for SIGTERM); a user's mistake found at any point (``UsageError``,
     ``DataError``: exit ``usage_code``; a user-facing OSError such as ENOSPC naming the file: exit 1) with one
     ``error: ...`` line. Any other exception propagates with its traceback: a bug is never hidden. The function's
     own return value (an exit code, or None) is returned unchanged."""
@@ -64,11 +66,13 @@ def cli_main(prog: str, *, resume_hint: str = "", usage_code: int = 2) -> Callab
         @functools.wraps(func)
         def main(argv=None):
             try:
-                return func(argv)
-            except KeyboardInterrupt:
+                with sigterm_unwinds():
+                    return func(argv)
+            except KeyboardInterrupt as err:
                 hint = f"; {resume_hint}" if resume_hint else ""
-                _say(f"interrupted: {prog} stopped by Ctrl-C{hint}")
-                raise SystemExit(130) from None
+                by_sigterm = isinstance(err, Terminated) or terminated()
+                _say(f"interrupted: {prog} stopped by {'SIGTERM' if by_sigterm else 'Ctrl-C'}{hint}")
+                raise SystemExit(143 if by_sigterm else 130) from None
             except Exception as err:
                 line = user_error_line(err)
                 if line is None:

@@ -7,6 +7,8 @@ from typing import Any, Callable, Iterable, Optional
 
 import ray
 
+from openrlhf_irl.utils.signals import reclaim_sigterm
+
 __all__ = ["ensure_ray", "release_each"]
 
 
@@ -28,6 +30,7 @@ def ensure_ray(num_cpus: Optional[int] = None) -> bool:
 
         ray.init(address="local", num_cpus=num_cpus or os.cpu_count() or 1,
                  _temp_dir=os.path.join(private_run_dir(), "ray"), **kwargs)
+    reclaim_sigterm()  # ray.init replaced a CLI's SIGTERM clean-up with its own abort
     return True
 
 

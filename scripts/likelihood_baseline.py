@@ -19,32 +19,17 @@ import tempfile
 
 
 def seed_correlations(seed_dir: str) -> dict:
-    from openrlhf_irl.cli import extract_reward
-    from openrlhf_irl.demo.pipeline import INPUT_TEMPLATE
+    """MLE SFT's reward sum at gamma 1 on the seed's held-out candidates, correlated as the experiment does."""
+    from openrlhf_irl.demo.pipeline import reward_sum_correlations
     from openrlhf_irl.demo.tasks import load_task
-    from openrlhf_irl.eval.reward_checks import mean_within_prompt_spearman
-    from openrlhf_irl.utils.jsonl import read_jsonl
 
     with open(os.path.join(seed_dir, "results.json")) as f:
         task = load_task(json.load(f)["config"]["task"])
-    data = os.path.join(seed_dir, "samples", "iq_reward_in.jsonl")
     with tempfile.TemporaryDirectory(prefix="oirl_likelihood_") as tmp:
-        out = os.path.join(tmp, "mle_reward.jsonl")
-        argv = ["--model", os.path.join(seed_dir, "models", "sft_mle"), "--data", data, "--output", out,
-                "--data.input_template", INPUT_TEMPLATE, "--data.max_len", "64", "--gamma", "1", "--device", "cpu",
-                "--reference-key", "golden"]
-        if extract_reward.main(argv) != 0:
-            raise RuntimeError(f"extract_reward failed on {data}")
-        rewards, golden, hidden = {}, {}, {}
-        for _, r in read_jsonl(out):
-            rewards.setdefault(r["prompt"], []).append(r["reward"])
-            golden.setdefault(r["prompt"], []).append(r["golden"])
-            if hasattr(task, "hidden_reward"):
-                hidden.setdefault(r["prompt"], []).append(task.hidden_reward(r["prompt"], r["response"]))
-    result = {"spearman_golden": mean_within_prompt_spearman(rewards, golden)[0]}
-    if hidden:
-        result["spearman_hidden"] = mean_within_prompt_spearman(rewards, hidden)[0]
-    return result
+        result = reward_sum_correlations(os.path.join(seed_dir, "models", "sft_mle"),
+                                         os.path.join(seed_dir, "samples", "iq_reward_in.jsonl"),
+                                         os.path.join(tmp, "mle_reward.jsonl"), task)
+    return {k: v for k, v in result.items() if k in ("spearman_golden", "spearman_hidden")}
 
 
 def main(seed_dirs: list[str]) -> int:

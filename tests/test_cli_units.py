@@ -368,6 +368,12 @@ def test_experiment_second_run_into_the_same_folder_is_refused(tmp_path, monkeyp
         stop(holder)
 
 
+def _sigterm_self() -> None:
+    os.kill(os.getpid(), signal.SIGTERM)
+    for _ in range(100):  # the Python handler runs between bytecodes
+        pass
+
+
 def test_sigterm_unwinds_like_ctrl_c_and_the_cli_says_so(capsys):
     """SIGTERM inside a CLI raises in the main thread, so its finally blocks (engines, Ray, shared memory) run; the
     CLI then says it was stopped by SIGTERM and exits 143. The previous handler is back afterwards."""
@@ -379,9 +385,7 @@ def test_sigterm_unwinds_like_ctrl_c_and_the_cli_says_so(capsys):
     with pytest.raises(Terminated):
         with sigterm_unwinds():
             try:
-                os.kill(os.getpid(), signal.SIGTERM)
-                for _ in range(100):  # the handler runs between bytecodes
-                    pass
+                _sigterm_self()
             finally:
                 cleaned.append("engines closed")
     assert cleaned == ["engines closed"] and signal.getsignal(signal.SIGTERM) == before
@@ -390,18 +394,14 @@ def test_sigterm_unwinds_like_ctrl_c_and_the_cli_says_so(capsys):
         with sigterm_unwinds():
             signal.signal(signal.SIGTERM, signal.SIG_IGN)  # if reclaiming failed: no raise, the test fails
             reclaim_sigterm()
-            os.kill(os.getpid(), signal.SIGTERM)
-            for _ in range(100):
-                pass
+            _sigterm_self()
     reclaim_sigterm()  # outside: nothing to reclaim, the handler stays as it was
     assert signal.getsignal(signal.SIGTERM) == before
 
     @cli_main("demo-cli", resume_hint="rerun it")
     def main(argv=None):
         try:
-            os.kill(os.getpid(), signal.SIGTERM)
-            for _ in range(100):  # the handler runs between bytecodes
-                pass
+            _sigterm_self()
         finally:
             cleaned.append("again")
         return 0

@@ -704,32 +704,15 @@ class Demo:
         expert's own hidden reward (at gamma 1 the sum is ``log pi(y|x) + V(s_0)``,
         so within a prompt it ranks as the policy's likelihood does). Empty responses are left out: OpenRLHF's SFT
         dataset, which ``extract_reward`` tokenises with, drops them."""
-        from openrlhf_irl.cli import extract_reward
-        from openrlhf_irl.eval.reward_checks import mean_within_prompt_spearman
-        from openrlhf_irl.utils.jsonl import atomic_write_jsonl, read_jsonl
+        from openrlhf_irl.utils.jsonl import atomic_write_jsonl
 
         data = self.path("samples", "iq_reward_in.jsonl")
         candidates = [c for g in groups for c in g]
         kept = [{k: c[k] for k in ("prompt", "response", "finished", "golden")} for c in candidates if c["response"]]
         atomic_write_jsonl(data, kept)
-        out = self.path("samples", "iq_reward.jsonl")
-        argv = ["--model", self.path("models", iq_name(self.cfg.td_weight)), "--data", data, "--output", out,
-                "--data.input_template", INPUT_TEMPLATE, "--data.max_len", "64", "--gamma", "1", "--device", "cpu",
-                "--reference-key", "golden"]
-        if extract_reward.main(argv) != 0:
-            raise RuntimeError(f"extract_reward failed on {data}")
-        rewards, golden, responses = {}, {}, {}
-        for _, r in read_jsonl(out):
-            rewards.setdefault(r["prompt"], []).append(r["reward"])
-            golden.setdefault(r["prompt"], []).append(r["golden"])
-            responses.setdefault(r["prompt"], []).append(r["response"])
-        rho, n = mean_within_prompt_spearman(rewards, golden)
-        result = {"spearman_golden": rho, "spearman_prompts": n, "left_out_empty": len(candidates) - len(kept)}
-        hidden_reward = getattr(self.task, "hidden_reward", None)
-        if hidden_reward is not None:  # bigram: the expert's own reward, the one inverse RL should recover
-            hidden = {p: [hidden_reward(p, text) for text in responses[p]] for p in rewards}
-            result["spearman_hidden"], _ = mean_within_prompt_spearman(rewards, hidden)
-        return result
+        result = reward_sum_correlations(self.path("models", iq_name(self.cfg.td_weight)), data,
+                                         self.path("samples", "iq_reward.jsonl"), self.task)
+        return {**result, "left_out_empty": len(candidates) - len(kept)}
 
     def _entropies(self, model_path: str, completions: list, temperature: float) -> list[tuple[float, int]]:
         from openrlhf_irl.eval.diversity import entropy_sums
@@ -756,6 +739,32 @@ class Demo:
                                       f"task {self.cfg.task})")
         self.timings["report"] = round(time.time() - start, 1)
         return report
+
+
+def reward_sum_correlations(model: str, data: str, out: str, task) -> dict:
+    """``extract_reward`` of ``model`` at gamma 1 on ``data`` (records with prompt, response, finished, golden; the
+    demo's template), written to ``out``; the within-prompt Spearman correlation of each response's reward sum with
+    the golden reward and, where ``task`` has one (bigram), with the expert's own hidden reward."""
+    from openrlhf_irl.cli import extract_reward
+    from openrlhf_irl.eval.reward_checks import mean_within_prompt_spearman
+    from openrlhf_irl.utils.jsonl import read_jsonl
+
+    argv = ["--model", model, "--data", data, "--output", out, "--data.input_template", INPUT_TEMPLATE,
+            "--data.max_len", "64", "--gamma", "1", "--device", "cpu", "--reference-key", "golden"]
+    if extract_reward.main(argv) != 0:
+        raise RuntimeError(f"extract_reward failed on {data}")
+    rewards, golden, responses = {}, {}, {}
+    for _, r in read_jsonl(out):
+        rewards.setdefault(r["prompt"], []).append(r["reward"])
+        golden.setdefault(r["prompt"], []).append(r["golden"])
+        responses.setdefault(r["prompt"], []).append(r["response"])
+    rho, n = mean_within_prompt_spearman(rewards, golden)
+    result = {"spearman_golden": rho, "spearman_prompts": n}
+    hidden_reward = getattr(task, "hidden_reward", None)
+    if hidden_reward is not None:  # bigram: the expert's own reward, the one inverse RL should recover
+        hidden = {p: [hidden_reward(p, text) for text in responses[p]] for p in rewards}
+        result["spearman_hidden"], _ = mean_within_prompt_spearman(rewards, hidden)
+    return result
 
 
 def run_demo(output_dir: str = "outputs/demo", seed: int = 0, quick: bool = False, backend: str = "auto",

@@ -142,6 +142,8 @@ def engine_env() -> dict[str, str]:
     * ``TORCHDYNAMO_DISABLE``: the first sampled call would compile C++ for ~13 s otherwise.
     * ``VLLM_CACHE_ROOT``, ``VLLM_RPC_BASE_PATH``, ``TMPDIR``: a private directory removed when the driver
       exits, instead of ``~/.cache/vllm`` and sockets left in ``/tmp``.
+    * ``PYTHONFAULTHANDLER``: an engine process that a signal kills (SIGSEGV, SIGILL, SIGBUS, SIGABRT) prints its
+      Python stack into the job's log; vLLM reports only "died unexpectedly (exit code: -N)".
     """
     run_dir = engine_run_dir()
     env = {
@@ -150,6 +152,7 @@ def engine_env() -> dict[str, str]:
         "VLLM_CACHE_ROOT": os.path.join(run_dir, "cache"),
         "VLLM_RPC_BASE_PATH": run_dir,
         "TMPDIR": run_dir,
+        "PYTHONFAULTHANDLER": "1",
     }
     for key in list(env):
         if os.environ.get(key):

@@ -1,6 +1,7 @@
 """vLLM general plugin (entry point ``vllm.general_plugins: openrlhf_irl``): vLLM calls :func:`register` at the start
 of each of its processes (API server, EngineCore, workers). It is the one route into the vLLM worker process, which
-vLLM spawns itself, so it is where the CPU engine-side fixes of :mod:`openrlhf_irl.compat.vllm_cpu` are installed.
+vLLM spawns itself, so it is where the CPU engine-side fixes of :mod:`openrlhf_irl.compat.vllm_cpu` are installed,
+and where each vLLM process on an AMX CPU asks for the AMX state before its first kernel (:mod:`.vllm_amx`).
 
 It does nothing on a GPU platform, with ``OPENRLHF_IRL_COMPAT=0`` or for an OpenRLHF or vLLM version the layer was
 not written for (:mod:`.versions`), and it imports nothing from OpenRLHF itself: the patches apply when vLLM imports OpenRLHF's worker
@@ -21,8 +22,13 @@ def register() -> None:
 
     from .versions import supported
 
-    if not (current_platform.is_cpu() and supported("openrlhf") and supported("vllm")):
+    if not (current_platform.is_cpu() and supported("vllm")):
         return  # the driver refuses an unsupported vLLM in one line (generation.vllm.require_vllm)
+    from .vllm_amx import ensure_amx_permission
+
+    ensure_amx_permission()  # before any model runs in this process
+    if not supported("openrlhf"):
+        return
     from .vllm_cpu import WORKER_PATCHES, install_import_hooks
 
     install_import_hooks(WORKER_PATCHES)

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from helpers import assert_ok, counting_records, mean_response_nll, run_python, sft_flags
+from helpers import assert_ok, counting_records, mean_response_nll, run_python, saved_dtypes, sft_flags
 from openrlhf_irl import compat
 
 compat.activate()
@@ -173,6 +173,7 @@ def test_irl_iq_trains_under_deepspeed_and_reloads(tiny_model, sft_data, tmp_pat
     # the same NLL, about 0.91 of the start, in this budget)
     assert after < (0.95 if mode.startswith("lora") else 0.7) * before, (before, after)
     if mode == "offline_fused":
+        assert saved_dtypes(out) == {torch.bfloat16}  # --ds.param_dtype bf16 (sft_flags); fp32: test_param_dtype.py
         assert_loads_as_ppo_actor(out)
 
 

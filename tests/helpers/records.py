@@ -57,3 +57,13 @@ def mean_response_nll(model_dir: str, records: list[dict]) -> float:
             total += float(nll.sum())
             count += len(nll)
     return total / count
+
+
+def saved_dtypes(model_dir) -> set:
+    """The dtypes of the tensors in ``model_dir/model.safetensors`` (a saved HF model)."""
+    import os
+
+    from safetensors import safe_open
+
+    with safe_open(os.path.join(model_dir, "model.safetensors"), framework="pt") as h:
+        return {h.get_tensor(k).dtype for k in h.keys()}

@@ -11,7 +11,8 @@ A DeepSpeed op's build lock left by a killed process is recovered by :mod:`.exte
 ``--ds.param_dtype fp32``/``auto`` (bf16 only where the CPU computes it natively) is :mod:`.param_dtype`.
 
 Its vLLM engine path (engines on a CPU Ray cluster, the weight push) is bridged by :mod:`.vllm_cpu`: the
-driver side here, the engine side through the ``vllm.general_plugins`` entry point (:mod:`.vllm_plugin`).
+driver side here, the engine side through the ``vllm.general_plugins`` entry point (:mod:`.vllm_plugin`), which
+also has every vLLM process on an AMX CPU ask Linux for the AMX state before vLLM's AMX kernels run (:mod:`.vllm_amx`).
 """
 
 from __future__ import annotations

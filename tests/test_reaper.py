@@ -163,9 +163,11 @@ def test_sample_cli_on_engines_leaves_no_shared_memory(tiny_model, tmp_path, vll
     Judged by what the job's own processes were seen mapping: other jobs on the machine may create segments."""
     import signal
 
-    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": f"count from {a}"} for a in range(1, 5)])
+    # the engine-dies job is long enough (64 x 2 completions of up to 96 tokens) to be killed mid-generation
+    n_prompts, new_tokens = (64, 96) if ending == "engine-dies" else (4, 8)
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": f"count from {a}"} for a in range(1, n_prompts + 1)])
     cmd = [sys.executable, "-m", "openrlhf_irl.cli.sample", "--model", tiny_model, "--prompts", str(prompts),
-           "--rollout.n_samples_per_prompt", "2", "--rollout.max_new_tokens", "8", "--backend", "vllm",
+           "--rollout.n_samples_per_prompt", "2", "--rollout.max_new_tokens", str(new_tokens), "--backend", "vllm",
            "--num-actors", "1",
            "--policy-name", "sft", "--output", str(tmp_path / "samples.jsonl")]
     before = shm_segments()
@@ -181,7 +183,7 @@ def test_sample_cli_on_engines_leaves_no_shared_memory(tiny_model, tmp_path, vll
                                        preexec_fn=interruptible, stderr=subprocess.STDOUT, start_new_session=True)
             deadline = time.monotonic() + 600
             while job.poll() is None and time.monotonic() < deadline:
-                with contextlib.suppress(psutil.Error):
+                with contextlib.suppress(psutil.Error, ProcessLookupError):
                     tree = [psutil.Process(job.pid), *psutil.Process(job.pid).children(recursive=True)]
                     procs.update((p.pid, p) for p in tree)
                     seen |= shm_mapped_by([p.pid for p in tree])
@@ -210,6 +212,8 @@ def test_sample_cli_on_engines_leaves_no_shared_memory(tiny_model, tmp_path, vll
         elif ending == "engine-dies":
             assert interrupted and job.poll() == 1 and "rerun to resume" in log, log_tail
             assert "Fatal Python error: Illegal instruction" in log, log_tail
+            out = tmp_path / "samples.jsonl"
+            assert not out.exists() or len(out.read_text().splitlines()) < 2 * n_prompts, "killed after the job's end"
         else:
             assert job.poll() == 0, log_tail
         wait_for(lambda: not [p for p in procs.values() if p.is_running() and p.status() != psutil.STATUS_ZOMBIE],

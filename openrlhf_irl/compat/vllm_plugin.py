@@ -3,9 +3,10 @@ of each of its processes (API server, EngineCore, workers). It is the one route 
 vLLM spawns itself, so it is where the CPU engine-side fixes of :mod:`openrlhf_irl.compat.vllm_cpu` are installed,
 and where each vLLM process on an AMX CPU asks for the AMX state before its first kernel (:mod:`.vllm_amx`).
 
-It does nothing on a GPU platform, with ``OPENRLHF_IRL_COMPAT=0`` or for an OpenRLHF or vLLM version the layer was
-not written for (:mod:`.versions`), and it imports nothing from OpenRLHF itself: the patches apply when vLLM imports OpenRLHF's worker
-extension (``--worker-extension-cls openrlhf.trainer.ray.vllm_worker_wrap.WorkerWrap``).
+It does nothing on a GPU platform, with ``OPENRLHF_IRL_COMPAT=0`` or for a vLLM version the layer was not written
+for (:mod:`.versions`); for an unsupported OpenRLHF only the AMX request is made. It imports nothing from OpenRLHF
+itself: the patches apply when vLLM imports OpenRLHF's worker extension
+(``--worker-extension-cls openrlhf.trainer.ray.vllm_worker_wrap.WorkerWrap``).
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ does for ``conftest.py``). ``conftest.py`` keeps only fixtures and hooks; no tes
   or fused with the lm_head), composed from ``openrlhf_irl.losses``
 - :mod:`helpers.openrlhf_checkout`: a copy of the installed OpenRLHF with ``patches/`` applied
 - scripts and hooks the tests' subprocesses load (``PYTHONPATH`` = ``tests/``, names ``helpers.<module>``):
-  :mod:`helpers.engine_probe`, :mod:`helpers.golden_digits`, :mod:`helpers.record_rewards`,
+  :mod:`helpers.engine_probe`, :mod:`helpers.golden_digits`, :mod:`helpers.record_rewards`, :mod:`helpers.amx_probe`,
   :mod:`helpers.ckpt_rotation` (run as a script), and :mod:`helpers.local_cluster` (the two-node Ray cluster)
 - :mod:`helpers.task_levels`: the golden level of a demo task's expert and careless answers
 """

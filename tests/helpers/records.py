@@ -59,10 +59,8 @@ def mean_response_nll(model_dir: str, records: list[dict]) -> float:
     return total / count
 
 
-def saved_dtypes(model_dir) -> set:
+def saved_dtypes(model_dir: str | os.PathLike) -> set:
     """The dtypes of the tensors in ``model_dir/model.safetensors`` (a saved HF model)."""
-    import os
-
     from safetensors import safe_open
 
     with safe_open(os.path.join(model_dir, "model.safetensors"), framework="pt") as h:

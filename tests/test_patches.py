@@ -49,7 +49,12 @@ def test_patch_series_is_complete_and_in_git_format_patch_form():
 
 
 def test_patches_apply_cleanly_and_plugins_helper_resolves_entry_points(patched_openrlhf, monkeypatch, capsys):
+    from openrlhf_irl import compat
     from openrlhf_irl.trainers.plugins import IRL_IQ
+
+    # parsing irl_iq's arguments imports the installed (unpatched) openrlhf.models in this process, which needs the
+    # CPU layer where flash-attn has no CUDA build; run alone, no other test module has activated it yet
+    compat.activate()
 
     plugins = _load_patched_plugins(patched_openrlhf)
 

@@ -3,7 +3,8 @@
 (at most 2 min) and ``make test`` (at most 15 min of tests), each run in turn as a user runs it, with the CPU's model
 and flags and the dtype ``auto`` picks, the load average before and after (the targets are for an idle machine).
 
-Writes ``benchmarks/results/targets-<cpu>.md`` and ``.json`` (``<cpu>``: ``amx``, ``avx512-bf16`` or ``no-bf16``).
+Writes ``benchmarks/results/targets-<cpu>.md`` and ``.json`` (``<cpu>``: ``amx``, ``avx512-bf16`` or ``no-bf16``),
+keeping the rows of runs not repeated (same CPU model).
 Run: ``.venv/bin/python benchmarks/targets.py [--only demo,quick,test]``. The demos write into a temporary folder,
 removed afterwards; ``make test`` runs in this checkout.
 """
@@ -64,15 +65,28 @@ def test_seconds(output: str) -> float | None:
     return float(found[-1]) if found else None
 
 
+def stage_lines(output: str) -> list[str]:
+    """The demo's finished-stage lines ('[4/7] AfD samples and reward models ...... 1 m 52 s'): where the time went."""
+    return [m.group(0).strip() for m in re.finditer(r"^\[\d+/\d+\] .*? \.{3,} .*$", output, flags=re.M)]
+
+
+def now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
 def run(name: str, argv: list[str]) -> dict:
     load_before = os.getloadavg()[0]
+    started = now()
     start = time.time()
     proc = subprocess.run(argv, cwd=REPO, capture_output=True, text=True)
     wall = time.time() - start
     row = {"name": name, "command": " ".join(argv), "returncode": proc.returncode, "wall_s": round(wall, 1),
-           "load_before": load_before, "load_after": os.getloadavg()[0], "target_s": TARGETS_S[name]}
+           "load_before": load_before, "load_after": os.getloadavg()[0], "target_s": TARGETS_S[name],
+           "started": started}
     if name == "test":
         row["test_s"] = test_seconds(proc.stdout)
+    else:
+        row["stages"] = stage_lines(proc.stdout)
     measured = row.get("test_s") or wall
     row["measured_s"] = round(measured, 1)
     row["met"] = proc.returncode == 0 and measured <= TARGETS_S[name]
@@ -81,15 +95,30 @@ def run(name: str, argv: list[str]) -> dict:
     return row
 
 
+def merge_rows(previous: dict | None, env: dict, rows: list[dict]) -> list[dict]:
+    """This run's rows, plus the earlier rows of the runs it did not repeat when they were measured on the same CPU
+    model (``--only test`` after ``--only demo,quick`` keeps the demos' rows); in the order of ``TARGETS_S``."""
+    names = {r["name"] for r in rows}
+    kept = []
+    if previous and previous.get("env", {}).get("cpu_model") == env["cpu_model"]:
+        kept = [r for r in previous.get("rows", []) if r.get("name") in TARGETS_S and r["name"] not in names]
+    order = list(TARGETS_S)
+    return sorted(kept + rows, key=lambda r: order.index(r["name"]))
+
+
 def markdown(env: dict, rows: list[dict]) -> str:
     lines = [f"# Wall-time targets on {env['cpu_model']}", "",
              f"{env['date']}; {env['cores']} cores; flags {', '.join(env['flags'])}; dtype auto -> {env['dtype']} "
              f"({env['dtype_reason']})", "",
-             "| run | measured | target | met | load before / after | command |", "|---|---:|---:|---|---|---|"]
+             "| run | measured | target | met | load before / after | started (UTC) | command |",
+             "|---|---:|---:|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['name']} | {r['measured_s']:.0f} s | {r['target_s']:.0f} s | "
                      f"{'yes' if r['met'] else 'no'}{'' if r['returncode'] == 0 else ' (failed)'} | "
-                     f"{r['load_before']:.1f} / {r['load_after']:.1f} | `{r['command']}` |")
+                     f"{r['load_before']:.1f} / {r['load_after']:.1f} | {r.get('started', '')} | `{r['command']}` |")
+    for r in rows:
+        if r.get("stages"):
+            lines += ["", f"`{r['name']}` by stage:", "", "```", *r["stages"], "```"]
     return "\n".join(lines) + "\n"
 
 
@@ -106,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     resolved = resolve("auto", cuda=False)
     env = {"cpu_model": cpu_model(), "cores": os.cpu_count(), "flags": [f for f in SHOWN_FLAGS if f in flags],
            "native_bf16_flags": sorted(set(NATIVE_BF16_FLAGS) & flags), "dtype": resolved.dtype,
-           "dtype_reason": resolved.reason, "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+           "dtype_reason": resolved.reason, "date": now()}
     out_dir = tempfile.mkdtemp(prefix="oirl_targets_")
     try:
         cmds = commands(out_dir)
@@ -118,10 +147,15 @@ def main(argv: list[str] | None = None) -> int:
                   flush=True)
     finally:
         shutil.rmtree(out_dir, ignore_errors=True)
+    stem = REPO / "benchmarks" / "results" / f"targets-{cpu_tag(flags)}"
+    previous = None
+    if os.path.exists(str(stem) + ".json"):
+        with open(str(stem) + ".json", encoding="utf-8") as f:
+            previous = json.load(f)
+    rows = merge_rows(previous, env, rows)
     text = markdown(env, rows)
     print(text)
     if not args.no_write:
-        stem = REPO / "benchmarks" / "results" / f"targets-{cpu_tag(flags)}"
         atomic_write_json(str(stem) + ".json", {"env": env, "rows": rows})
         with atomic_writer(str(stem) + ".md") as f:
             f.write(text)

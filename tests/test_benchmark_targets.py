@@ -37,3 +37,29 @@ def test_only_names_known_runs(targets, capsys):
     with pytest.raises(SystemExit) as exc:
         targets.main(["--only", "demo,nope"])
     assert exc.value.code == 2 and "--only" in capsys.readouterr().err
+
+
+def test_a_partial_rerun_keeps_the_other_runs_rows_of_the_same_cpu_only(targets):
+    env = {"cpu_model": "EPYC"}
+    old = {"env": {"cpu_model": "EPYC"}, "rows": [{"name": "test", "measured_s": 1.0},
+                                                 {"name": "quick", "measured_s": 2.0}]}
+    new = [{"name": "quick", "measured_s": 3.0}, {"name": "demo", "measured_s": 4.0}]
+    merged = targets.merge_rows(old, env, new)
+    assert [(r["name"], r["measured_s"]) for r in merged] == [("demo", 4.0), ("quick", 3.0), ("test", 1.0)]
+    other_cpu = dict(old, env={"cpu_model": "Xeon"})
+    assert [r["name"] for r in targets.merge_rows(other_cpu, env, new)] == ["demo", "quick"]
+    assert [r["name"] for r in targets.merge_rows(None, env, new)] == ["demo", "quick"]
+
+
+def test_the_demo_rows_keep_the_finished_stage_lines_only(targets):
+    printed = ("openrlhf-irl demo (quick, seed 0, task sum): 7 stages\n"
+               "[1/7] task (log: outputs/demo/logs/01-task.log)\n"
+               "[1/7] task ................................ 0.4 s\n"
+               "[########------------] 1/7 stages, 0.4 s elapsed\n"
+               "[2/7] base model + initial policy ......... 1 m 05 s\n")
+    row = targets.run("quick", [sys.executable, "-c", f"print({printed!r}, end='')"])
+    assert row["stages"] == ["[1/7] task ................................ 0.4 s",
+                             "[2/7] base model + initial policy ......... 1 m 05 s"]
+    md = targets.markdown({"cpu_model": "cpu", "date": "d", "cores": 2, "flags": [], "dtype": "fp32",
+                           "dtype_reason": "r"}, [row])
+    assert "`quick` by stage:" in md and "[2/7] base model + initial policy ......... 1 m 05 s" in md

@@ -14,6 +14,8 @@ import pytest
 from helpers import assert_ok, run_python
 from helpers.openrlhf_checkout import LAUNCHER_VARS
 
+from openrlhf_irl.utils.cache_dir import cache_dir
+
 pytestmark = pytest.mark.slow
 
 SCRIPT = r"""
@@ -95,7 +97,7 @@ def test_patched_openrlhf_pushes_weights_into_a_cpu_engine_without_the_compat_la
     env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS}
     env.update(OPENRLHF_IRL_COMPAT="0", PYTHONPATH=os.pathsep.join([str(patched_openrlhf), env.get("PYTHONPATH", "")]),
                VLLM_CPU_KVCACHE_SPACE="1", TORCHDYNAMO_DISABLE="1", VLLM_RPC_BASE_PATH=run_dir,
-               VLLM_CACHE_ROOT=os.path.join(run_dir, "cache"), TMPDIR=run_dir)
+               VLLM_CACHE_ROOT=str(cache_dir() / "vllm"), TMPDIR=run_dir)
     try:
         proc = run_python([str(script), tiny_model, str(patched_openrlhf), dtype], timeout=900, env=env)
     finally:

@@ -424,7 +424,7 @@ def test_patched_openrlhf_runs_ppo_on_cpu_without_the_compat_layer(models, tmp_p
                                                             "MASTER_PORT", "RAY_ADDRESS")}
     env.update({ray_ppo.RUN_TAG_ENV: tag, "OPENRLHF_IRL_COMPAT": "0", "HF_HUB_OFFLINE": "1",
                 "PYTHONPATH": os.pathsep.join([str(root), str(REPO)]), "VLLM_CPU_KVCACHE_SPACE": "1",
-                "TORCHDYNAMO_DISABLE": "1", "VLLM_RPC_BASE_PATH": str(run_dir), "VLLM_CACHE_ROOT": str(run_dir / "c"),
+                "TORCHDYNAMO_DISABLE": "1", "VLLM_RPC_BASE_PATH": str(run_dir), "VLLM_CACHE_ROOT": str(cache / "vllm"),
                 "TMPDIR": str(run_dir), "TORCH_EXTENSIONS_DIR": str(cache / "torch_extensions"),
                 "TRITON_HOME": str(cache / "triton"), "AFD_SFT_MODEL": models[0], "AFD_INIT_MODEL": models[1],
                 "AFD_DEVICE": "cpu"})

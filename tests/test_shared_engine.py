@@ -70,3 +70,44 @@ def test_the_shared_pool_is_closed_when_sampling_fails(demo):
             demo.generate_at("a", ["p"], 1, (1.0,), 0)
             raise RuntimeError("a stage fails mid-way")
     assert FakePool.log == [("start", "a"), ("close", "a")] and demo._pool is None
+
+
+def run_with_stages(demo, monkeypatch, plan):
+    """Run ``plan`` ([(name, samples, model or None)]) as the demo's stages; a stage samples ``model`` once and
+    logs ("stage", name, pool open?) first."""
+    from openrlhf_irl.demo.pipeline import Stage
+
+    def step(name, model):
+        def fn():
+            FakePool.log.append(("stage", name, demo._pool is not None))
+            if model:
+                demo.generate_at(model, ["p"], 1, (1.0,), 0)
+        return fn
+
+    monkeypatch.setattr(demo, "stages", lambda: [Stage(n, step(n, m), samples=s) for n, s, m in plan])
+    return demo._run_stages()
+
+
+def test_consecutive_sampling_stages_share_one_engine_closed_before_a_stage_that_trains(demo, monkeypatch):
+    run_with_stages(demo, monkeypatch, [("afd", True, "init"), ("ppo", False, None), ("bon", True, "sft"),
+                                        ("eval", True, "ppo")])
+    assert FakePool.log == [("stage", "afd", False), ("start", "init"), ("close", "init"),  # closed before PPO
+                            ("stage", "ppo", False),
+                            ("stage", "bon", False), ("start", "sft"),
+                            ("stage", "eval", True), ("push", "ppo"), ("close", "ppo")]  # one start for both
+    assert demo._pool is None and not demo._shared
+
+
+def test_a_failing_sampling_stage_closes_the_engine_of_the_run(demo, monkeypatch):
+    from openrlhf_irl.demo.pipeline import Stage
+
+    def boom():
+        raise RuntimeError("eval fails")
+
+    def bon():
+        demo.generate_at("sft", ["p"], 1, (1.0,), 0)
+
+    monkeypatch.setattr(demo, "stages", lambda: [Stage("bon", bon, samples=True), Stage("eval", boom, samples=True)])
+    with pytest.raises(RuntimeError, match="eval fails"):
+        demo._run_stages()
+    assert FakePool.log == [("start", "sft"), ("close", "sft")] and demo._pool is None and not demo._shared

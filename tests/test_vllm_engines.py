@@ -214,7 +214,9 @@ def test_sample_cli_on_engines_survives_sigkill_and_resumes(tiny_model, tmp_path
 
 def test_best_of_n_cli_on_engines(tiny_model, tmp_path, vllm_ready):
     prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": f"count from {a}"} for a in (2, 9, 14, 23, 37, 52)])
-    env = {"PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
+    cache = tmp_path / "cache"  # the package's cache for this run only: where the engine's vLLM cache must land
+    env = {"PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
+           "OPENRLHF_IRL_CACHE": str(cache)}
     proc = run_python(["-m", "openrlhf_irl.cli.best_of_n", "--policy", tiny_model, "--prompts", str(prompts),
                        "--log-ratio-init", tiny_model, "--golden", "helpers.golden_digits:digit_count", "--n", "1,2,4,8",
                        "--rollout.max_new_tokens", "10", "--backend", "vllm", "--num-actors", "1",
@@ -227,3 +229,7 @@ def test_best_of_n_cli_on_engines(tiny_model, tmp_path, vllm_ready):
     assert result["n_candidates"] == 6 * 8 and result["ns"] == [1, 2, 4, 8]
     assert set(result["curves"]) == {"log_ratio", "oracle (golden)"}
     assert all(set(curve) == {"1", "2", "4", "8"} for curve in result["curves"].values())
+    # vLLM's answer on the model class is cached in the package's cache, so the next engine start skips the
+    # subprocess that finds it out (engine_env's VLLM_CACHE_ROOT)
+    assert [p.name for p in (cache / "vllm" / "modelinfos").iterdir()] == [
+        "vllm-model_executor-models-llama-LlamaForCausalLM.json"]

@@ -31,7 +31,7 @@ import math
 import os
 import random
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Callable
 
@@ -159,6 +159,9 @@ class Policy:
 class Stage:
     name: str
     fn: Callable[[], object]
+    # samples through the generation pool: consecutive sampling stages share one engine (:meth:`Demo.shared_engine`),
+    # closed at the end of the last of them, before a stage that needs the machine's CPUs (training, PPO)
+    samples: bool = False
 
 
 def param_dtype_used() -> dict:
@@ -235,15 +238,15 @@ class Demo:
             Stage("task", self.make_task),
             Stage("base model + initial policy", self.make_base_and_init),
             Stage("SFT policies (MLE, IQ-Learn)", self.make_sft_policies),
-            Stage("AfD samples and reward models", self.make_reward_models),
+            Stage("AfD samples and reward models", self.make_reward_models, samples=True),
         ]
         if self.cfg.spin:
             stages.append(Stage("SPIN baseline (OpenRLHF DPO)", self.make_spin))
         if self.cfg.ppo_rewards:
             stages.append(Stage("PPO over the AfD rewards (OpenRLHF train_ppo_ray)", self.make_ppo))
         stages += [
-            Stage("Best-of-N", self.best_of_n),
-            Stage("evaluate policies", self.evaluate_policies),
+            Stage("Best-of-N", self.best_of_n, samples=True),
+            Stage("evaluate policies", self.evaluate_policies, samples=True),
         ]
         return stages
 
@@ -278,12 +281,17 @@ class Demo:
                         "param_dtype": param_dtype_used()}
         stages = self.stages()
         progress = self.progress or StageProgress([st.name for st in stages])
-        for i, st in enumerate(stages, 1):
-            start = time.time()
-            with progress.stage(st.name, os.path.join(self.log_dir, log_name(i, st.name)), verbose=self.verbose,
-                                label=f"{self.label_prefix}[{i}/{len(stages)}] {st.name}"):
-                st.fn()
-            self.timings[st.name] = round(time.time() - start, 1)
+        with ExitStack() as engine:  # the engine of a run of sampling stages; closed on error too
+            for i, st in enumerate(stages, 1):
+                start = time.time()
+                with progress.stage(st.name, os.path.join(self.log_dir, log_name(i, st.name)), verbose=self.verbose,
+                                    label=f"{self.label_prefix}[{i}/{len(stages)}] {st.name}"):
+                    if st.samples and not self._shared:
+                        engine.enter_context(self.shared_engine())
+                    st.fn()
+                    if self._shared and (i == len(stages) or not stages[i].samples):
+                        engine.close()  # in this stage's time and log
+                self.timings[st.name] = round(time.time() - start, 1)
         if not self.verbose:
             self.results["log_dir"] = self.log_dir
         self.results["backend"] = ",".join(sorted(self.backends))
@@ -333,7 +341,11 @@ class Demo:
     def shared_engine(self):
         """Within: every :meth:`generate_at` is served by one pool, each model's weights pushed into its engines
         (vLLM on CPU, models of one architecture and tokenizer) instead of starting new ones; closed on leaving.
-        Only around sampling: a pool's engines hold Ray CPUs that training and PPO stages need."""
+        Only around sampling: a pool's engines hold Ray CPUs that training and PPO stages need. Inside another
+        ``shared_engine`` it does nothing: the outer one keeps the pool up (a run of sampling stages)."""
+        if self._shared:
+            yield
+            return
         self._shared = True
         try:
             yield

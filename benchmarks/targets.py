@@ -4,7 +4,7 @@
 and flags and the dtype ``auto`` picks, the load average before and after (the targets are for an idle machine).
 
 Writes ``benchmarks/results/targets-<cpu>.md`` and ``.json`` (``<cpu>``: ``amx``, ``avx512-bf16`` or ``no-bf16``),
-keeping the rows of runs not repeated (same CPU model).
+keeping the rows of runs not repeated (same CPU model); each run's whole output goes to ``targets-<cpu>.<run>.log``.
 Run: ``.venv/bin/python benchmarks/targets.py [--only demo,quick,test]``. The demos write into a temporary folder,
 removed afterwards; ``make test`` runs in this checkout.
 """
@@ -92,6 +92,7 @@ def run(name: str, argv: list[str]) -> dict:
     row["met"] = proc.returncode == 0 and measured <= TARGETS_S[name]
     if proc.returncode != 0:
         row["tail"] = (proc.stdout + proc.stderr)[-2000:]
+    row["output"] = proc.stdout + proc.stderr  # written beside the results (main), not into the json
     return row
 
 
@@ -156,6 +157,11 @@ def main(argv: list[str] | None = None) -> int:
     text = markdown(env, rows)
     print(text)
     if not args.no_write:
+        for r in rows:  # each run's whole output: pytest's slowest tests, the demo's stage lines
+            if "output" in r:
+                with atomic_writer(f"{stem}.{r['name']}.log") as f:
+                    f.write(r["output"])
+        rows = [{k: v for k, v in r.items() if k != "output"} for r in rows]
         atomic_write_json(str(stem) + ".json", {"env": env, "rows": rows})
         with atomic_writer(str(stem) + ".md") as f:
             f.write(text)

@@ -24,6 +24,7 @@ def test_make_test_counts_pytests_own_time_and_a_failure_never_meets_a_target(ta
     assert targets.test_seconds("3 failed in 9.0s") is None
     row = targets.run("test", [sys.executable, "-c", "print('5 passed in 12.50s')"])
     assert row["measured_s"] == 12.5 and row["met"] and row["test_s"] == 12.5
+    assert row["output"] == "5 passed in 12.50s\n"  # the whole output, for the run's log beside the results
     slow = targets.run("test", [sys.executable, "-c", "print('5 passed in 1000.00s')"])
     assert slow["measured_s"] == 1000.0 and not slow["met"]  # over 15 minutes of tests
     failed = targets.run("quick", [sys.executable, "-c", "import sys; print('boom'); sys.exit(3)"])

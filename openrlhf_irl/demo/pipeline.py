@@ -238,7 +238,8 @@ class Demo:
             Stage("task", self.make_task),
             Stage("base model + initial policy", self.make_base_and_init),
             Stage("SFT policies (MLE, IQ-Learn)", self.make_sft_policies),
-            Stage("AfD samples and reward models", self.make_reward_models, samples=True),
+            # its engine is closed before its reward models train (make_reward_models), so it shares no engine
+            Stage("AfD samples and reward models", self.make_reward_models),
         ]
         if self.cfg.spin:
             stages.append(Stage("SPIN baseline (OpenRLHF DPO)", self.make_spin))

@@ -52,6 +52,12 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+# torch's, DeepSpeed's and triton's build caches into the package's cache, as the CLIs do (``import deepspeed``,
+# reached through ``openrlhf.models``, creates ``$TMPDIR/torchinductor_<user>`` otherwise)
+from openrlhf_irl.utils.cache_dir import apply_cache_defaults  # noqa: E402
+
+apply_cache_defaults()
+
 import torch  # noqa: E402
 
 from openrlhf_irl import compat  # noqa: E402

@@ -38,6 +38,12 @@ TARGET = 0.95  # (b) / (a), issue 24
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+# torch's, DeepSpeed's and triton's build caches into the package's cache, as the CLIs do, before anything imports
+# them (``import deepspeed`` alone creates ``$TMPDIR/torchinductor_<user>``)
+from openrlhf_irl.utils.cache_dir import apply_cache_defaults  # noqa: E402
+
+apply_cache_defaults()
+
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -1,7 +1,8 @@
 """vLLM general plugin (entry point ``vllm.general_plugins: openrlhf_irl``): vLLM calls :func:`register` at the start
 of each of its processes (API server, EngineCore, workers). It is the one route into the vLLM worker process, which
 vLLM spawns itself, so it is where the CPU engine-side fixes of :mod:`openrlhf_irl.compat.vllm_cpu` are installed,
-and where each vLLM process on an AMX CPU asks for the AMX state before its first kernel (:mod:`.vllm_amx`).
+and where each vLLM process on an AMX CPU asks for the AMX state before its first kernel (:mod:`.vllm_amx`) and
+takes a thread lock for its progress bars (:mod:`.tqdm_lock`).
 
 It does nothing on a GPU platform, with ``OPENRLHF_IRL_COMPAT=0`` or for a vLLM version the layer was not written
 for (:mod:`.versions`); for an unsupported OpenRLHF only the AMX request is made. It imports nothing from OpenRLHF
@@ -28,6 +29,9 @@ def register() -> None:
     from .vllm_amx import ensure_amx_permission
 
     ensure_amx_permission()  # before any model runs in this process
+    from .tqdm_lock import use_thread_lock
+
+    use_thread_lock()  # a killed worker would leave tqdm's process lock in /dev/shm
     if not supported("openrlhf"):
         return
     from .vllm_cpu import WORKER_PATCHES, install_import_hooks

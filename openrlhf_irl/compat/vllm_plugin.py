@@ -5,8 +5,8 @@ and where each vLLM process on an AMX CPU asks for the AMX state before its firs
 takes a thread lock for its progress bars (:mod:`.tqdm_lock`).
 
 It does nothing on a GPU platform, with ``OPENRLHF_IRL_COMPAT=0`` or for a vLLM version the layer was not written
-for (:mod:`.versions`); for an unsupported OpenRLHF only the AMX request is made. It imports nothing from OpenRLHF
-itself: the patches apply when vLLM imports OpenRLHF's worker extension
+for (:mod:`.versions`); for an unsupported OpenRLHF it makes only the AMX request and sets the tqdm lock. It imports
+nothing from OpenRLHF itself: the patches apply when vLLM imports OpenRLHF's worker extension
 (``--worker-extension-cls openrlhf.trainer.ray.vllm_worker_wrap.WorkerWrap``).
 """
 

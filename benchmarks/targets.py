@@ -149,9 +149,10 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         shutil.rmtree(out_dir, ignore_errors=True)
     stem = REPO / "benchmarks" / "results" / f"targets-{cpu_tag(flags)}"
+    json_path = f"{stem}.json"
     previous = None
-    if os.path.exists(str(stem) + ".json"):
-        with open(str(stem) + ".json", encoding="utf-8") as f:
+    if os.path.exists(json_path):
+        with open(json_path, encoding="utf-8") as f:
             previous = json.load(f)
     rows = merge_rows(previous, env, rows)
     text = markdown(env, rows)
@@ -162,8 +163,8 @@ def main(argv: list[str] | None = None) -> int:
                 with atomic_writer(f"{stem}.{r['name']}.log") as f:
                     f.write(r["output"])
         rows = [{k: v for k, v in r.items() if k != "output"} for r in rows]
-        atomic_write_json(str(stem) + ".json", {"env": env, "rows": rows})
-        with atomic_writer(str(stem) + ".md") as f:
+        atomic_write_json(json_path, {"env": env, "rows": rows})
+        with atomic_writer(f"{stem}.md") as f:
             f.write(text)
     return 0 if all(r["returncode"] == 0 for r in rows) else 1
 

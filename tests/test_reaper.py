@@ -179,7 +179,10 @@ def test_sample_cli_on_engines_leaves_no_shared_memory(tiny_model, tmp_path, vll
         # run to succeed.
         for attempt in range(3 if ending == "normal" else 1):
             with open(tmp_path / "log.txt", "w") as log:
-                job = subprocess.Popen(cmd, cwd=str(REPO), env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=log,
+                # vLLM's multiprocessing executor (a VLLM::Worker process and a shared-memory queue to it): the
+                # engines' default on CPU, the uni executor, maps no segment to leave (engine_env)
+                job = subprocess.Popen(cmd, cwd=str(REPO), env={**os.environ, "PYTHONUNBUFFERED": "1",
+                                                                "VLLM_ENABLE_V1_MULTIPROCESSING": "1"}, stdout=log,
                                        preexec_fn=interruptible, stderr=subprocess.STDOUT, start_new_session=True)
             deadline = time.monotonic() + 600
             while job.poll() is None and time.monotonic() < deadline:

@@ -75,6 +75,21 @@ def test_engine_samples_logprobs_and_greedy_match_transformers(engine, tiny_mode
     assert exact >= 1
 
 
+def test_cpu_engine_runs_its_model_in_the_engine_core_process(engine):
+    """On CPU the model runs inside vLLM's EngineCore (the uni executor, ``engine_env``): the engine actor has one
+    child process, the EngineCore, and no VLLM::Worker below it (vLLM's CPU platform would start one otherwise)."""
+    import psutil
+    import ray
+
+    if torch.cuda.is_available():
+        pytest.skip("the CPU engines' process layout")
+    pid = ray.get(engine.engines[0].__ray_call__.remote(lambda actor: os.getpid()))
+    tree = psutil.Process(pid).children(recursive=True)
+    names = sorted(p.name() for p in tree)
+    assert any(n.startswith("VLLM::EngineCore") for n in names), names
+    assert not any(n.startswith("VLLM::Worker") for n in names), names
+
+
 def test_running_engines_take_another_checkpoints_weights(engine, tiny_model, tmp_path):
     """load_model pushes a checkpoint of the same shape into the running engines (no restart): their log-probs are
     then the new checkpoint's (an fp32 transformers pass), not the old one's; a checkpoint of another shape is refused

@@ -15,7 +15,8 @@ Four places break on CPU (docs/cpu_layer.md#vllm-engines-on-cpu; ``patches/0004-
    buffers the tensors and applies them in one ``model_runner.reload_weights`` call when the sender marks the
    last one (``empty_cache=True``, as OpenRLHF's PPO actor and :class:`EngineWeightSync` do).
 
-(2)-(4) run inside the vLLM worker, a process spawned by vLLM's EngineCore, itself spawned inside the Ray actor:
+(2)-(4) run inside the vLLM worker (the EngineCore process, spawned inside the Ray actor, with the uni executor of
+:func:`engine_env`; a process of its own under vLLM's multiprocessing executor):
 none of our code runs there unless vLLM loads it. The route is vLLM's own plugin mechanism: this package
 registers :func:`openrlhf_irl.compat.vllm_plugin.register` under the ``vllm.general_plugins`` entry point, which
 vLLM calls at the start of every one of its processes. Unlike a Ray ``runtime_env`` hook it also reaches engines
@@ -149,6 +150,11 @@ def engine_env() -> dict[str, str]:
       left in ``/tmp``.
     * ``PYTHONFAULTHANDLER``: an engine process that a signal kills (SIGSEGV, SIGILL, SIGBUS, SIGABRT) prints its
       Python stack into the job's log; vLLM reports only "died unexpectedly (exit code: -N)".
+    * ``VLLM_ENABLE_V1_MULTIPROCESSING=0``: the model runs inside the EngineCore process (vLLM's ``uni`` executor,
+      which OpenRLHF asks for at tensor_parallel_size 1 and vLLM's CPU platform otherwise replaces with a separate
+      worker process). The engine is two processes instead of three: the worker's start (a process that imports
+      torch and vLLM again, about 10 s of each engine start on a 2-core EPYC) and its shared-memory queue go.
+      OpenRLHF's ``AsyncLLMEngine`` keeps its EngineCore process either way.
     """
     from openrlhf_irl.utils.cache_dir import cache_dir
 
@@ -160,6 +166,7 @@ def engine_env() -> dict[str, str]:
         "VLLM_RPC_BASE_PATH": run_dir,
         "TMPDIR": run_dir,
         "PYTHONFAULTHANDLER": "1",
+        "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
     }
     for key in list(env):
         if os.environ.get(key):

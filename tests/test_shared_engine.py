@@ -1,4 +1,4 @@
-"""The demo's shared engine (Demo.shared_engine): one pool for a stage's sampling, each next model pushed into it,
+"""The demo's shared engine (Demo.shared_engine): one pool for the run's sampling, each next model pushed into it,
 a new pool where a model cannot be pushed, every pool closed on leaving; outside it a pool per call."""
 
 from __future__ import annotations
@@ -73,7 +73,7 @@ def test_the_shared_pool_is_closed_when_sampling_fails(demo):
 
 
 def run_with_stages(demo, monkeypatch, plan):
-    """Run ``plan`` ([(name, samples, model or None)]) as the demo's stages; a stage samples ``model`` once and
+    """Run ``plan`` ([(name, joins_cluster, model or None)]) as the demo's stages; a stage samples ``model`` once and
     logs ("stage", name, pool open?) first."""
     from openrlhf_irl.demo.pipeline import Stage
 
@@ -84,21 +84,35 @@ def run_with_stages(demo, monkeypatch, plan):
                 demo.generate_at(model, ["p"], 1, (1.0,), 0)
         return fn
 
-    monkeypatch.setattr(demo, "stages", lambda: [Stage(n, step(n, m), samples=s) for n, s, m in plan])
+    monkeypatch.setattr(demo, "stages", lambda: [Stage(n, step(n, m), joins_cluster=j) for n, j, m in plan])
     return demo._run_stages()
 
 
-def test_consecutive_sampling_stages_share_one_engine_closed_before_a_stage_that_trains(demo, monkeypatch):
-    run_with_stages(demo, monkeypatch, [("afd", True, "init"), ("ppo", False, None), ("bon", True, "sft"),
-                                        ("eval", True, "ppo")])
-    assert FakePool.log == [("stage", "afd", False), ("start", "init"), ("close", "init"),  # closed before PPO
-                            ("stage", "ppo", False),
-                            ("stage", "bon", False), ("start", "sft"),
-                            ("stage", "eval", True), ("push", "ppo"), ("close", "ppo")]  # one start for both
+PLAN = [("afd", False, "init"), ("train", False, None), ("ppo", True, None), ("bon", False, "sft"),
+        ("eval", False, "ppo")]
+
+
+def test_one_engine_for_the_run_kept_up_through_the_stages_that_train(demo, monkeypatch):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    run_with_stages(demo, monkeypatch, PLAN)
+    assert FakePool.log == [("stage", "afd", False), ("start", "init"),
+                            ("stage", "train", True), ("stage", "ppo", True),  # PPO starts a Ray of its own
+                            ("stage", "bon", True), ("push", "sft"),
+                            ("stage", "eval", True), ("push", "ppo"), ("close", "ppo")]  # one start for the run
     assert demo._pool is None and not demo._shared
 
 
-def test_a_failing_sampling_stage_closes_the_engine_of_the_run(demo, monkeypatch):
+def test_in_a_joined_cluster_the_engine_is_closed_before_ppo(demo, monkeypatch):
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")  # PPO's jobs would run in the same cluster
+    run_with_stages(demo, monkeypatch, PLAN)
+    assert FakePool.log == [("stage", "afd", False), ("start", "init"),
+                            ("stage", "train", True), ("close", "init"), ("stage", "ppo", False),
+                            ("stage", "bon", False), ("start", "sft"),
+                            ("stage", "eval", True), ("push", "ppo"), ("close", "ppo")]
+    assert demo._pool is None and not demo._shared
+
+
+def test_a_failing_stage_closes_the_engine_of_the_run(demo, monkeypatch):
     from openrlhf_irl.demo.pipeline import Stage
 
     def boom():
@@ -107,7 +121,7 @@ def test_a_failing_sampling_stage_closes_the_engine_of_the_run(demo, monkeypatch
     def bon():
         demo.generate_at("sft", ["p"], 1, (1.0,), 0)
 
-    monkeypatch.setattr(demo, "stages", lambda: [Stage("bon", bon, samples=True), Stage("eval", boom, samples=True)])
+    monkeypatch.setattr(demo, "stages", lambda: [Stage("bon", bon), Stage("eval", boom)])
     with pytest.raises(RuntimeError, match="eval fails"):
         demo._run_stages()
     assert FakePool.log == [("start", "sft"), ("close", "sft")] and demo._pool is None and not demo._shared

@@ -159,9 +159,10 @@ class Policy:
 class Stage:
     name: str
     fn: Callable[[], object]
-    # samples through the generation pool: consecutive sampling stages share one engine (:meth:`Demo.shared_engine`),
-    # closed at the end of the last of them, before a stage that needs the machine's CPUs (training, PPO)
-    samples: bool = False
+    # starts Ray jobs of its own (PPO): where the demo joined a Ray cluster (RAY_ADDRESS) the jobs run there too, so
+    # the run's shared engine is closed first and its CPUs are theirs; on a local Ray the jobs start an instance of
+    # their own and the engine stays up
+    joins_cluster: bool = False
 
 
 def param_dtype_used() -> dict:
@@ -238,16 +239,16 @@ class Demo:
             Stage("task", self.make_task),
             Stage("base model + initial policy", self.make_base_and_init),
             Stage("SFT policies (MLE, IQ-Learn)", self.make_sft_policies),
-            # its engine is closed before its reward models train (make_reward_models), so it shares no engine
             Stage("AfD samples and reward models", self.make_reward_models),
         ]
         if self.cfg.spin:
             stages.append(Stage("SPIN baseline (OpenRLHF DPO)", self.make_spin))
         if self.cfg.ppo_rewards:
-            stages.append(Stage("PPO over the AfD rewards (OpenRLHF train_ppo_ray)", self.make_ppo))
+            stages.append(Stage("PPO over the AfD rewards (OpenRLHF train_ppo_ray)", self.make_ppo,
+                                joins_cluster=True))
         stages += [
-            Stage("Best-of-N", self.best_of_n, samples=True),
-            Stage("evaluate policies", self.evaluate_policies, samples=True),
+            Stage("Best-of-N", self.best_of_n),
+            Stage("evaluate policies", self.evaluate_policies),
         ]
         return stages
 
@@ -282,16 +283,20 @@ class Demo:
                         "param_dtype": param_dtype_used()}
         stages = self.stages()
         progress = self.progress or StageProgress([st.name for st in stages])
-        with ExitStack() as engine:  # the engine of a run of sampling stages; closed on error too
+        # One engine for the run's sampling, started by the first stage that samples and given each next model's
+        # weights; it idles through the stages that train (about 0.03 of a core) and is closed after the last stage,
+        # in that stage's time and log, or on an error.
+        with ExitStack() as engine:
+            engine.enter_context(self.shared_engine())
             for i, st in enumerate(stages, 1):
                 start = time.time()
                 with progress.stage(st.name, os.path.join(self.log_dir, log_name(i, st.name)), verbose=self.verbose,
                                     label=f"{self.label_prefix}[{i}/{len(stages)}] {st.name}"):
-                    if st.samples and not self._shared:
-                        engine.enter_context(self.shared_engine())
+                    if st.joins_cluster and os.environ.get("RAY_ADDRESS"):
+                        self.close_shared_pool()
                     st.fn()
-                    if self._shared and (i == len(stages) or not stages[i].samples):
-                        engine.close()  # in this stage's time and log
+                    if i == len(stages):
+                        engine.close()
                 self.timings[st.name] = round(time.time() - start, 1)
         if not self.verbose:
             self.results["log_dir"] = self.log_dir
@@ -342,8 +347,9 @@ class Demo:
     def shared_engine(self):
         """Within: every :meth:`generate_at` is served by one pool, each model's weights pushed into its engines
         (vLLM on CPU, models of one architecture and tokenizer) instead of starting new ones; closed on leaving.
-        Only around sampling: a pool's engines hold Ray CPUs that training and PPO stages need. Inside another
-        ``shared_engine`` it does nothing: the outer one keeps the pool up (a run of sampling stages)."""
+        Training between two samplings runs in this process and PPO in a Ray instance of its own, so the pool can
+        stay up through them (:meth:`run_stages` keeps one for the whole run). Inside another ``shared_engine`` it
+        does nothing: the outer one keeps the pool up."""
         if self._shared:
             yield
             return
@@ -352,9 +358,13 @@ class Demo:
             yield
         finally:
             self._shared = False
-            if self._pool is not None:
-                self._pool.close()
-                self._pool = None
+            self.close_shared_pool()
+
+    def close_shared_pool(self) -> None:
+        """Close the pool :meth:`shared_engine` keeps up (if any); the next sampling starts a new one."""
+        if self._pool is not None:
+            pool, self._pool = self._pool, None
+            pool.close()
 
     @contextmanager
     def _pool_serving(self, model: str):

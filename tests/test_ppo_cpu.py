@@ -32,25 +32,100 @@ def reward_func(queries, prompts, labels):
 
 
 @pytest.fixture(scope="module")
-def log_ratio_run(models, tmp_path_factory):
-    """One PPO run over the log-ratio reward (SFT = the policy), 2 steps of 4 prompts x 2 samples, in fp32 (what
-    ``--ds.param_dtype auto`` picks on a CPU without bf16: actor, reference, vLLM engine and weight push in fp32; the
-    reward-model route below runs the default, bf16 on this CPU where it is native)."""
-    from openrlhf_irl.afd.ppo import run_ppo
+def ppo_series(models, tmp_path_factory):
+    """Two PPO runs, 2 steps of 4 prompts x 2 samples each, one after the other in one process and one Ray
+    instance (``run_ppo_series``, as the demo runs them): over the log-ratio reward (SFT = the policy) in fp32 (what
+    ``--ds.param_dtype auto`` picks on a CPU without bf16: actor, reference, vLLM engine and weight push in fp32),
+    then over a reward model (the policy's backbone with a random ``score`` head, the layout ``train_rm`` /
+    ``afd_rm`` save) in the default dtype (bf16 where the CPU has it natively). The second run can start only once
+    the first one's actors and engine are gone (their logical GPUs and CPUs back)."""
+    import shutil
+    import time
+
+    from openrlhf_irl.afd.ppo import run_ppo_series
 
     policy, init = models
-    out = tmp_path_factory.mktemp("ppo_log_ratio")
+    out = tmp_path_factory.mktemp("ppo_series")
     reward_file = out / "recording_reward.py"
     reward_file.write_text(RECORDING_REWARD)
-    reward_log = out / "rewards.jsonl"
+    rm = out / "rm"
+    shutil.copytree(policy, rm)
+    _add_score_head(str(rm), scale=1.0)
     tag = f"test-ppo-{uuid.uuid4().hex}"
-    result = run_ppo(policy, corpus_prompts(8), str(out), log_ratio=(policy, init), reward_func=str(reward_file),
-                     env={"PPO_TEST_REWARD_LOG": str(reward_log), ray_ppo.RUN_TAG_ENV: tag,
-                          "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"},
-                     steps=2, lr=1e-3, timeout_s=900, extra=("--ds.param_dtype", "fp32"))
+    logs = {"log_ratio": out / "rewards.jsonl", "rm": out / "rm_rewards.jsonl"}
+    start = time.monotonic()
+    log_ratio, by_rm = run_ppo_series(
+        [dict(policy=policy, prompts=corpus_prompts(8), out_dir=str(out / "log_ratio"), log_ratio=(policy, init),
+              reward_func=str(reward_file), steps=2, lr=1e-3, extra=("--ds.param_dtype", "fp32")),
+         dict(policy=policy, prompts=corpus_prompts(8), out_dir=str(out / "rm_run"), reward_model=str(rm), steps=2,
+              lr=1e-3)],
+        env={"PPO_TEST_REWARD_LOG": str(logs["log_ratio"]), "PPO_TEST_RM_LOG": str(logs["rm"]),
+             ray_ppo.RUN_TAG_ENV: tag, ray_ppo.EXTRA_HOOK_ENV: "helpers.record_rewards.install",
+             "PYTHONPATH": os.pathsep.join([str(REPO), str(TESTS)]), "HF_HUB_OFFLINE": "1"},
+        timeout_s=900)
+    seconds = time.monotonic() - start
     leftovers = reaper.tagged_processes(tag)
     reaper.kill_tagged(tag)
-    return result, reward_log, leftovers
+    return {"log_ratio": (log_ratio, logs["log_ratio"]), "rm": (by_rm, logs["rm"], rm), "leftovers": leftovers,
+            "seconds": seconds}
+
+
+@pytest.fixture(scope="module")
+def log_ratio_run(ppo_series):
+    result, reward_log = ppo_series["log_ratio"]
+    return result, reward_log, ppo_series["leftovers"]
+
+
+@pytest.mark.slow
+@needs_cpu_layer
+def test_a_series_runs_each_ppo_run_in_turn_in_one_job(ppo_series):
+    """Each run of the series is timed on its own and trained its steps; the job's processes are all gone."""
+    runs = [ppo_series["log_ratio"][0], ppo_series["rm"][0]]
+    assert ppo_series["leftovers"] == [], "Ray/vLLM processes of the job outlived it"
+    assert [len(r.logs) for r in runs] == [2, 2]
+    assert all(0 < r.seconds for r in runs) and sum(r.seconds for r in runs) < ppo_series["seconds"]
+    assert runs[0].policy != runs[1].policy and all(os.path.isfile(os.path.join(r.policy, "config.json"))
+                                                    for r in runs)
+
+
+def test_a_series_refuses_log_ratio_runs_over_different_models(tmp_path, monkeypatch):
+    from openrlhf_irl.afd import ppo
+
+    monkeypatch.setattr(ray_ppo, "needed", lambda: True)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(ppo.subprocess, "run", lambda *a, **k: pytest.fail("started a run"))
+    runs = [dict(policy="sft", prompts=["p"] * 8, out_dir=str(tmp_path / name), log_ratio=("sft", init), steps=2)
+            for name, init in (("a", "init_a"), ("b", "init_b"))]
+    with pytest.raises(ValueError, match="share their models"):
+        ppo.run_ppo_series(runs)
+
+
+def test_a_series_in_a_joined_cluster_is_one_job_per_run(tmp_path, monkeypatch):
+    from openrlhf_irl.afd import ppo
+
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")
+    calls = []
+    monkeypatch.setattr(ppo, "run_ppo", lambda **kw: calls.append(kw["out_dir"]) or kw["out_dir"])
+    runs = [dict(policy="sft", prompts=["p"] * 8, out_dir=str(tmp_path / n), reward_model="rm") for n in "ab"]
+    assert ppo.run_ppo_series(runs) == calls == [str(tmp_path / "a"), str(tmp_path / "b")]
+
+
+def test_train_ppo_series_refuses_several_runs_in_a_joined_cluster(monkeypatch, capsys):
+    from openrlhf_irl.cli.train_ppo import run_cpu_series
+
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")
+    assert run_cpu_series([["--x"], ["--y"]]) == 2
+    assert "submit one job per run" in capsys.readouterr().err
+
+
+def test_ppo_series_entry_point_refuses_a_malformed_spec(capsys):
+    from openrlhf_irl.afd import ppo_series
+
+    with pytest.raises(SystemExit) as exit_info:
+        ppo_series.main(["not json"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: give one argument: a JSON list")
 
 
 @pytest.mark.slow
@@ -254,31 +329,15 @@ def test_logical_gpus_cover_what_train_ppo_ray_reserves():
 # ------------------------------------------------------------------------------------------ the reward-model route
 @pytest.mark.slow
 @needs_cpu_layer
-def test_ppo_over_a_reward_model_logs_the_models_own_scores(models, tmp_path):
+def test_ppo_over_a_reward_model_logs_the_models_own_scores(ppo_series):
     """``--reward.model_name_or_path``: a reward model (the policy's backbone with a random ``score`` head, the
     layout ``train_rm`` / ``afd_rm`` save) scores the rollouts in its own Ray actor. Every score it returned (recorded
     in the actor by ``tests/helpers/record_rewards.py``) equals a plain fp32 transformers pass over the same tokens,
     hidden state of the last token times the head, and the reward PPO logs per step is their mean."""
-    import shutil
-
     from safetensors.torch import load_file
     from transformers import AutoModel, AutoModelForCausalLM
 
-    from openrlhf_irl.afd.ppo import run_ppo
-
-    rm = tmp_path / "rm"
-    shutil.copytree(models[0], rm)
-    _add_score_head(str(rm), scale=1.0)
-    tag = f"test-ppo-{uuid.uuid4().hex}"
-    log = tmp_path / "rm_rewards.jsonl"
-    result = run_ppo(models[0], corpus_prompts(8), str(tmp_path / "run"), reward_model=str(rm),
-                     env={ray_ppo.RUN_TAG_ENV: tag, "HF_HUB_OFFLINE": "1", "PPO_TEST_RM_LOG": str(log),
-                          ray_ppo.EXTRA_HOOK_ENV: "helpers.record_rewards.install",
-                          "PYTHONPATH": os.pathsep.join([str(REPO), str(TESTS)])},
-                     steps=2, lr=1e-3, timeout_s=900)
-    leftovers = reaper.tagged_processes(tag)
-    reaper.kill_tagged(tag)
-    assert leftovers == []
+    result, log, rm = ppo_series["rm"]
     assert len(result.logs) == 2
     records = [json.loads(line) for line in log.read_text().splitlines()]
     assert len(records) == 16  # 2 steps x 4 prompts x 2 samples, each scored once

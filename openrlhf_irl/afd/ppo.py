@@ -86,15 +86,9 @@ def lost_port_race(stderr: str | None) -> bool:
     return "EADDRINUSE" in text or "address already in use" in text.lower()
 
 
-def run_ppo(policy: str, prompts: Sequence[str], out_dir: str, *, reward_model: str | None = None,
-            log_ratio: tuple[str, str] | None = None, reward_func: str | None = None,
-            env: dict | None = None, timeout_s: float | None = None, quiet: bool = True, port_retries: int = 1,
-            **kwargs) -> PPOResult:
-    """Run PPO on ``prompts`` from ``policy``; the reward is ``reward_model``, the AfD log-ratio
-    ``log_ratio=(sft_dir, init_dir)`` or a ``reward_func`` file. ``kwargs`` go to :func:`ppo_argv`. ``quiet``: the
-    run's output is not shown (else its stdout as it comes and its stderr once it ends). A run that fails because a
-    port OpenRLHF chose was taken before it bound it (:func:`lost_port_race`) is run again, up to ``port_retries``
-    times. Raises ``RuntimeError`` with the launcher's error line when the run fails."""
+def _prepare(policy: str, prompts: Sequence[str], out_dir: str, *, reward_model: str | None = None,
+             log_ratio: tuple[str, str] | None = None, reward_func: str | None = None, **kwargs) -> tuple:
+    """A run's prompt file written and its stale outputs removed: ``(train_ppo argv, env updates, out dir)``."""
     need = kwargs.get("prompts_per_step", 4) * kwargs.get("steps", 2)
     if len(prompts) < need:
         raise ValueError(f"{kwargs.get('steps', 2)} PPO steps of {kwargs.get('prompts_per_step', 4)} prompts need "
@@ -105,19 +99,32 @@ def run_ppo(policy: str, prompts: Sequence[str], out_dir: str, *, reward_model: 
     with open(prompt_file, "w", encoding="utf-8") as f:
         for prompt in prompts:
             f.write(json.dumps({"prompt": prompt}) + "\n")
-    run_env = {**os.environ, **(env or {})}
+    env = {}
     if log_ratio is not None:
-        run_env.update(AFD_SFT_MODEL=str(log_ratio[0]), AFD_INIT_MODEL=str(log_ratio[1]), AFD_DEVICE="cpu")
+        env.update(AFD_SFT_MODEL=str(log_ratio[0]), AFD_INIT_MODEL=str(log_ratio[1]), AFD_DEVICE="cpu")
         reward_func = reward_func or REWARD_FUNC
     argv = ppo_argv(str(policy), str(prompt_file), str(out), reward_model=reward_model, reward_func=reward_func,
                     **kwargs)
-    for stale in ("tensorboard", "policy"):  # a rerun never reads the logs or weights of an earlier one
-        shutil.rmtree(out / stale, ignore_errors=True)
-    start = time.monotonic()
+    _remove_outputs([out])
+    return argv, env, out
+
+
+def _remove_outputs(outs) -> None:
+    for out in outs:  # a rerun never reads the logs or weights of an earlier one
+        for stale in ("tensorboard", "policy", "seconds.json"):
+            path = Path(out) / stale
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            elif path.exists():
+                path.unlink()
+
+
+def _launch(cmd: list[str], env: dict, outs: list, *, quiet: bool, timeout_s: float | None,
+            port_retries: int) -> subprocess.CompletedProcess:
+    """Run ``cmd``; again (its outputs removed) after a lost port race, up to ``port_retries`` times."""
     for attempt in range(1 + port_retries):
-        proc = subprocess.run([sys.executable, "-m", "openrlhf_irl.cli.train_ppo", *argv], env=run_env,
-                              stdout=subprocess.PIPE if quiet else None, stderr=subprocess.PIPE, text=True,
-                              timeout=timeout_s)
+        proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE if quiet else None, stderr=subprocess.PIPE,
+                              text=True, timeout=timeout_s)
         if not quiet and proc.stderr:  # kept for the error line below; shown (or logged: the demo's stage log) too
             sys.stderr.write(proc.stderr)
             sys.stderr.flush()
@@ -126,11 +133,60 @@ def run_ppo(policy: str, prompts: Sequence[str], out_dir: str, *, reward_model: 
         # OpenRLHF picks a free port, closes it and binds it later; another job on the machine can take it between
         print(f"PPO: a port chosen by OpenRLHF was taken before it was bound (EADDRINUSE); run again "
               f"({attempt + 2} of {1 + port_retries})", flush=True)
-        for stale in ("tensorboard", "policy"):
-            shutil.rmtree(out / stale, ignore_errors=True)
-    seconds = time.monotonic() - start
+        _remove_outputs(outs)
     if proc.returncode != 0:
         errors = [line for line in (proc.stderr or "").splitlines() if line.startswith("error:")]
         tail = errors[-1] if errors else (proc.stderr or "").strip().splitlines()[-1:] or ["(no output)"]
         raise RuntimeError(f"PPO failed (exit {proc.returncode}): {tail if isinstance(tail, str) else tail[0]}")
-    return PPOResult(policy=str(out / "policy"), logs=read_logs(str(out / "tensorboard")), seconds=seconds)
+    return proc
+
+
+def run_ppo(policy: str, prompts: Sequence[str], out_dir: str, *, reward_model: str | None = None,
+            log_ratio: tuple[str, str] | None = None, reward_func: str | None = None,
+            env: dict | None = None, timeout_s: float | None = None, quiet: bool = True, port_retries: int = 1,
+            **kwargs) -> PPOResult:
+    """Run PPO on ``prompts`` from ``policy``; the reward is ``reward_model``, the AfD log-ratio
+    ``log_ratio=(sft_dir, init_dir)`` or a ``reward_func`` file. ``kwargs`` go to :func:`ppo_argv`. ``quiet``: the
+    run's output is not shown (else its stdout as it comes and its stderr once it ends). A run that fails because a
+    port OpenRLHF chose was taken before it bound it (:func:`lost_port_race`) is run again, up to ``port_retries``
+    times. Raises ``RuntimeError`` with the launcher's error line when the run fails."""
+    argv, run_env, out = _prepare(policy, prompts, out_dir, reward_model=reward_model, log_ratio=log_ratio,
+                                  reward_func=reward_func, **kwargs)
+    start = time.monotonic()
+    _launch([sys.executable, "-m", "openrlhf_irl.cli.train_ppo", *argv], {**os.environ, **(env or {}), **run_env},
+            [out], quiet=quiet, timeout_s=timeout_s, port_retries=port_retries)
+    return PPOResult(policy=str(out / "policy"), logs=read_logs(str(out / "tensorboard")),
+                     seconds=time.monotonic() - start)
+
+
+def run_ppo_series(runs: Sequence[dict], *, env: dict | None = None, timeout_s: float | None = None,
+                   quiet: bool = True, port_retries: int = 1) -> list[PPOResult]:
+    """:func:`run_ppo` for each of ``runs`` (dicts of its arguments: ``policy``, ``prompts``, ``out_dir``, the
+    reward and :func:`ppo_argv`'s settings), one after the other in one process and one Ray instance where the CPU
+    layer starts Ray itself (``python -m openrlhf_irl.afd.ppo_series``): the second run skips the driver's start
+    and Ray's. Elsewhere (CUDA, a Ray cluster named by ``RAY_ADDRESS``) each run is a :func:`run_ppo` of its own.
+    Log-ratio runs of one series share their two models (the reward reads them from the environment). Each
+    result's ``seconds`` is its run's own time (the first run's includes the start)."""
+    from openrlhf_irl.compat import ray_ppo
+
+    if len(runs) < 2 or not ray_ppo.needed() or os.environ.get("RAY_ADDRESS"):
+        return [run_ppo(**run, env=env, timeout_s=timeout_s, quiet=quiet, port_retries=port_retries) for run in runs]
+    prepared = [_prepare(**run) for run in runs]
+    run_env = {}
+    for _, updates, _ in prepared:
+        for key, value in updates.items():
+            if run_env.setdefault(key, value) != value:
+                raise ValueError(f"the log-ratio runs of one PPO series must share their models ({key}: "
+                                 f"{run_env[key]} and {value}); run them with run_ppo")
+    spec = [{"argv": argv, "seconds_file": str(out / "seconds.json")} for argv, _, out in prepared]
+    outs = [out for _, _, out in prepared]
+    _launch([sys.executable, "-m", "openrlhf_irl.afd.ppo_series", json.dumps(spec)],
+            {**os.environ, **(env or {}), **run_env}, outs, quiet=quiet, timeout_s=timeout_s,
+            port_retries=port_retries)
+    results = []
+    for out in outs:
+        with open(out / "seconds.json", encoding="utf-8") as f:
+            seconds = json.load(f)["seconds"]
+        results.append(PPOResult(policy=str(out / "policy"), logs=read_logs(str(out / "tensorboard")),
+                                 seconds=seconds))
+    return results

@@ -270,6 +270,76 @@ def _one_line(err: BaseException) -> str:
 
 
 def run_cpu(argv: list[str]) -> int:
+    return run_cpu_series([argv])
+
+
+def _checked(argv: list[str]):
+    """``(argv with the CPU settings, parsed args)`` of one run, checked and its output folders claimed."""
+    overwrite = "--ckpt.overwrite" in argv  # ours, not OpenRLHF's: taken out before its parser sees it
+    argv = cpu_argv([a for a in argv if a != "--ckpt.overwrite"])
+    args = parse(argv)
+    args.ckpt.overwrite = overwrite
+    check(args)
+    return argv, args
+
+
+def series_init_kwargs(parsed: list, env: dict[str, str]) -> dict:
+    """``ray.init`` arguments for a local instance that can place every run of a series, one run at a time."""
+    from openrlhf_irl.compat import ray_ppo
+
+    each = [ray_ppo.ray_init_kwargs(args, env) for _, args in parsed]
+    return {**each[0], "num_cpus": max(k["num_cpus"] for k in each), "num_gpus": max(k["num_gpus"] for k in each)}
+
+
+def release_run(tag: str, exclude: tuple[int, ...], placement_groups_before: set[str],
+                timeout_s: float = 120.0) -> None:
+    """Between two runs of a series in one Ray instance: what a finished ``train_ppo_ray`` leaves is gone before
+    the next one starts. Its actors are out of scope (Ray ends them); the placement groups its engines reserved
+    are removed, which kills those engine actors; vLLM processes of the job still running are killed and the shared
+    memory they alone mapped is removed; then every logical CPU and GPU is free again (or ``RuntimeError``)."""
+    import gc
+    import time
+
+    import psutil
+    import ray
+    from ray.util.placement_group import PlacementGroup, placement_group_table, remove_placement_group
+
+    from openrlhf_irl.utils import reaper as cleanup
+    from openrlhf_irl.utils.ray_watchdog import terminate_then_kill
+
+    gc.collect()  # the finished run's actor handles
+    for pg_id, info in placement_group_table().items():
+        if pg_id not in placement_groups_before and info.get("state") != "REMOVED":
+            remove_placement_group(PlacementGroup(ray.PlacementGroupID(bytes.fromhex(pg_id))))
+    engines = []
+    for pid in cleanup.tagged_processes(tag, exclude=(os.getpid(), *exclude)):
+        try:
+            proc = psutil.Process(pid)
+            if proc.name().startswith("VLLM::"):
+                engines.append(proc)
+        except psutil.Error:
+            pass
+    owned_shm = cleanup.shm_mapped_by([p.pid for p in engines])
+    terminate_then_kill(engines, 3.0)
+    cleanup.remove_stale_shm(owned_shm)
+    total = ray.cluster_resources()
+    deadline = time.monotonic() + timeout_s
+    while True:
+        free = ray.available_resources()
+        held = {k: total[k] - free.get(k, 0.0) for k in ("CPU", "GPU") if total.get(k, 0.0) - free.get(k, 0.0) > 1e-6}
+        if not held:
+            return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the previous PPO run's actors still hold {held} after {timeout_s:.0f} s")
+        time.sleep(0.2)
+
+
+def run_cpu_series(argvs: list[list[str]], on_run_done=None) -> int:
+    """Run ``train_ppo_ray`` once per argument list, one after the other, in one process and one local Ray
+    instance (the driver's imports and Ray's start paid once); every run is checked before the first starts. A
+    failing run ends the series. ``on_run_done(i, seconds)`` is called after run ``i`` (0-based) ends, with the
+    seconds since the previous one ended (the first: since the call). One run is the CLI's own path."""
+    import time
     import ray
 
     from openrlhf_irl import compat
@@ -278,13 +348,15 @@ def run_cpu(argv: list[str]) -> int:
 
     from openrlhf_irl.cli.train_checks import claim_outputs
 
-    overwrite = "--ckpt.overwrite" in argv  # ours, not OpenRLHF's: taken out before its parser sees it
-    argv = cpu_argv([a for a in argv if a != "--ckpt.overwrite"])
     try:
-        args = parse(argv)
-        args.ckpt.overwrite = overwrite
-        check(args)
-        claim_outputs(args)
+        if not argvs:
+            raise UsageError("no PPO run given")
+        if len(argvs) > 1 and os.environ.get("RAY_ADDRESS"):
+            raise UsageError("several PPO runs in one job start a Ray instance of their own; in a cluster "
+                             "(RAY_ADDRESS) submit one job per run")
+        parsed = [_checked(argv) for argv in argvs]
+        for _, args in parsed:
+            claim_outputs(args)
     except UsageError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -303,9 +375,11 @@ def run_cpu(argv: list[str]) -> int:
 
     previous = signal.signal(signal.SIGTERM, _terminate)
     code, message = 0, None
+    start = time.monotonic()
     try:
         if os.environ.get("RAY_ADDRESS"):
             # a cluster the job joins (``ray job submit``): used as it is, CPU placement where it has no GPUs
+            args = parsed[0][1]
             ray_ppo.install_driver_placement()
             ray.init(**ray_ppo.cluster_init_kwargs(env))
             memory = None if os.environ.get("OPENRLHF_IRL_SKIP_MEMORY_CHECK") == "1" else estimate_memory_gib(
@@ -313,9 +387,19 @@ def run_cpu(argv: list[str]) -> int:
             message = ray_ppo.cluster_shortfall(args, ray.cluster_resources(), ray.available_resources(), memory)
             code = 2 if message else 0
         else:
-            ray.init(**ray_ppo.ray_init_kwargs(args, env))
+            ray.init(**series_init_kwargs(parsed, env))
         if not message:
-            _run_openrlhf(argv)
+            for i, (argv, _) in enumerate(parsed):
+                if i:
+                    release_run(tag, (reaper.pid,), before)
+                    print(f"PPO run {i + 1} of {len(parsed)}", flush=True)
+                from ray.util.placement_group import placement_group_table
+
+                before = set(placement_group_table())
+                _run_openrlhf(argv)
+                if on_run_done is not None:
+                    on_run_done(i, time.monotonic() - start)
+                start = time.monotonic()
     except KeyboardInterrupt:
         code, message = 130, ("train_ppo stopped by Ctrl-C; its Ray actors and vLLM engines were stopped; a run "
                               "saving checkpoints (--ckpt.save_steps) resumes with --ckpt.load_enable")

@@ -599,9 +599,10 @@ class Demo:
         return self.path("models", f"rm_{variant}_{kind.lower()}")
 
     def make_ppo(self):
-        """PPO from MLE SFT over each reward in ``ppo_rewards``: OpenRLHF's ``train_ppo_ray`` in a subprocess
-        (:func:`openrlhf_irl.afd.ppo.run_ppo`), on the training prompts in the SFT prompt format, KL against MLE SFT."""
-        from openrlhf_irl.afd.ppo import run_ppo
+        """PPO from MLE SFT over each reward in ``ppo_rewards``: OpenRLHF's ``train_ppo_ray``, the runs one after the
+        other in one subprocess and one Ray instance (:func:`openrlhf_irl.afd.ppo.run_ppo_series`), on the training
+        prompts in the SFT prompt format, KL against MLE SFT."""
+        from openrlhf_irl.afd.ppo import run_ppo_series
 
         cfg = self.cfg
         sft, init = self.path("models", "sft_mle"), self.path("models", "init")
@@ -609,20 +610,23 @@ class Demo:
         rng = random.Random(cfg.seed + 13)
         prompts = [rng.choice(self.train_prompts) for _ in range(need)] if need > len(self.train_prompts) else \
             rng.sample(self.train_prompts, need)
-        runs = self.results.setdefault("ppo", {})
-        for reward in cfg.ppo_rewards:
-            name = "ppo_" + reward.lower().replace(" ", "_")
-            route = {"log_ratio": (sft, init)} if reward == "log-ratio" else \
-                {"reward_model": self.reward_model_dir(reward)}
-            result = run_ppo(sft, prompts, self.path("ppo", name, "run"), **route, steps=cfg.ppo_steps,
-                             prompts_per_step=cfg.ppo_prompts_per_step, samples_per_prompt=cfg.ppo_samples_per_prompt,
-                             max_new_tokens=cfg.max_new_tokens, lr=cfg.ppo_lr, kl_coef=cfg.ppo_kl,
-                             extra=["--data.input_template", INPUT_TEMPLATE, "--train.seed", str(cfg.seed)],
-                             quiet=False)  # its output in the stage's log (the terminal with --verbose)
+        names = ["ppo_" + reward.lower().replace(" ", "_") for reward in cfg.ppo_rewards]
+        runs = [dict(policy=sft, prompts=prompts, out_dir=self.path("ppo", name, "run"),
+                     **({"log_ratio": (sft, init)} if reward == "log-ratio" else
+                        {"reward_model": self.reward_model_dir(reward)}),
+                     steps=cfg.ppo_steps, prompts_per_step=cfg.ppo_prompts_per_step,
+                     samples_per_prompt=cfg.ppo_samples_per_prompt, max_new_tokens=cfg.max_new_tokens,
+                     lr=cfg.ppo_lr, kl_coef=cfg.ppo_kl,
+                     extra=["--data.input_template", INPUT_TEMPLATE, "--train.seed", str(cfg.seed)])
+                for name, reward in zip(names, cfg.ppo_rewards)]
+        # its output in the stage's log (the terminal with --verbose)
+        results = run_ppo_series(runs, quiet=False)
+        logged = self.results.setdefault("ppo", {})
+        for name, reward, result in zip(names, cfg.ppo_rewards, results):
             rewards = [step.get("reward") for step in result.logs]
             print(f"PPO ({reward}): {len(result.logs)} steps in {result.seconds:.0f} s; training reward per step "
                   + ", ".join(f"{r:.3f}" for r in rewards if r is not None))
-            runs[name] = {"reward": reward, "seconds": round(result.seconds, 1), "logs": result.logs}
+            logged[name] = {"reward": reward, "seconds": round(result.seconds, 1), "logs": result.logs}
             self.add_policy(name, Policy(result.policy, f"PPO ({reward})", "ppo",
                                          info={"ppo_reward": reward, "ppo_steps": len(result.logs)}))
 

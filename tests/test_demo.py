@@ -18,7 +18,7 @@ def test_quick_demo_end_to_end(tmp_path):
     # PPO over the demo's own AfD classifier checkpoint (the log-ratio route's rewards are checked exactly, and its
     # run time paid, in test_ppo_cpu.py)
     proc = run_python(["-m", "openrlhf_irl", "demo", "--quick", "--output-dir", str(out), "--seed", "1",
-                       "--backend", "hf", "--ppo-rewards", "BCE init-sft"], timeout=900)
+                       "--ppo-rewards", "BCE init-sft"], timeout=900)
     assert_ok(proc)
     report = json.loads((out / "report.json").read_text())
     from openrlhf_irl.compat.param_dtype import resolve
@@ -109,7 +109,12 @@ def test_quick_demo_end_to_end(tmp_path):
         assert (out / name).stat().st_size > 0, name
     assert (out / "best_of_n.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     md = (out / "report.md").read_text()
-    assert "| IQ-Learn SFT (td 0.05)" in md and "Best-of-N" in md and "Sampling backend: **hf**" in md
+    # --backend auto: OpenRLHF's vLLM engines where vLLM runs here (one engine for the run), transformers otherwise
+    from openrlhf_irl.generation.ray_pool import resolve_backend
+
+    backend = resolve_backend("auto")
+    assert json.loads((out / "results.json").read_text())["backend"] == backend
+    assert "| IQ-Learn SFT (td 0.05)" in md and "Best-of-N" in md and f"Sampling backend: **{backend}**" in md
     assert "held-out prompts" in md and "win vs SFT" in md
     # PPO over the AfD rewards: OpenRLHF's train_ppo_ray from MLE SFT, one run per reward, evaluated like every row
     assert not any(rid.startswith("policy:ppo_log") for rid in report["rows"])  # --ppo-rewards is followed

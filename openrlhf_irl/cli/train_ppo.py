@@ -274,7 +274,7 @@ def run_cpu(argv: list[str]) -> int:
 
 
 def _checked(argv: list[str]):
-    """``(argv with the CPU settings, parsed args)`` of one run, checked and its output folders claimed."""
+    """``(argv with the CPU settings, parsed args)`` of one run, checked (``UsageError`` names the flag)."""
     overwrite = "--ckpt.overwrite" in argv  # ours, not OpenRLHF's: taken out before its parser sees it
     argv = cpu_argv([a for a in argv if a != "--ckpt.overwrite"])
     args = parse(argv)
@@ -338,8 +338,10 @@ def run_cpu_series(argvs: list[list[str]], on_run_done=None) -> int:
     """Run ``train_ppo_ray`` once per argument list, one after the other, in one process and one local Ray
     instance (the driver's imports and Ray's start paid once); every run is checked before the first starts. A
     failing run ends the series. ``on_run_done(i, seconds)`` is called after run ``i`` (0-based) ends, with the
-    seconds since the previous one ended (the first: since the call). One run is the CLI's own path."""
+    seconds since the previous one ended (the first: since the checks passed, Ray's start included). One run is the
+    CLI's own path."""
     import time
+
     import ray
 
     from openrlhf_irl import compat

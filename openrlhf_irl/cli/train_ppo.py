@@ -391,12 +391,12 @@ def run_cpu_series(argvs: list[list[str]], on_run_done=None) -> int:
         else:
             ray.init(**series_init_kwargs(parsed, env))
         if not message:
+            from ray.util.placement_group import placement_group_table
+
             for i, (argv, _) in enumerate(parsed):
                 if i:
                     release_run(tag, (reaper.pid,), before)
                     print(f"PPO run {i + 1} of {len(parsed)}", flush=True)
-                from ray.util.placement_group import placement_group_table
-
                 before = set(placement_group_table())
                 _run_openrlhf(argv)
                 if on_run_done is not None:

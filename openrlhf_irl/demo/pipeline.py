@@ -31,7 +31,7 @@ import math
 import os
 import random
 import time
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Callable
 
@@ -286,8 +286,7 @@ class Demo:
         # One engine for the run's sampling, started by the first stage that samples and given each next model's
         # weights; it idles through the stages that train (about 0.03 of a core) and is closed after the last stage,
         # in that stage's time and log, or on an error.
-        with ExitStack() as engine:
-            engine.enter_context(self.shared_engine())
+        with self.shared_engine():
             for i, st in enumerate(stages, 1):
                 start = time.time()
                 with progress.stage(st.name, os.path.join(self.log_dir, log_name(i, st.name)), verbose=self.verbose,
@@ -296,7 +295,7 @@ class Demo:
                         self.close_shared_pool()
                     st.fn()
                     if i == len(stages):
-                        engine.close()
+                        self.close_shared_pool()
                 self.timings[st.name] = round(time.time() - start, 1)
         if not self.verbose:
             self.results["log_dir"] = self.log_dir
